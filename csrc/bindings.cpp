@@ -1,0 +1,501 @@
+// Every Python binding of fastinfer._C, and the one place where inputs are checked.
+// Kernels below this layer trust their parameters completely.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu/attention_cpu.h"
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+#include "dlpack_view.h"
+#include "fastinfer/attention.h"
+
+#if defined(FASTINFER_WITH_CUDA)
+#include "cuda/cuda_runtime_info.h"
+#endif
+
+namespace py = pybind11;
+using namespace fastinfer;
+
+namespace {
+
+// ---------------------------------------------------------------- checks
+template <class... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream s;
+  (s << ... << args);
+  return s.str();
+}
+
+template <class... Args>
+void check(bool ok, const Args&... msg) {
+  if (!ok) throw py::value_error(cat(msg...));
+}
+
+using OptTensor = std::optional<TensorView>;
+
+OptTensor view(const py::object& obj, const char* name) {
+  if (obj.is_none()) return std::nullopt;
+  return TensorView(obj, name);
+}
+
+DType float_dtype(const TensorView& t) {
+  if (t.is(dl::kFloat, 32)) return DType::kFloat32;
+  if (t.is(dl::kFloat, 16)) return DType::kFloat16;
+  if (t.is(dl::kBfloat, 16)) return DType::kBFloat16;
+  throw py::type_error(cat(t.name(), ": expected dtype float32, float16 or bfloat16, got ", t.dtype_str()));
+}
+
+const char* dtype_name(DType d) {
+  return d == DType::kFloat32 ? "float32" : d == DType::kFloat16 ? "float16" : "bfloat16";
+}
+
+void check_same_dtype(const TensorView& t, DType want) {
+  if (float_dtype(t) != want)
+    throw py::type_error(cat(t.name(), ": expected dtype ", dtype_name(want), " (same as q), got ", t.dtype_str()));
+}
+
+void check_rank(const TensorView& t, int rank, const char* layout) {
+  check(t.dim() == rank, t.name(), ": expected ", rank, " dimensions ", layout, ", got shape ", t.shape_str());
+}
+
+void check_last_contiguous(const TensorView& t) {
+  check(t.size(t.dim() - 1) <= 1 || t.stride(t.dim() - 1) == 1, t.name(),
+        ": the last dimension must be contiguous (stride 1), got stride ", t.stride(t.dim() - 1),
+        "; call .contiguous() first");
+}
+
+void check_shape(const TensorView& t, std::initializer_list<int64_t> want) {
+  bool ok = t.dim() == static_cast<int>(want.size());
+  int i = 0;
+  for (int64_t w : want) ok = ok && (i < t.dim() && t.size(i++) == w);
+  if (!ok) {
+    std::ostringstream s;
+    s << "(";
+    i = 0;
+    for (int64_t w : want) s << (i++ ? ", " : "") << w;
+    s << (want.size() == 1 ? ",)" : ")");
+    throw py::value_error(cat(t.name(), ": expected shape ", s.str(), ", got ", t.shape_str()));
+  }
+}
+
+// Tensors of one call must live on one device; CUDA kernels come with the CUDA backend.
+void check_devices(const std::vector<const TensorView*>& ts) {
+  const TensorView& first = *ts.front();
+  for (const TensorView* t : ts)
+    if (t->device_str() != first.device_str())
+      throw py::value_error(cat(t->name(), " is on ", t->device_str(), " but ", first.name(), " is on ", first.device_str()));
+  if (first.is_cuda())
+    throw py::value_error(cat(first.name(), " is on ", first.device_str(),
+                              ": this build of fastinfer has no CUDA attention kernels yet; use CPU tensors"));
+  if (!first.is_cpu()) throw py::value_error(cat(first.name(), ": unsupported device ", first.device_str()));
+}
+
+// int32 vector of `len` elements, read by the kernels through a raw pointer.
+const int32_t* index_vector(const OptTensor& t, int64_t len) {
+  if (!t) return nullptr;
+  if (!t->is(dl::kInt, 32)) throw py::type_error(cat(t->name(), ": expected dtype int32, got ", t->dtype_str()));
+  check_shape(*t, {len});
+  check(len <= 1 || t->stride(0) == 1, t->name(), ": must be contiguous");
+  return t->data<const int32_t>();
+}
+
+void check_cu_seqlens(const TensorView& t, const int32_t* cu, int64_t batch, int64_t total, const char* total_what) {
+  check(cu[0] >= 0, t.name(), "[0] must be >= 0, got ", cu[0]);
+  for (int64_t b = 0; b < batch; ++b)
+    check(cu[b + 1] >= cu[b], t.name(), " must be non-decreasing, but ", t.name(), "[", b + 1, "] = ", cu[b + 1],
+          " < ", t.name(), "[", b, "] = ", cu[b]);
+  check(cu[batch] <= total, t.name(), "[-1] = ", cu[batch], " exceeds the ", total, " ", total_what);
+}
+
+// ---------------------------------------------------------------- attention
+struct AttentionOptions {
+  float softmax_scale = 0.f;
+  float softcap = 0.f;
+  int window_left = -1, window_right = -1;
+  int num_splits = 0;
+};
+
+void attention_forward(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj, const py::object& out_obj,
+                       const py::object& lse_obj, const py::object& cu_seqlens_q_obj, const py::object& cu_seqlens_k_obj,
+                       const py::object& seqlens_k_obj, const py::object& kv_batch_idx_obj,
+                       const py::object& block_table_obj, const py::object& alibi_obj, const AttentionOptions& opt) {
+  TensorView q(q_obj, "q"), k(k_obj, "k"), v(v_obj, "v"), out(out_obj, "out");
+  OptTensor lse = view(lse_obj, "softmax_lse"), cu_q = view(cu_seqlens_q_obj, "cu_seqlens_q"),
+            cu_k = view(cu_seqlens_k_obj, "cu_seqlens_k"), seqlens_k = view(seqlens_k_obj, "cache_seqlens"),
+            kv_idx = view(kv_batch_idx_obj, "cache_batch_idx"), block_table = view(block_table_obj, "block_table"),
+            alibi = view(alibi_obj, "alibi_slopes");
+
+  std::vector<const TensorView*> all = {&q, &k, &v, &out};
+  for (const OptTensor* t : {&lse, &cu_q, &cu_k, &seqlens_k, &kv_idx, &block_table, &alibi})
+    if (*t) all.push_back(&**t);
+  check_devices(all);
+
+  const DType dtype = float_dtype(q);
+  check_same_dtype(k, dtype);
+  check_same_dtype(v, dtype);
+  check_same_dtype(out, dtype);
+
+  AttentionParams p{};
+  p.dtype = dtype;
+  const bool varlen_q = cu_q.has_value(), paged = block_table.has_value();
+  if (varlen_q) check_rank(q, 3, "(total_q, nheads, headdim)");
+  else check_rank(q, 4, "(batch, seqlen_q, nheads, headdim)");
+  const int qd = q.dim();
+  p.num_heads = static_cast<int>(q.size(qd - 2));
+  p.head_dim = static_cast<int>(q.size(qd - 1));
+  check(p.head_dim % 8 == 0 && p.head_dim >= 8 && p.head_dim <= cpu::kMaxHeadDim, "q: head dimension must be a multiple of 8 in [8, ",
+        cpu::kMaxHeadDim, "], got ", p.head_dim);
+  check(p.num_heads > 0, "q: number of heads must be positive");
+  for (const TensorView* t : {&q, &k, &v, &out}) check_last_contiguous(*t);
+
+  // Queries and output.
+  if (varlen_q) {
+    p.batch = static_cast<int>(cu_q->size(0) - 1);
+    check(cu_q->dim() == 1 && cu_q->size(0) >= 1, "cu_seqlens_q: expected shape (batch + 1,), got ", cu_q->shape_str());
+    p.cu_seqlens_q = index_vector(cu_q, p.batch + 1);
+    check_cu_seqlens(*cu_q, p.cu_seqlens_q, p.batch, q.size(0), "rows of q");
+    p.q_batch_stride = 0;
+  } else {
+    p.batch = static_cast<int>(q.size(0));
+    p.seqlen_q = static_cast<int>(q.size(1));
+    p.q_batch_stride = q.stride(0);
+  }
+  p.q = q.data();
+  p.q_row_stride = q.stride(qd - 3);
+  p.q_head_stride = q.stride(qd - 2);
+  check(out.dim() == qd, "out: expected the shape of q ", q.shape_str(), ", got ", out.shape_str());
+  for (int i = 0; i < qd; ++i)
+    check(out.size(i) == q.size(i), "out: expected the shape of q ", q.shape_str(), ", got ", out.shape_str());
+  p.out = out.data();
+  p.o_batch_stride = varlen_q ? 0 : out.stride(0);
+  p.o_row_stride = out.stride(qd - 3);
+  p.o_head_stride = out.stride(qd - 2);
+
+  // Keys and values.
+  const char* kv_layout = paged ? "(num_blocks, block_size, nheads_k, headdim)"
+                          : (cu_k && !paged) ? "(total_k, nheads_k, headdim)"
+                                             : "(batch, seqlen_k, nheads_k, headdim)";
+  const bool varlen_k = cu_k.has_value() && !paged;
+  check_rank(k, varlen_k ? 3 : 4, kv_layout);
+  check_rank(v, varlen_k ? 3 : 4, kv_layout);
+  for (int i = 0; i < k.dim(); ++i)
+    check(k.size(i) == v.size(i), "v: expected the shape of k ", k.shape_str(), ", got ", v.shape_str());
+  const int kd = k.dim();
+  p.num_kv_heads = static_cast<int>(k.size(kd - 2));
+  check(k.size(kd - 1) == p.head_dim, "k: head dimension ", k.size(kd - 1), " does not match q's ", p.head_dim);
+  check(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0, "number of query heads (", p.num_heads,
+        ") must be a multiple of the number of key/value heads (", p.num_kv_heads, ")");
+  p.k = k.data();
+  p.v = v.data();
+  p.k_row_stride = k.stride(kd - 3);
+  p.k_head_stride = k.stride(kd - 2);
+  p.v_row_stride = v.stride(kd - 3);
+  p.v_head_stride = v.stride(kd - 2);
+  p.k_batch_stride = varlen_k ? 0 : k.stride(0);
+  p.v_batch_stride = varlen_k ? 0 : v.stride(0);
+
+  if (cu_k) {
+    p.cu_seqlens_k = index_vector(cu_k, p.batch + 1);
+    if (varlen_k) check_cu_seqlens(*cu_k, p.cu_seqlens_k, p.batch, k.size(0), "rows of k");
+    else
+      for (int b = 0; b < p.batch; ++b)
+        check(p.cu_seqlens_k[b + 1] >= p.cu_seqlens_k[b], "cu_seqlens_k must be non-decreasing");
+  }
+  p.seqlens_k = index_vector(seqlens_k, p.batch);
+  if (p.seqlens_k)
+    for (int b = 0; b < p.batch; ++b) check(p.seqlens_k[b] >= 0, "cache_seqlens[", b, "] = ", p.seqlens_k[b], " is negative");
+
+  int64_t capacity;  // keys a sequence may hold
+  if (paged) {
+    check(block_table->dim() == 2 && block_table->size(0) == p.batch, "block_table: expected shape (batch=", p.batch,
+          ", max_blocks_per_seq), got ", block_table->shape_str());
+    if (!block_table->is(dl::kInt, 32))
+      throw py::type_error(cat("block_table: expected dtype int32, got ", block_table->dtype_str()));
+    check(block_table->size(1) <= 1 || block_table->stride(1) == 1, "block_table: rows must be contiguous");
+    check(p.seqlens_k || p.cu_seqlens_k, "a paged KV cache needs cache_seqlens (or cu_seqlens_k) to know each sequence's length");
+    p.block_table = block_table->data<const int32_t>();
+    p.block_table_stride = block_table->stride(0);
+    p.block_size = static_cast<int>(k.size(1));
+    check(p.block_size >= 1, "k: block_size must be >= 1");
+    capacity = block_table->size(1) * p.block_size;
+    const int64_t num_blocks = k.size(0);
+    for (int b = 0; b < p.batch; ++b) {
+      const int len = p.k_len(b);
+      check(len <= capacity, "sequence ", b, " has ", len, " keys but its block_table row holds only ", capacity,
+            " (", block_table->size(1), " blocks of ", p.block_size, ")");
+      for (int i = 0; i < (len + p.block_size - 1) / p.block_size; ++i) {
+        const int32_t blk = p.block_table[b * p.block_table_stride + i];
+        check(blk >= 0 && blk < num_blocks, "block_table[", b, ", ", i, "] = ", blk, " is out of range [0, ", num_blocks, ")");
+      }
+    }
+  } else if (varlen_k) {
+    capacity = k.size(0);
+  } else {
+    capacity = k.size(1);
+    p.seqlen_k = static_cast<int>(k.size(1));
+    p.kv_batch_idx = index_vector(kv_idx, p.batch);
+    if (p.kv_batch_idx) {
+      for (int b = 0; b < p.batch; ++b)
+        check(p.kv_batch_idx[b] >= 0 && p.kv_batch_idx[b] < k.size(0), "cache_batch_idx[", b, "] = ", p.kv_batch_idx[b],
+              " is out of range [0, ", k.size(0), ")");
+    } else {
+      check(k.size(0) == p.batch, "k: batch size ", k.size(0), " does not match q's ", p.batch);
+    }
+    if (p.seqlens_k)
+      for (int b = 0; b < p.batch; ++b)
+        check(p.seqlens_k[b] <= capacity, "cache_seqlens[", b, "] = ", p.seqlens_k[b], " exceeds the cache length ", capacity);
+  }
+  check(!kv_idx || (!paged && !varlen_k), "cache_batch_idx only applies to a dense (non-paged) cache");
+  (void)capacity;
+
+  // Log-sum-exp output.
+  if (lse) {
+    if (!lse->is(dl::kFloat, 32)) throw py::type_error(cat("softmax_lse: expected dtype float32, got ", lse->dtype_str()));
+    if (varlen_q) {
+      check_shape(*lse, {p.num_heads, q.size(0)});
+      p.lse_batch_stride = 0;
+      p.lse_head_stride = lse->stride(0);
+      p.lse_row_stride = lse->stride(1);
+    } else {
+      check_shape(*lse, {p.batch, p.num_heads, p.seqlen_q});
+      p.lse_batch_stride = lse->stride(0);
+      p.lse_head_stride = lse->stride(1);
+      p.lse_row_stride = lse->stride(2);
+    }
+    p.lse = lse->data<float>();
+  }
+
+  if (alibi) {
+    if (!alibi->is(dl::kFloat, 32)) throw py::type_error(cat("alibi_slopes: expected dtype float32, got ", alibi->dtype_str()));
+    if (alibi->dim() == 1) {
+      check_shape(*alibi, {p.num_heads});
+      p.alibi_batch_stride = 0;
+    } else {
+      check_shape(*alibi, {p.batch, p.num_heads});
+      p.alibi_batch_stride = alibi->stride(0);
+    }
+    check_last_contiguous(*alibi);
+    p.alibi_slopes = alibi->data<const float>();
+  }
+
+  check(std::isfinite(opt.softmax_scale), "softmax_scale must be finite, got ", opt.softmax_scale);
+  check(opt.softcap >= 0.f && std::isfinite(opt.softcap), "softcap must be >= 0, got ", opt.softcap);
+  check(opt.window_left >= -1 && opt.window_right >= -1, "window_size entries must be >= -1 (-1 = unbounded), got (",
+        opt.window_left, ", ", opt.window_right, ")");
+  check(opt.num_splits >= 0, "num_splits must be >= 0, got ", opt.num_splits);
+  p.softmax_scale = opt.softmax_scale;
+  p.softcap = opt.softcap;
+  p.window_left = opt.window_left;
+  p.window_right = opt.window_right;
+  p.num_splits = opt.num_splits;
+
+  if (p.batch == 0 || q.numel() == 0) return;
+  py::gil_scoped_release release;
+  cpu::attention_forward(p);
+}
+
+// ---------------------------------------------------------------- KV cache writes
+struct CacheViews {
+  KVWriteParams p{};
+  int64_t num_slots;
+};
+
+CacheViews cache_params(const TensorView& key, const TensorView& value, const TensorView& k_cache, const TensorView& v_cache,
+                        const char* src_layout) {
+  check_devices({&key, &value, &k_cache, &v_cache});
+  const DType dtype = float_dtype(k_cache);
+  for (const TensorView* t : {&v_cache, &key, &value})
+    if (float_dtype(*t) != dtype)
+      throw py::type_error(cat(t->name(), ": expected dtype ", dtype_name(dtype), " (same as k_cache), got ", t->dtype_str()));
+  check_rank(k_cache, 4, "(num_blocks, block_size, nheads_k, headdim)");
+  for (int i = 0; i < 4; ++i)
+    check(v_cache.size(i) == k_cache.size(i), "v_cache: expected the shape of k_cache ", k_cache.shape_str(), ", got ",
+          v_cache.shape_str());
+  const int kd = key.dim();
+  for (int i = 0; i < kd; ++i)
+    check(value.size(i) == key.size(i), value.name(), ": expected the shape of ", key.name(), " ", key.shape_str(), ", got ",
+          value.shape_str());
+  check(key.size(kd - 2) == k_cache.size(2) && key.size(kd - 1) == k_cache.size(3), key.name(), ": expected ", src_layout,
+        " with nheads_k=", k_cache.size(2), " and headdim=", k_cache.size(3), ", got ", key.shape_str());
+  for (const TensorView* t : {&key, &value, &k_cache, &v_cache}) check_last_contiguous(*t);
+  CacheViews c;
+  KVWriteParams& p = c.p;
+  p.dtype = dtype;
+  p.num_kv_heads = static_cast<int>(k_cache.size(2));
+  p.head_dim = static_cast<int>(k_cache.size(3));
+  p.key = key.data();
+  p.value = value.data();
+  p.key_row_stride = key.stride(kd - 3);
+  p.key_head_stride = key.stride(kd - 2);
+  p.value_row_stride = value.stride(kd - 3);
+  p.value_head_stride = value.stride(kd - 2);
+  p.k_cache = k_cache.data();
+  p.v_cache = v_cache.data();
+  p.k_block_stride = k_cache.stride(0);
+  p.k_row_stride = k_cache.stride(1);
+  p.k_head_stride = k_cache.stride(2);
+  p.v_block_stride = v_cache.stride(0);
+  p.v_row_stride = v_cache.stride(1);
+  p.v_head_stride = v_cache.stride(2);
+  p.block_size = static_cast<int>(k_cache.size(1));
+  c.num_slots = k_cache.size(0) * k_cache.size(1);
+  return c;
+}
+
+void reshape_and_cache(const py::object& key_obj, const py::object& value_obj, const py::object& k_cache_obj,
+                       const py::object& v_cache_obj, const py::object& slot_obj) {
+  TensorView key(key_obj, "key"), value(value_obj, "value"), k_cache(k_cache_obj, "k_cache"), v_cache(v_cache_obj, "v_cache"),
+      slots(slot_obj, "slot_mapping");
+  check_rank(key, 3, "(num_tokens, nheads_k, headdim)");
+  CacheViews c = cache_params(key, value, k_cache, v_cache, "(num_tokens, nheads_k, headdim)");
+  check_devices({&key, &slots});
+  if (!slots.is(dl::kInt, 64)) throw py::type_error(cat("slot_mapping: expected dtype int64, got ", slots.dtype_str()));
+  check_shape(slots, {key.size(0)});
+  check(key.size(0) <= 1 || slots.stride(0) == 1, "slot_mapping: must be contiguous");
+  const int64_t* slot = slots.data<const int64_t>();
+  for (int64_t i = 0; i < key.size(0); ++i)
+    check(slot[i] < c.num_slots, "slot_mapping[", i, "] = ", slot[i], " is out of range: the cache has ", c.num_slots,
+          " slots (", k_cache.size(0), " blocks of ", k_cache.size(1), ")");
+  c.p.num_tokens = static_cast<int>(key.size(0));
+  c.p.slot_mapping = slot;
+  if (c.p.num_tokens == 0) return;
+  py::gil_scoped_release release;
+  cpu::kv_write(c.p);
+}
+
+// flash_attn_with_kvcache's append: k_new[b, i] goes to position cache_seqlens[b] + i of sequence b.
+void kvcache_append(const py::object& k_obj, const py::object& v_obj, const py::object& k_cache_obj, const py::object& v_cache_obj,
+                    const py::object& seqlens_obj, const py::object& kv_idx_obj, const py::object& block_table_obj) {
+  TensorView key(k_obj, "k"), value(v_obj, "v"), k_cache(k_cache_obj, "k_cache"), v_cache(v_cache_obj, "v_cache"),
+      seqlens(seqlens_obj, "cache_seqlens");
+  OptTensor kv_idx = view(kv_idx_obj, "cache_batch_idx"), block_table = view(block_table_obj, "block_table");
+  check_rank(key, 4, "(batch, seqlen_new, nheads_k, headdim)");
+  CacheViews c = cache_params(key, value, k_cache, v_cache, "(batch, seqlen_new, nheads_k, headdim)");
+  const int64_t batch = key.size(0), snew = key.size(1);
+  std::vector<const TensorView*> extra = {&key, &seqlens};
+  if (kv_idx) extra.push_back(&*kv_idx);
+  if (block_table) extra.push_back(&*block_table);
+  check_devices(extra);
+  const int32_t* lens = index_vector(std::optional<TensorView>(std::move(seqlens)), batch);
+  std::vector<int64_t> slots(batch * snew);
+  if (block_table) {
+    check(!kv_idx, "cache_batch_idx only applies to a dense (non-paged) cache");
+    if (!block_table->is(dl::kInt, 32))
+      throw py::type_error(cat("block_table: expected dtype int32, got ", block_table->dtype_str()));
+    check(block_table->dim() == 2 && block_table->size(0) == batch, "block_table: expected shape (batch=", batch,
+          ", max_blocks_per_seq), got ", block_table->shape_str());
+    const int32_t* bt = block_table->data<const int32_t>();
+    const int64_t bs = c.p.block_size, cap = block_table->size(1) * bs, nblocks = k_cache.size(0);
+    for (int64_t b = 0; b < batch; ++b) {
+      check(lens[b] >= 0 && lens[b] + snew <= cap, "cache_seqlens[", b, "] = ", lens[b], " plus ", snew,
+            " new tokens exceeds the ", cap, " slots of its block_table row");
+      for (int64_t i = 0; i < snew; ++i) {
+        const int64_t pos = lens[b] + i;
+        const int32_t blk = bt[b * block_table->stride(0) + (pos / bs) * block_table->stride(1)];
+        check(blk >= 0 && blk < nblocks, "block_table[", b, ", ", pos / bs, "] = ", blk, " is out of range [0, ", nblocks, ")");
+        slots[b * snew + i] = blk * bs + pos % bs;
+      }
+    }
+  } else {
+    // A dense cache is a paged one whose blocks are whole sequences.
+    const int32_t* idx = index_vector(kv_idx, batch);
+    const int64_t cap = k_cache.size(1);
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t row = idx ? idx[b] : b;
+      check(row >= 0 && row < k_cache.size(0), "cache_batch_idx[", b, "] = ", row, " is out of range [0, ", k_cache.size(0), ")");
+      check(lens[b] >= 0 && lens[b] + snew <= cap, "cache_seqlens[", b, "] = ", lens[b], " plus ", snew,
+            " new tokens exceeds the cache length ", cap);
+      for (int64_t i = 0; i < snew; ++i) slots[b * snew + i] = row * cap + lens[b] + i;
+    }
+  }
+  if (batch * snew == 0) return;
+  py::gil_scoped_release release;
+  // One write per sequence: the new rows of sequence b are strided by k.stride(1).
+  for (int64_t b = 0; b < batch; ++b) {
+    KVWriteParams p = c.p;
+    p.key = static_cast<const char*>(c.p.key) + dtype_size(p.dtype) * b * key.stride(0);
+    p.value = static_cast<const char*>(c.p.value) + dtype_size(p.dtype) * b * value.stride(0);
+    p.num_tokens = static_cast<int>(snew);
+    p.slot_mapping = slots.data() + b * snew;
+    cpu::kv_write(p);
+  }
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = FASTINFER_VERSION;
+  d["compiler"] = FASTINFER_CXX_COMPILER;
+  d["cuda_archs"] = std::string(FASTINFER_CUDA_ARCHS_STR);
+#if defined(FASTINFER_WITH_CUDA)
+  d["cuda_compiled"] = true;
+  d["cuda_runtime_version"] = cuda::runtime_version();
+#else
+  d["cuda_compiled"] = false;
+  d["cuda_runtime_version"] = py::none();
+#endif
+  d["cpu_isa"] = cpu::isa_name(cpu::active_isa());
+  d["cpu_isa_best"] = cpu::isa_name(cpu::best_isa());
+  d["num_threads"] = cpu::num_threads();
+  return d;
+}
+
+int cuda_device_count() {
+#if defined(FASTINFER_WITH_CUDA)
+  return cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastinfer native kernels (DLPack in, no libtorch)";
+
+  py::class_<AttentionOptions>(m, "AttentionOptions")
+      .def(py::init<>())
+      .def_readwrite("softmax_scale", &AttentionOptions::softmax_scale)
+      .def_readwrite("softcap", &AttentionOptions::softcap)
+      .def_readwrite("window_left", &AttentionOptions::window_left)
+      .def_readwrite("window_right", &AttentionOptions::window_right)
+      .def_readwrite("num_splits", &AttentionOptions::num_splits);
+
+  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::kw_only(),
+        py::arg("lse") = py::none(), py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+        py::arg("seqlens_k") = py::none(), py::arg("kv_batch_idx") = py::none(), py::arg("block_table") = py::none(),
+        py::arg("alibi_slopes") = py::none(), py::arg("options"),
+        "Fused attention into `out` (and `lse`). Layouts follow flash-attn; see fastinfer.attention.");
+  m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), "Write key/value rows into cache slots (negative slot = skip).");
+  m.def("kvcache_append", &kvcache_append, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("cache_seqlens"), py::arg("cache_batch_idx") = py::none(), py::arg("block_table") = py::none(),
+        "Append k/v[b] at position cache_seqlens[b] of sequence b (dense or paged cache).");
+
+  m.def("build_info", &build_info);
+  m.def("cuda_device_count", &cuda_device_count, "Number of usable CUDA devices (0 without a driver or GPU).");
+#if defined(FASTINFER_WITH_CUDA)
+  m.def("cuda_probe_arch", [] {
+    try {
+      return fastinfer::cuda::probe_arch();
+    } catch (const std::runtime_error& e) {
+      throw py::value_error(e.what());
+    }
+  }, "Launch a trivial kernel; returns the __CUDA_ARCH__ of the code that ran.");
+#endif
+  m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
+  m.def("set_cpu_isa", [](const std::string& name) {
+    try {
+      cpu::set_isa(name);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("name"));
+  m.def("num_threads", &cpu::num_threads);
+  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
+}

@@ -1,0 +1,49 @@
+// Interface between the ISA-independent CPU attention driver (attention_dispatch.cpp)
+// and the per-ISA tile kernels (attention_<isa>.cpp, all built from attention_kernel.h).
+#pragma once
+#include "fastinfer/attention.h"
+
+namespace fastinfer::cpu {
+
+constexpr int kMaxHeadDim = 256;
+constexpr int kBlockN = 64;   // keys per tile
+constexpr int kMaxRows = 32;  // query rows per tile (two 16-lane vectors)
+
+// One unit of parallel work: a tile of query rows of sequence b that share one
+// KV head, over a range of keys. Rows of (b, kv_head) are numbered t*group + g:
+// query position t, query head kv_head*group + g (GQA heads become extra rows,
+// so each key is loaded once for the whole group).
+struct TileJob {
+  int b;
+  int kv_head;
+  int row_begin, row_end;  // rows of this tile, row_end - row_begin <= rows_per_tile
+  int rows_per_tile;       // 16 or 32: vector width of the tile
+  int kv_begin, kv_end;    // keys visited (already clipped by causal/window limits)
+  float* partial;          // split-KV: partial result (rows_per_tile*head_dim outputs, then rows_per_tile lse); else null
+};
+
+// Per-worker scratch, in floats.
+struct ScratchLayout {
+  static constexpr int kQ = kMaxHeadDim * kMaxRows;
+  static constexpr int kS = kBlockN * kMaxRows;
+  static constexpr int kO = kMaxHeadDim * kMaxRows;
+  static constexpr int kKV = kBlockN * kMaxHeadDim;
+  static constexpr int kRowInfo = 4 * kMaxRows;
+  static constexpr int kTotal = kQ + kS + kO + 2 * kKV + kRowInfo + 2 * kMaxHeadDim;
+};
+
+using TileFn = void (*)(const AttentionParams& p, const TileJob& job, float* scratch);
+
+TileFn tile_kernel_scalar();
+TileFn tile_kernel_avx2();
+TileFn tile_kernel_avx512();
+TileFn tile_kernel_avx512bf16();
+
+// Writes a finished tile: ot is the (head_dim x rows_per_tile) unnormalised output,
+// m the running max in log2 units and l the softmax denominator per row.
+void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, const float* m, const float* l);
+
+void attention_forward(const AttentionParams& p);
+void kv_write(const KVWriteParams& p);
+
+}  // namespace fastinfer::cpu

@@ -1,0 +1,195 @@
+// ISA-independent driver of the CPU attention: cuts the problem into tiles,
+// decides the split-KV factor, runs the tiles on the thread pool and merges splits.
+#define FI_ISA_NS base
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "cpu/attention_cpu.h"
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+#include "cpu/vec.h"
+
+namespace fastinfer::cpu {
+
+namespace {
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kMinKeysPerSplit = 256;
+
+TileFn pick_kernel() {
+  switch (active_isa()) {
+#if defined(FASTINFER_X86)
+    case Isa::kAvx512Bf16: return tile_kernel_avx512bf16();
+    case Isa::kAvx512: return tile_kernel_avx512();
+    case Isa::kAvx2: return tile_kernel_avx2();
+#endif
+    default: return tile_kernel_scalar();
+  }
+}
+
+float* worker_scratch() {
+  // One buffer per OS thread; pool workers are persistent, so this is allocated once.
+  thread_local std::unique_ptr<float[]> buf;
+  if (!buf) buf.reset(new (std::align_val_t(64)) float[ScratchLayout::kTotal]);
+  return buf.get();
+}
+
+void write_row(const AttentionParams& p, int b, int t, int h, const float* vals, float lse_log2) {
+  const int D = p.head_dim, esz = dtype_size(p.dtype);
+  char* dst = static_cast<char*>(p.out) + esz * (p.q_row_offset(b, t, p.o_batch_stride, p.o_row_stride) + h * p.o_head_stride);
+  switch (p.dtype) {
+    case DType::kFloat32: std::copy(vals, vals + D, reinterpret_cast<float*>(dst)); break;
+    case DType::kFloat16: {
+      uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+      for (int d = 0; d < D; ++d) o[d] = base::f32_to_f16(vals[d]);
+      break;
+    }
+    case DType::kBFloat16: {
+      uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+      for (int d = 0; d < D; ++d) o[d] = base::f32_to_bf16(vals[d]);
+      break;
+    }
+  }
+  if (p.lse) {
+    const int64_t row = p.cu_seqlens_q ? p.cu_seqlens_q[b] + t : t;
+    p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] =
+        std::isfinite(lse_log2) ? lse_log2 * kLn2 : std::numeric_limits<float>::infinity();
+  }
+}
+
+// A tile cut into several key ranges; merged after all ranges ran.
+struct SplitGroup {
+  TileJob tile;
+  float* partials;  // num_splits consecutive partial blocks
+  int num_splits;
+};
+
+int64_t partial_floats(int R, int D) { return static_cast<int64_t>(R) * D + R; }
+
+void merge_splits(const AttentionParams& p, const SplitGroup& g) {
+  const int D = p.head_dim, R = g.tile.rows_per_tile, group = p.num_heads / p.num_kv_heads;
+  const int64_t stride = partial_floats(R, D);
+  std::vector<float> acc(D);
+  for (int r = 0; r < g.tile.row_end - g.tile.row_begin; ++r) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int s = 0; s < g.num_splits; ++s) mx = std::max(mx, g.partials[s * stride + R * D + r]);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float total = 0.f;
+    if (std::isfinite(mx)) {
+      for (int s = 0; s < g.num_splits; ++s) {
+        const float* part = g.partials + s * stride;
+        const float w = std::exp2(part[R * D + r] - mx);
+        if (w == 0.f) continue;
+        total += w;
+        for (int d = 0; d < D; ++d) acc[d] += w * part[r * D + d];
+      }
+      for (int d = 0; d < D; ++d) acc[d] /= total;
+    }
+    const int row = g.tile.row_begin + r;
+    write_row(p, g.tile.b, row / group, g.tile.kv_head * group + row % group, acc.data(),
+              total > 0.f ? mx + std::log2(total) : std::numeric_limits<float>::infinity());
+  }
+}
+
+}  // namespace
+
+void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, const float* m, const float* l) {
+  const int D = p.head_dim, R = job.rows_per_tile, group = p.num_heads / p.num_kv_heads;
+  const int nrows = job.row_end - job.row_begin;
+  if (job.partial) {
+    for (int r = 0; r < nrows; ++r) {
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      for (int d = 0; d < D; ++d) job.partial[r * D + d] = ot[d * R + r] * inv;
+      job.partial[R * D + r] = l[r] > 0.f ? m[r] + std::log2(l[r]) : -std::numeric_limits<float>::infinity();
+    }
+    return;
+  }
+  float vals[kMaxHeadDim];
+  for (int r = 0; r < nrows; ++r) {
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    for (int d = 0; d < D; ++d) vals[d] = ot[d * R + r] * inv;
+    const int row = job.row_begin + r;
+    write_row(p, job.b, row / group, job.kv_head * group + row % group, vals,
+              l[r] > 0.f ? m[r] + std::log2(l[r]) : std::numeric_limits<float>::infinity());
+  }
+}
+
+void attention_forward(const AttentionParams& p) {
+  const TileFn kernel = pick_kernel();
+  const int group = p.num_heads / p.num_kv_heads;
+
+  // 1. Tiles of up to 32 rows per (sequence, kv head), key range clipped by causal/window limits.
+  std::vector<TileJob> tiles;
+  for (int b = 0; b < p.batch; ++b) {
+    const int sq = p.q_len(b), sk = p.k_len(b);
+    if (sq <= 0) continue;
+    const int rows = sq * group, R = rows >= kMaxRows ? kMaxRows : 16;
+    for (int hk = 0; hk < p.num_kv_heads; ++hk)
+      for (int r0 = 0; r0 < rows; r0 += R) {
+        const int r1 = std::min(rows, r0 + R);
+        const int imin = r0 / group + sk - sq, imax = (r1 - 1) / group + sk - sq;
+        const int lo = p.window_left >= 0 ? std::max(0, imin - p.window_left) : 0;
+        const int hi = std::max(lo, p.window_right >= 0 ? std::min(sk, imax + p.window_right + 1) : sk);
+        tiles.push_back({b, hk, r0, r1, R, lo, hi, nullptr});
+      }
+  }
+  // Longest key ranges first, so that dynamic scheduling ends evenly.
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const TileJob& a, const TileJob& c) { return a.kv_end - a.kv_begin > c.kv_end - c.kv_begin; });
+
+  // 2. Split-KV (flash-decoding) when there are too few tiles to keep every thread busy.
+  const int threads = num_threads();
+  int want = p.num_splits;
+  if (want == 0) {
+    const int64_t target = 4LL * threads;
+    want = static_cast<int64_t>(tiles.size()) >= target || threads == 1
+               ? 1
+               : static_cast<int>((target + static_cast<int64_t>(tiles.size()) - 1) / static_cast<int64_t>(tiles.size()));
+  }
+  std::vector<TileJob> jobs;
+  std::vector<SplitGroup> groups;
+  std::vector<float> partials;
+  if (want <= 1) {
+    jobs = std::move(tiles);
+  } else {
+    std::vector<int> nsplit(tiles.size());
+    int64_t total = 0;
+    for (size_t i = 0; i < tiles.size(); ++i) {
+      const int len = tiles[i].kv_end - tiles[i].kv_begin;
+      const int min_keys = p.num_splits > 0 ? kBlockN : kMinKeysPerSplit;
+      nsplit[i] = std::max(1, std::min(want, len / min_keys));
+      if (nsplit[i] > 1) total += nsplit[i] * partial_floats(tiles[i].rows_per_tile, p.head_dim);
+    }
+    partials.resize(total);
+    float* next = partials.data();
+    for (size_t i = 0; i < tiles.size(); ++i) {
+      const TileJob& t = tiles[i];
+      if (nsplit[i] == 1) {
+        jobs.push_back(t);
+        continue;
+      }
+      const int len = t.kv_end - t.kv_begin;
+      const int chunk = ((len + nsplit[i] - 1) / nsplit[i] + kBlockN - 1) / kBlockN * kBlockN;
+      const int n = (len + chunk - 1) / chunk;
+      groups.push_back({t, next, n});
+      for (int s = 0; s < n; ++s) {
+        TileJob part = t;
+        part.kv_begin = t.kv_begin + s * chunk;
+        part.kv_end = std::min(t.kv_end, part.kv_begin + chunk);
+        part.partial = next;
+        next += partial_floats(t.rows_per_tile, p.head_dim);
+        jobs.push_back(part);
+      }
+    }
+  }
+
+  parallel_for(static_cast<int64_t>(jobs.size()),
+               [&](int64_t i, int) { kernel(p, jobs[i], worker_scratch()); });
+  if (!groups.empty())
+    parallel_for(static_cast<int64_t>(groups.size()), [&](int64_t i, int) { merge_splits(p, groups[i]); });
+}
+
+}  // namespace fastinfer::cpu

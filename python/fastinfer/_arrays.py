@@ -1,0 +1,77 @@
+"""Framework-neutral helpers: allocate outputs like the inputs (torch or numpy).
+
+torch is imported lazily and only when the caller passes torch tensors, so the
+raw kernel API works with numpy alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def is_torch(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def kernel_view(x: Any) -> Any:
+    """What the kernels receive: torch tensors detached (DLPack refuses grad-tracking tensors)."""
+    if x is not None and is_torch(x) and x.requires_grad:
+        return x.detach()
+    return x
+
+
+def empty_like(x: Any) -> Any:
+    if is_torch(x):
+        import torch
+
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return np.empty(x.shape, dtype=x.dtype)
+
+
+def empty_float32(like: Any, shape: tuple[int, ...]) -> Any:
+    if is_torch(like):
+        import torch
+
+        return torch.empty(shape, dtype=torch.float32, device=like.device)
+    return np.empty(shape, dtype=np.float32)
+
+
+def as_index(x: Any, like: Any, dtype: str = "int32") -> Any:
+    """Index tensors (cu_seqlens, block tables, ...) in the dtype the kernels read.
+
+    Python ints/lists become arrays of q's framework; an int64 tensor is converted.
+    """
+    if x is None:
+        return None
+    if is_torch(x):
+        import torch
+
+        want = torch.int32 if dtype == "int32" else torch.int64
+        return x if x.dtype == want else x.to(want)
+    if isinstance(x, np.ndarray):
+        return x if x.dtype == np.dtype(dtype) else x.astype(dtype)
+    if is_torch(like):
+        import torch
+
+        return torch.as_tensor(x, dtype=torch.int32 if dtype == "int32" else torch.int64, device=like.device)
+    return np.asarray(x, dtype=dtype)
+
+
+def as_float32(x: Any, like: Any) -> Any:
+    if x is None:
+        return None
+    if is_torch(x):
+        import torch
+
+        return x if x.dtype == torch.float32 else x.float()
+    if isinstance(x, np.ndarray):
+        return x if x.dtype == np.float32 else x.astype(np.float32)
+    if is_torch(like):
+        import torch
+
+        return torch.as_tensor(x, dtype=torch.float32, device=like.device)
+    return np.asarray(x, dtype=np.float32)

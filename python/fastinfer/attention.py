@@ -1,0 +1,188 @@
+"""flash-attn compatible attention entry points.
+
+Same names, argument names, defaults and layouts as flash-attn 2.x, so that
+``from fastinfer import flash_attn_func`` replaces ``from flash_attn import flash_attn_func``.
+Differences a user may notice:
+
+* any paged block size >= 1 works (flash-attn needs multiples of 256);
+* a CPU path, with the same semantics, for torch tensors and numpy arrays;
+* ``dropout_p > 0`` raises NotImplementedError (inference runtime);
+* the third value of ``return_attn_probs=True`` is None: probabilities are never materialised.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+from fastinfer import _C
+from fastinfer._arrays import as_float32, as_index, empty_float32, empty_like, kernel_view
+
+Tensor = Any  # torch.Tensor or numpy.ndarray (anything with __dlpack__)
+
+
+def _options(head_dim: int, softmax_scale: Optional[float], causal: bool, window_size: Sequence[int],
+             softcap: float, num_splits: int = 0) -> "_C.AttentionOptions":
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    opt = _C.AttentionOptions()
+    opt.softmax_scale = float(head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    opt.softcap = float(softcap)
+    opt.window_left = int(window_size[0])
+    # flash-attn: causal is a window with no look-ahead, aligned to the bottom-right corner.
+    opt.window_right = 0 if causal else int(window_size[1])
+    opt.num_splits = int(num_splits)
+    return opt
+
+
+def _no_dropout(dropout_p: float) -> None:
+    if dropout_p:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p}: fastinfer's attention has no dropout (inference kernels); pass dropout_p=0.0")
+
+
+def _head_dim(q: Tensor) -> int:
+    if getattr(q, "ndim", 0) < 3:
+        raise ValueError(f"q: expected (batch, seqlen, nheads, headdim) or (total, nheads, headdim), got shape {tuple(q.shape)}")
+    return int(q.shape[-1])
+
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False):
+    """Attention over dense batches.
+
+    Parameters
+    ----------
+    q : (batch, seqlen_q, nheads, headdim)
+    k, v : (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA)
+    softmax_scale : default 1/sqrt(headdim)
+    causal : mask aligned to the bottom-right corner when seqlen_q != seqlen_k
+    window_size : (left, right) sliding window, -1 = unbounded
+    softcap : if > 0, scores become softcap * tanh(scores / softcap)
+    alibi_slopes : (nheads,) or (batch, nheads) float32; adds -slope * |i + seqlen_k - seqlen_q - j|
+    return_attn_probs : also return softmax_lse (batch, nheads, seqlen_q) and None
+
+    Returns
+    -------
+    out : (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, None)
+
+    Example
+    -------
+    >>> import numpy as np, fastinfer
+    >>> q = np.random.randn(1, 5, 4, 64).astype(np.float32)
+    >>> fastinfer.flash_attn_func(q, q, q, causal=True).shape
+    (1, 5, 4, 64)
+    """
+    _no_dropout(dropout_p)
+    opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap)
+    out = empty_like(q)
+    lse = empty_float32(q, (q.shape[0], q.shape[2], q.shape[1])) if return_attn_probs else None
+    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), out, lse=lse,
+                         alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Optional[Tensor] = None):
+    """Attention over sequences of different lengths packed along the first axis.
+
+    Parameters
+    ----------
+    q : (total_q, nheads, headdim); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+    k, v : (total_k, nheads_k, headdim), or a paged cache (num_blocks, block_size, nheads_k, headdim)
+        when block_table is given (then cu_seqlens_k only gives the lengths)
+    cu_seqlens_q, cu_seqlens_k : (batch + 1,) int32 (int64 is converted)
+    max_seqlen_q, max_seqlen_k : accepted for compatibility; the kernels derive the lengths themselves
+    block_table : (batch, max_blocks_per_seq) int32, any block size >= 1
+
+    Returns
+    -------
+    out : (total_q, nheads, headdim), or (out, softmax_lse (nheads, total_q), None)
+    """
+    _no_dropout(dropout_p)
+    opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap)
+    out = empty_like(q)
+    lse = empty_float32(q, (q.shape[1], q.shape[0])) if return_attn_probs else None
+    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), out, lse=lse,
+                         cu_seqlens_q=as_index(cu_seqlens_q, q), cu_seqlens_k=as_index(cu_seqlens_k, q),
+                         block_table=as_index(block_table, q), alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens: Optional[Any] = None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False):
+    """Attention of new queries against a KV cache, appending new keys/values first.
+
+    Parameters
+    ----------
+    q : (batch, seqlen_q, nheads, headdim)
+    k_cache, v_cache : dense (batch_cache, seqlen_cache, nheads_k, headdim), or paged
+        (num_blocks, block_size, nheads_k, headdim) with block_table (batch, max_blocks) int32;
+        any block size >= 1
+    k, v : optional (batch, seqlen_new, nheads_k, headdim): written in place at positions
+        cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1 before attending
+    cache_seqlens : int or (batch,) int32: keys already in the cache per sequence
+        (not updated in place, as in flash-attn)
+    cache_batch_idx : (batch,) int32: which cache row each sequence uses (dense cache only)
+    num_splits : split the keys into this many chunks; 0 chooses from the shapes, 1 never splits
+
+    Returns
+    -------
+    out : (batch, seqlen_q, nheads, headdim), or (out, softmax_lse (batch, nheads, seqlen_q))
+    """
+    if rotary_cos is not None or rotary_sin is not None:
+        raise NotImplementedError("rotary_cos/rotary_sin: fused rotary embedding is not supported yet; "
+                                  "apply rotary to q and k before the call")
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported yet")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    batch = int(q.shape[0])
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = [cache_seqlens] * batch
+    seqlens = as_index(cache_seqlens, q)
+    if block_table is not None and seqlens is None:
+        raise ValueError("a paged KV cache (block_table) needs cache_seqlens")
+    if k is not None:
+        if seqlens is None:
+            raise ValueError("appending k/v needs cache_seqlens (where to write the new tokens)")
+        _C.kvcache_append(kernel_view(k), kernel_view(v), k_cache, v_cache, seqlens,
+                          cache_batch_idx=as_index(cache_batch_idx, q), block_table=as_index(block_table, q))
+        seqlens = seqlens + int(k.shape[1])
+    opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap, num_splits)
+    out = empty_like(q)
+    lse = empty_float32(q, (q.shape[0], q.shape[2], q.shape[1])) if return_softmax_lse else None
+    _C.attention_forward(kernel_view(q), kernel_view(k_cache), kernel_view(v_cache), out, lse=lse,
+                         seqlens_k=seqlens, kv_batch_idx=as_index(cache_batch_idx, q),
+                         block_table=as_index(block_table, q), alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+    return (out, lse) if return_softmax_lse else out
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False):
+    """qkv : (batch, seqlen, 3, nheads, headdim); the views are passed without copies."""
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """kv : (batch, seqlen_k, 2, nheads_k, headdim); the views are passed without copies."""
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)

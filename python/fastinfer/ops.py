@@ -1,0 +1,21 @@
+"""Low-level ops for the engine (vLLM's meanings, flash-attn's cache layout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastinfer import _C
+from fastinfer._arrays import as_index, kernel_view
+
+
+def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
+    """Write each token's key/value into its cache slot, in place.
+
+    Parameters
+    ----------
+    key, value : (num_tokens, nheads_k, headdim)
+    k_cache, v_cache : (num_blocks, block_size, nheads_k, headdim), any block_size >= 1
+    slot_mapping : (num_tokens,) int64 (int32 is converted); token i goes to block
+        slot_mapping[i] // block_size, offset slot_mapping[i] % block_size; negative = skip
+    """
+    _C.reshape_and_cache(kernel_view(key), kernel_view(value), k_cache, v_cache, as_index(slot_mapping, key, "int64"))
