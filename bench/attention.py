@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info['cpu_model']}, {info['cpus_usable']} cpus; fastinfer {fi['version']} isa={fi['cpu_isa']} "
           f"threads={fi['num_threads']}; torch {info['torch']} threads={torch.get_num_threads()}; "
           f"python {info['python']}; repeats {reps.repeat}{' (quick)' if args.quick else ''}")
+    if (info["load_avg_1m"] or 0) > 0.5:
+        print(f"note: load average {info['load_avg_1m']:.1f} before starting; other work shares these cores "
+              "(alternating calls keeps ratios fair, absolute rates suffer)")
 
     torch.manual_seed(0)
     copy = Copy1GiB()

@@ -18,6 +18,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -135,7 +136,34 @@ def machine_info() -> dict:
     info["torch"] = torch.__version__ if torch is not None else None
     if torch is not None:
         info["torch_num_threads"] = torch.get_num_threads()
+    info["load_avg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    info["git"] = git_state()
     return info
+
+
+def git_state() -> dict | None:
+    """Commit of the checkout next to this file and the tracked files changed since.
+
+    An editable install runs whatever extension was last built, which need not match
+    the working tree; the extension's path and modification time are recorded too.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()
+        state: dict[str, Any] = {"commit": git("rev-parse", "HEAD"),
+                                 "modified": git("status", "--porcelain", "--untracked-files=no").splitlines()}
+    except (OSError, subprocess.SubprocessError):
+        state = {}
+    try:
+        from fastinfer import _C
+
+        state["extension"] = _C.__file__
+        state["extension_mtime"] = _dt.datetime.fromtimestamp(os.path.getmtime(_C.__file__)).isoformat(timespec="seconds")
+    except (ImportError, OSError):
+        pass
+    return state or None
 
 
 def machine_tag() -> str:
