@@ -8,6 +8,9 @@ namespace fastinfer::cpu {
 constexpr int kMaxHeadDim = 256;
 constexpr int kBlockN = 64;   // keys per tile
 constexpr int kMaxRows = 32;  // query rows per tile (two 16-lane vectors)
+// Tiles with at most this many rows (decode: seqlen_q * GQA group) use a kernel that
+// puts keys, not rows, in the vector lanes, so no lanes idle when there are only 1-8 rows.
+constexpr int kFewRows = 8;
 
 // One unit of parallel work: a tile of query rows of sequence b that share one
 // KV head, over a range of keys. Rows of (b, kv_head) are numbered t*group + g:
@@ -17,7 +20,7 @@ struct TileJob {
   int b;
   int kv_head;
   int row_begin, row_end;  // rows of this tile, row_end - row_begin <= rows_per_tile
-  int rows_per_tile;       // 16 or 32: vector width of the tile
+  int rows_per_tile;       // 16 or 32: rows in vector lanes; kFewRows: few rows (decode), keys in vector lanes
   int kv_begin, kv_end;    // keys visited (already clipped by causal/window limits)
   float* partial;          // split-KV: partial result (rows_per_tile*head_dim outputs, then rows_per_tile lse); else null
 };
@@ -29,7 +32,8 @@ struct ScratchLayout {
   static constexpr int kO = kMaxHeadDim * kMaxRows;
   static constexpr int kKV = kBlockN * kMaxHeadDim;
   static constexpr int kRowInfo = 4 * kMaxRows;
-  static constexpr int kTotal = kQ + kS + kO + 2 * kKV + kRowInfo + 2 * kMaxHeadDim;
+  static constexpr int kPPack = kBlockN / 2 * kMaxRows;
+  static constexpr int kTotal = kQ + kS + kO + 2 * kKV + kRowInfo + 2 * kMaxHeadDim + kPPack;
 };
 
 using TileFn = void (*)(const AttentionParams& p, const TileJob& job, float* scratch);
@@ -39,9 +43,10 @@ TileFn tile_kernel_avx2();
 TileFn tile_kernel_avx512();
 TileFn tile_kernel_avx512bf16();
 
-// Writes a finished tile: ot is the (head_dim x rows_per_tile) unnormalised output,
-// m the running max in log2 units and l the softmax denominator per row.
-void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, const float* m, const float* l);
+// Writes a finished tile: o holds the unnormalised output of row r, dim d at
+// o[r*row_stride + d*dim_stride], m the running max in log2 units and l the softmax denominator per row.
+void store_tile(const AttentionParams& p, const TileJob& job, const float* o, int row_stride, int dim_stride, const float* m,
+                const float* l);
 
 void attention_forward(const AttentionParams& p);
 void kv_write(const KVWriteParams& p);

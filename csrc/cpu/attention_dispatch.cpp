@@ -96,13 +96,14 @@ void merge_splits(const AttentionParams& p, const SplitGroup& g) {
 
 }  // namespace
 
-void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, const float* m, const float* l) {
+void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, int rs, int ds, const float* m,
+                const float* l) {
   const int D = p.head_dim, R = job.rows_per_tile, group = p.num_heads / p.num_kv_heads;
   const int nrows = job.row_end - job.row_begin;
   if (job.partial) {
     for (int r = 0; r < nrows; ++r) {
       const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-      for (int d = 0; d < D; ++d) job.partial[r * D + d] = ot[d * R + r] * inv;
+      for (int d = 0; d < D; ++d) job.partial[r * D + d] = ot[r * rs + d * ds] * inv;
       job.partial[R * D + r] = l[r] > 0.f ? m[r] + std::log2(l[r]) : -std::numeric_limits<float>::infinity();
     }
     return;
@@ -110,7 +111,7 @@ void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, c
   float vals[kMaxHeadDim];
   for (int r = 0; r < nrows; ++r) {
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    for (int d = 0; d < D; ++d) vals[d] = ot[d * R + r] * inv;
+    for (int d = 0; d < D; ++d) vals[d] = ot[r * rs + d * ds] * inv;
     const int row = job.row_begin + r;
     write_row(p, job.b, row / group, job.kv_head * group + row % group, vals,
               l[r] > 0.f ? m[r] + std::log2(l[r]) : std::numeric_limits<float>::infinity());
@@ -126,7 +127,8 @@ void attention_forward(const AttentionParams& p) {
   for (int b = 0; b < p.batch; ++b) {
     const int sq = p.q_len(b), sk = p.k_len(b);
     if (sq <= 0) continue;
-    const int rows = sq * group, R = rows >= kMaxRows ? kMaxRows : 16;
+    const int rows = sq * group;
+    const int R = rows >= kMaxRows ? kMaxRows : rows <= kFewRows && p.head_dim % 16 == 0 ? kFewRows : 16;
     for (int hk = 0; hk < p.num_kv_heads; ++hk)
       for (int r0 = 0; r0 < rows; r0 += R) {
         const int r1 = std::min(rows, r0 + R);

@@ -34,14 +34,14 @@ inline uint32_t load_u32(const void* p) {
 
 // S^T (npad x R) = K (npad x D) . Q^T (D x R), float.
 template <int RV>
-inline void qk_f32(const float* qt, const float* const* krow, int npad, int D, float* s) {
+inline void qk_f32(const float* qt, const float* kt, int npad, int D, float* s) {
   constexpr int R = RV * kLanes;
   constexpr int KB = kWide ? 8 : (RV == 1 ? 4 : 2);
   for (int jb = 0; jb < npad; jb += KB) {
     VecF acc[KB][RV];
     const float* kr[KB];
     for (int jj = 0; jj < KB; ++jj) {
-      kr[jj] = krow[jb + jj];
+      kr[jj] = kt + (jb + jj) * D;
       for (int rv = 0; rv < RV; ++rv) acc[jj][rv] = vzero();
     }
     for (int d = 0; d < D; ++d) {
@@ -59,7 +59,7 @@ inline void qk_f32(const float* qt, const float* const* krow, int npad, int D, f
 
 // O^T (D x R) = alpha * O^T + V^T (D x npad) . P^T (npad x R), float.
 template <int RV>
-inline void pv_f32(const float* pt, const float* const* vrow, int npad, int D, float* ot, const VecF* alpha) {
+inline void pv_f32(const float* pt, const float* vt, int npad, int D, float* ot, const VecF* alpha) {
   constexpr int R = RV * kLanes;
   constexpr int DB = kWide ? 8 : (RV == 1 ? 4 : 2);
   for (int d0 = 0; d0 < D; d0 += DB) {
@@ -69,7 +69,7 @@ inline void pv_f32(const float* pt, const float* const* vrow, int npad, int D, f
     for (int j = 0; j < npad; ++j) {
       VecF pj[RV];
       for (int rv = 0; rv < RV; ++rv) pj[rv] = vload(pt + j * R + rv * kLanes);
-      const float* vr = vrow[j] + d0;
+      const float* vr = vt + j * D + d0;
       for (int dd = 0; dd < DB; ++dd) {
         const VecF vb = vset1(vr[dd]);
         for (int rv = 0; rv < RV; ++rv) acc[dd][rv] = vfma(vb, pj[rv], acc[dd][rv]);
@@ -83,7 +83,7 @@ inline void pv_f32(const float* pt, const float* const* vrow, int npad, int D, f
 #if defined(__AVX512BF16__)
 // qt holds (Q[r][2p], Q[r][2p+1]) pairs as 32-bit words at [p*R + r].
 template <int RV>
-inline void qk_bf16(const uint32_t* qt, const uint16_t* const* krow, int npad, int D, float* s) {
+inline void qk_bf16(const uint32_t* qt, const uint16_t* kt, int npad, int D, float* s) {
   constexpr int R = RV * kLanes;
   for (int jb = 0; jb < npad; jb += 8) {
     __m512 acc[8][RV];
@@ -93,7 +93,7 @@ inline void qk_bf16(const uint32_t* qt, const uint16_t* const* krow, int npad, i
       __m512i q[RV];
       for (int rv = 0; rv < RV; ++rv) q[rv] = _mm512_loadu_si512(qt + pp * R + rv * kLanes);
       for (int jj = 0; jj < 8; ++jj) {
-        const __m512i kb = _mm512_set1_epi32(static_cast<int>(load_u32(krow[jb + jj] + 2 * pp)));
+        const __m512i kb = _mm512_set1_epi32(static_cast<int>(load_u32(kt + (jb + jj) * D + 2 * pp)));
         for (int rv = 0; rv < RV; ++rv)
           acc[jj][rv] = _mm512_dpbf16_ps(acc[jj][rv], (__m512bh)q[rv], (__m512bh)kb);
       }
@@ -117,15 +117,15 @@ inline void pack_p_bf16(const float* s, int npad, uint32_t* pt) {
 }
 
 // V rows (2m, 2m+1) -> interleaved pairs at vp[m*D + d].
-inline void pack_v_bf16(const uint16_t* const* vrow, int npad, int D, uint32_t* vp) {
+inline void pack_v_bf16(const void* const* vrow, int npad, int D, uint32_t* vp) {
   alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
   for (int m = 0; m < npad / 2; ++m) {
-    const uint16_t* a = vrow[2 * m];
-    const uint16_t* b = vrow[2 * m + 1];
+    const uint16_t* a = static_cast<const uint16_t*>(vrow[2 * m]);
+    const uint16_t* b = static_cast<const uint16_t*>(vrow[2 * m + 1]);
     uint32_t* out = vp + m * D;
     int d = 0;
     for (; d + 32 <= D; d += 32) {
@@ -159,6 +159,49 @@ inline void pv_bf16(const uint32_t* pt, const uint32_t* vp, int npad, int D, flo
   }
 }
 #endif
+
+// Walks a job's keys in tiles of kBlockN and prefetches the next tile's rows while
+// the current one computes (paged rows are scattered, so hardware prefetch can't help).
+class KeyTiles {
+ public:
+  KeyTiles(const AttentionParams& p, const TileJob& job)
+      : p_(p), b_(job.b), hk_(job.kv_head), end_(job.kv_end), esz_(dtype_size(p.dtype)), row_bytes_(p.head_dim * esz_) {
+    if (job.kv_begin < end_) locate(job.kv_begin, 0);
+  }
+  // Call once per tile, in order: returns the tile's key/value row pointers (kZeroRow past the end).
+  void start(int j0, const void* const** k, const void* const** v) {
+    if (j0 + kBlockN < end_) {
+      locate(j0 + kBlockN, cur_ ^ 1);
+      const int nn = std::min(kBlockN, end_ - j0 - kBlockN);
+      for (int jj = 0; jj < nn; ++jj)
+        for (int off = 0; off < row_bytes_; off += 64) {
+          __builtin_prefetch(static_cast<const char*>(k_[cur_ ^ 1][jj]) + off, 0, 2);
+          __builtin_prefetch(static_cast<const char*>(v_[cur_ ^ 1][jj]) + off, 0, 2);
+        }
+    }
+    *k = k_[cur_];
+    *v = v_[cur_];
+    cur_ ^= 1;
+  }
+
+ private:
+  void locate(int j0, int slot) {
+    const int n = std::min(kBlockN, end_ - j0);
+    const char* kbase = static_cast<const char*>(p_.k);
+    const char* vbase = static_cast<const char*>(p_.v);
+    for (int jj = 0; jj < n; ++jj) {
+      k_[slot][jj] = kbase + esz_ * (p_.kv_row_offset(b_, j0 + jj, p_.k_batch_stride, p_.k_row_stride) + hk_ * p_.k_head_stride);
+      v_[slot][jj] = vbase + esz_ * (p_.kv_row_offset(b_, j0 + jj, p_.v_batch_stride, p_.v_row_stride) + hk_ * p_.v_head_stride);
+    }
+    for (int jj = n; jj < kBlockN; ++jj) k_[slot][jj] = v_[slot][jj] = kZeroRow;
+  }
+
+  const AttentionParams& p_;
+  const int b_, hk_, end_, esz_, row_bytes_;
+  const void* k_[2][kBlockN];
+  const void* v_[2][kBlockN];
+  int cur_ = 0;
+};
 
 // Scores of one key tile -> probabilities in place; updates the running max m
 // (log2 units) and denominator l, and returns the rescale factor alpha per row.
@@ -229,6 +272,7 @@ void run_tile(const AttentionParams& p, const TileJob& job, float* scratch) {
   float* ipos = l + kMaxRows;
   float* slope = ipos + kMaxRows;
   float* rowtmp = slope + kMaxRows;
+  uint32_t* ppack = reinterpret_cast<uint32_t*>(rowtmp + kMaxHeadDim);
 
   // Pack Q^T. Padding rows repeat the last real row so that they stay finite.
   const char* qbase = static_cast<const char*>(p.q);
@@ -251,52 +295,227 @@ void run_tile(const AttentionParams& p, const TileJob& job, float* scratch) {
   std::fill(ot, ot + D * R, 0.f);
 
   const float imin = ipos[0], imax = ipos[nrows - 1];
-  const char* kbase = static_cast<const char*>(p.k);
-  const char* vbase = static_cast<const char*>(p.v);
-  const void* krow[kBlockN];
-  const void* vrow[kBlockN];
+  const int row_bytes = D * esz;
+  KeyTiles tiles(p, job);
   VecF alpha[RV];
   for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
     const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 7) & ~7;
-    for (int jj = 0; jj < npad; ++jj) {
-      if (jj >= n) {
-        krow[jj] = vrow[jj] = kZeroRow;
-        continue;
-      }
-      const char* kp = kbase + esz * (p.kv_row_offset(b, j0 + jj, p.k_batch_stride, p.k_row_stride) + hk * p.k_head_stride);
-      const char* vp = vbase + esz * (p.kv_row_offset(b, j0 + jj, p.v_batch_stride, p.v_row_stride) + hk * p.v_head_stride);
-      if (!kBf16Dot && dt != 0) {  // convert half-precision rows once per tile
-        row_to_f32(kp, dt, kbuf + jj * D, D);
-        row_to_f32(vp, dt, vbuf + jj * D, D);
-        krow[jj] = kbuf + jj * D;
-        vrow[jj] = vbuf + jj * D;
-      } else {
-        krow[jj] = kp;
-        vrow[jj] = vp;
-      }
-    }
+    const void* const* kr;
+    const void* const* vr;
+    tiles.start(j0, &kr, &vr);
+    // Copy keys into a contiguous tile: rows of a cache are often 4 KiB apart and
+    // would all fall into the same L1 sets during the broadcast-heavy QK^T loop.
     const bool need_mask = (p.window_right >= 0 && j0 + n - 1 > imin + p.window_right) ||
                            (p.window_left >= 0 && j0 < imax - p.window_left);
     if constexpr (kBf16Dot) {
 #if defined(__AVX512BF16__)
-      qk_bf16<RV>(reinterpret_cast<const uint32_t*>(qt), reinterpret_cast<const uint16_t* const*>(krow), npad, D, s);
+      uint16_t* kt = reinterpret_cast<uint16_t*>(kbuf);
+      for (int jj = 0; jj < npad; ++jj) std::memcpy(kt + jj * D, kr[jj], row_bytes);
+      qk_bf16<RV>(reinterpret_cast<const uint32_t*>(qt), kt, npad, D, s);
       online_softmax<RV>(p, j0, n, npad, s, m, l, ipos, slope, need_mask, alpha);
-      uint32_t* pt = reinterpret_cast<uint32_t*>(kbuf);
       uint32_t* vpk = reinterpret_cast<uint32_t*>(vbuf);
-      pack_p_bf16<RV>(s, npad, pt);
-      pack_v_bf16(reinterpret_cast<const uint16_t* const*>(vrow), npad, D, vpk);
-      pv_bf16<RV>(pt, vpk, npad, D, ot, alpha);
+      pack_p_bf16<RV>(s, npad, ppack);
+      pack_v_bf16(vr, npad, D, vpk);
+      pv_bf16<RV>(ppack, vpk, npad, D, ot, alpha);
 #endif
     } else {
-      qk_f32<RV>(qt, reinterpret_cast<const float* const*>(krow), npad, D, s);
+      for (int jj = 0; jj < npad; ++jj) {
+        row_to_f32(kr[jj], jj < n ? dt : 0, kbuf + jj * D, D);
+        row_to_f32(vr[jj], jj < n ? dt : 0, vbuf + jj * D, D);
+      }
+      qk_f32<RV>(qt, kbuf, npad, D, s);
       online_softmax<RV>(p, j0, n, npad, s, m, l, ipos, slope, need_mask, alpha);
-      pv_f32<RV>(s, reinterpret_cast<const float* const*>(vrow), npad, D, ot, alpha);
+      pv_f32<RV>(s, vbuf, npad, D, ot, alpha);
     }
   }
-  store_tile(p, job, ot, m, l);
+  store_tile(p, job, ot, 1, R, m, l);
 }
 
+// ---- few rows (decode): keys in the vector lanes, each row's scores reduced by a
+// transpose tree, so 1-8 rows waste no lanes. Needs head_dim % 16 == 0.
+struct FewRows {
+  int nrows, D;
+  float* s;      // nrows x kBlockN scores, then probabilities
+  float* o;      // nrows x D, unnormalised output
+  float* m;      // running max (log2 units)
+  float* l;      // softmax denominator
+  float* ipos;   // bottom-right aligned query position per row
+  float* slope;  // ALiBi slope per row
+  float alpha[kFewRows];
+};
+
+FewRows few_rows_setup(const AttentionParams& p, const TileJob& job, float* scratch, float* qrows_f32, uint16_t* qrows_raw) {
+  const int D = p.head_dim, group = p.num_heads / p.num_kv_heads, b = job.b;
+  const int sq = p.q_len(b), sk = p.k_len(b);
+  FewRows f;
+  f.nrows = job.row_end - job.row_begin;
+  f.D = D;
+  f.s = scratch + ScratchLayout::kQ;
+  f.o = f.s + ScratchLayout::kS;
+  f.m = f.o + ScratchLayout::kO + 2 * ScratchLayout::kKV;
+  f.l = f.m + kMaxRows;
+  f.ipos = f.l + kMaxRows;
+  f.slope = f.ipos + kMaxRows;
+  const char* qbase = static_cast<const char*>(p.q);
+  for (int r = 0; r < f.nrows; ++r) {
+    const int row = job.row_begin + r, t = row / group, h = job.kv_head * group + row % group;
+    f.ipos[r] = static_cast<float>(t + sk - sq);
+    f.slope[r] = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    const char* src = qbase + dtype_size(p.dtype) * (p.q_row_offset(b, t, p.q_batch_stride, p.q_row_stride) + h * p.q_head_stride);
+    if (qrows_f32) row_to_f32(src, static_cast<int>(p.dtype), qrows_f32 + r * D, D);
+    if (qrows_raw) std::memcpy(qrows_raw + r * D, src, 2 * D);
+    f.m[r] = -std::numeric_limits<float>::infinity();
+    f.l[r] = 0.f;
+  }
+  std::fill(f.o, f.o + f.nrows * D, 0.f);
+  return f;
+}
+
+// Raw q.k sums of 16 keys (one vector) -> masked log2-domain scores stored at sr + jb.
+inline void few_rows_scores(const AttentionParams& p, const FewRows& f, int r, int j0, int jb, int n, VecF x, float* sr) {
+  const float inf = std::numeric_limits<float>::infinity();
+  alignas(64) static const float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const VecF jv = vadd(vload(kIota), vset1(static_cast<float>(j0 + jb)));
+  if (p.softcap == 0.f && p.alibi_slopes == nullptr) {
+    x = vmul(x, vset1(p.softmax_scale * kLog2e));
+  } else {
+    x = vmul(x, vset1(p.softmax_scale));
+    if (p.softcap > 0.f) x = vmul(vtanh(vmul(x, vset1(1.f / p.softcap))), vset1(p.softcap));
+    if (p.alibi_slopes) x = vsub(x, vmul(vset1(f.slope[r]), vabs(vsub(vset1(f.ipos[r]), jv))));
+    x = vmul(x, vset1(kLog2e));
+  }
+  // Visible keys: window limits and the end of the tile.
+  const float lo = p.window_left >= 0 ? f.ipos[r] - p.window_left : -inf;
+  const float hi = std::min(p.window_right >= 0 ? f.ipos[r] + p.window_right : inf, static_cast<float>(j0 + n - 1));
+  vstore(sr + jb, vselect_range(x, jv, vset1(lo), vset1(hi), -inf));
+}
+
+// Online softmax of row r's scores (npad of them) in place; the rescale factor goes to f.alpha[r].
+inline void few_rows_softmax(FewRows& f, int r, int npad) {
+  float* sr = f.s + r * kBlockN;
+  VecF mx = vset1(f.m[r]);
+  for (int jb = 0; jb < npad; jb += kLanes) mx = vmax(mx, vload(sr + jb));
+  // A row that has seen no key yet keeps a finite max so that -inf - max stays -inf.
+  const float m_new = std::max(vreduce_max(mx), -std::numeric_limits<float>::max());
+  f.alpha[r] = std::exp2(f.m[r] - m_new);
+  VecF sum = vzero();
+  for (int jb = 0; jb < npad; jb += kLanes) {
+    const VecF pj = vexp2(vsub(vload(sr + jb), vset1(m_new)));
+    vstore(sr + jb, pj);
+    sum = vadd(sum, pj);
+  }
+  f.m[r] = m_new;
+  f.l[r] = f.l[r] * f.alpha[r] + vreduce_add(sum);
+}
+
+void run_few_rows(const AttentionParams& p, const TileJob& job, float* scratch) {
+  const int D = p.head_dim, C = D / kLanes, dt = static_cast<int>(p.dtype);
+  float* q = scratch;
+  FewRows f = few_rows_setup(p, job, scratch, q, nullptr);
+  float* kbuf = f.o + ScratchLayout::kO;
+  float* vbuf = kbuf + ScratchLayout::kKV;
+  KeyTiles tiles(p, job);
+  for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
+    const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 15) & ~15;
+    const void* const* kr;
+    const void* const* vr;
+    tiles.start(j0, &kr, &vr);
+    for (int jj = 0; jj < npad; ++jj) row_to_f32(kr[jj], jj < n ? dt : 0, kbuf + jj * D, D);
+    for (int r = 0; r < f.nrows; ++r) {
+      for (int jb = 0; jb < npad; jb += 16) {
+        VecF acc[16];
+        for (int jj = 0; jj < 16; ++jj) acc[jj] = vzero();
+        for (int c = 0; c < C; ++c) {
+          const VecF qv = vload(q + r * D + c * kLanes);
+          for (int jj = 0; jj < 16; ++jj) acc[jj] = vfma(qv, vload(kbuf + (jb + jj) * D + c * kLanes), acc[jj]);
+        }
+        few_rows_scores(p, f, r, j0, jb, n, vtranspose_reduce16(acc), f.s + r * kBlockN);
+      }
+      few_rows_softmax(f, r, npad);
+    }
+    // Values: o[r] = alpha * o[r] + sum_j p[r][j] * v[j].
+    for (int jj = 0; jj < n; ++jj) row_to_f32(vr[jj], dt, vbuf + jj * D, D);
+    for (int r = 0; r < f.nrows; ++r) {
+      const float* pr = f.s + r * kBlockN;
+      const VecF alpha = vset1(f.alpha[r]);
+      for (int c0 = 0; c0 < C; c0 += 8) {
+        const int cn = std::min(8, C - c0);
+        VecF acc[8];
+        for (int c = 0; c < cn; ++c) acc[c] = vmul(vload(f.o + r * D + (c0 + c) * kLanes), alpha);
+        for (int jj = 0; jj < n; ++jj) {
+          const VecF pj = vset1(pr[jj]);
+          const float* vrow = vbuf + jj * D + c0 * kLanes;
+          for (int c = 0; c < cn; ++c) acc[c] = vfma(pj, vload(vrow + c * kLanes), acc[c]);
+        }
+        for (int c = 0; c < cn; ++c) vstore(f.o + r * D + (c0 + c) * kLanes, acc[c]);
+      }
+    }
+  }
+  store_tile(p, job, f.o, D, 1, f.m, f.l);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 few rows with vdpbf16ps on raw bf16 keys and pair-packed values. Needs head_dim % 32 == 0.
+void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scratch) {
+  const int D = p.head_dim, C32 = D / 32, C16 = D / 16;
+  uint16_t* q = reinterpret_cast<uint16_t*>(scratch);
+  FewRows f = few_rows_setup(p, job, scratch, nullptr, q);
+  uint16_t* kt = reinterpret_cast<uint16_t*>(f.o + ScratchLayout::kO);
+  uint32_t* vp = reinterpret_cast<uint32_t*>(f.o + ScratchLayout::kO + ScratchLayout::kKV);
+  uint16_t* pb = kt + kBlockN * D;  // bf16 probabilities, nrows x kBlockN (the kKV region holds 2x the keys)
+  KeyTiles tiles(p, job);
+  for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
+    const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 15) & ~15;
+    const void* const* kr;
+    const void* const* vr;
+    tiles.start(j0, &kr, &vr);
+    for (int jj = 0; jj < npad; ++jj) std::memcpy(kt + jj * D, kr[jj], 2 * D);
+    for (int r = 0; r < f.nrows; ++r) {
+      for (int jb = 0; jb < npad; jb += 16) {
+        VecF acc[16];
+        for (int jj = 0; jj < 16; ++jj) acc[jj].v = _mm512_setzero_ps();
+        for (int c = 0; c < C32; ++c) {
+          const __m512i qv = _mm512_loadu_si512(q + r * D + c * 32);
+          for (int jj = 0; jj < 16; ++jj)
+            acc[jj].v = _mm512_dpbf16_ps(acc[jj].v, (__m512bh)_mm512_loadu_si512(kt + (jb + jj) * D + c * 32), (__m512bh)qv);
+        }
+        few_rows_scores(p, f, r, j0, jb, n, vtranspose_reduce16(acc), f.s + r * kBlockN);
+      }
+      few_rows_softmax(f, r, npad);
+      for (int jb = 0; jb < npad; jb += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * kBlockN + jb),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f.s + r * kBlockN + jb)));
+    }
+    const int pairs = (n + 1) / 2;
+    pack_v_bf16(vr, 2 * pairs, D, vp);
+    for (int r = 0; r < f.nrows; ++r) {
+      const uint16_t* pr = pb + r * kBlockN;
+      const __m512 alpha = _mm512_set1_ps(f.alpha[r]);
+      for (int c0 = 0; c0 < C16; c0 += 8) {
+        const int cn = std::min(8, C16 - c0);
+        __m512 acc[8];
+        for (int c = 0; c < cn; ++c) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(f.o + r * D + (c0 + c) * 16), alpha);
+        for (int mm = 0; mm < pairs; ++mm) {
+          const __m512i pw = _mm512_set1_epi32(static_cast<int>(load_u32(pr + 2 * mm)));
+          const uint32_t* vrow = vp + mm * D + c0 * 16;
+          for (int c = 0; c < cn; ++c)
+            acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_loadu_si512(vrow + c * 16), (__m512bh)pw);
+        }
+        for (int c = 0; c < cn; ++c) _mm512_storeu_ps(f.o + r * D + (c0 + c) * 16, acc[c]);
+      }
+    }
+  }
+  store_tile(p, job, f.o, D, 1, f.m, f.l);
+}
+#endif
+
 void tile_entry(const AttentionParams& p, const TileJob& job, float* scratch) {
+  if (job.rows_per_tile == kFewRows) {
+#if defined(__AVX512BF16__)
+    if (p.dtype == DType::kBFloat16 && p.head_dim % 32 == 0) return run_few_rows_bf16(p, job, scratch);
+#endif
+    return run_few_rows(p, job, scratch);
+  }
 #if defined(__AVX512BF16__)
   if (p.dtype == DType::kBFloat16) {
     if (job.rows_per_tile == 32) return run_tile<2, true>(p, job, scratch);

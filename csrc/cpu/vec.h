@@ -112,6 +112,35 @@ inline VecF vexp2(VecF x) {
   return {_mm512_maskz_scalef_ps(normal, p, n)};
 }
 inline float vreduce_max(VecF a) { return _mm512_reduce_max_ps(a.v); }
+inline float vreduce_add(VecF a) { return _mm512_reduce_add_ps(a.v); }
+// Lane sums of 16 vectors by a shuffle tree (4 levels, 15 adds); keys come out permuted.
+inline __m512 reduce_tree16(const VecF* a) {
+  __m512 z[8], w[4], u[2];
+  for (int i = 0; i < 8; ++i) {  // 16 -> 8: fold 256-bit halves, two keys per vector
+    const __m512 x = a[2 * i].v, y = a[2 * i + 1].v;
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int i = 0; i < 4; ++i)  // 8 -> 4: one key per 128-bit lane
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)  // 4 -> 2
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * i], w[2 * i + 1]), _mm512_unpackhi_ps(w[2 * i], w[2 * i + 1]));
+  return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+}
+// r[j] = sum of the lanes of a[j], j < 16.
+inline VecF vtranspose_reduce16(const VecF* a) {
+  static const __m512i lane_of_key = [] {  // found by running the tree on a[j] = j / 16
+    VecF probe[16];
+    for (int j = 0; j < 16; ++j) probe[j].v = _mm512_set1_ps(static_cast<float>(j) / 16.f);
+    alignas(64) float key_at_lane[16];
+    _mm512_store_ps(key_at_lane, reduce_tree16(probe));
+    alignas(64) int32_t idx[16];
+    for (int lane = 0; lane < 16; ++lane) idx[static_cast<int>(key_at_lane[lane] + 0.5f)] = lane;
+    return _mm512_load_si512(idx);
+  }();
+  return {_mm512_permutexvar_ps(lane_of_key, reduce_tree16(a))};
+}
 
 #elif defined(__AVX2__)
 struct VecF { __m256 lo, hi; };
@@ -157,6 +186,18 @@ inline float vreduce_max(VecF a) {
   for (int i = 1; i < 16; ++i) m = t[i] > m ? t[i] : m;
   return m;
 }
+inline float vreduce_add(VecF a) {
+  __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+inline VecF vtranspose_reduce16(const VecF* a) {
+  alignas(32) float r[16];
+  for (int j = 0; j < 16; ++j) r[j] = vreduce_add(a[j]);
+  return vload(r);
+}
 
 #else  // portable C++: the compiler may still auto-vectorise these loops
 struct VecF { float v[kLanes]; };
@@ -185,6 +226,16 @@ inline float vreduce_max(VecF a) {
   float m = a.v[0];
   for (int i = 1; i < kLanes; ++i) m = a.v[i] > m ? a.v[i] : m;
   return m;
+}
+inline float vreduce_add(VecF a) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += a.v[i];
+  return s;
+}
+inline VecF vtranspose_reduce16(const VecF* a) {
+  VecF r;
+  FI_LANES(r.v[i] = vreduce_add(a[i]));
+  return r;
 }
 #undef FI_LANES
 #endif
