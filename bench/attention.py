@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CI smoke test)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both torch and fastinfer (default 2)")
-    ap.add_argument("--isa", default=None, help="force fastinfer's CPU ISA (auto, scalar, avx2, avx512, avx512_bf16)")
+    ap.add_argument("--isa", default=None, help="force fastinfer's CPU ISA: any name fastinfer.set_cpu_isa accepts (auto, scalar, avx2, ...)")
     ap.add_argument("--out", default=None, help="directory for the JSON result (default bench/results)")
     args = ap.parse_args(argv)
 
