@@ -33,7 +33,7 @@ struct ScratchLayout {
   static constexpr int kKV = kBlockN * kMaxHeadDim;
   static constexpr int kRowInfo = 4 * kMaxRows;
   static constexpr int kPPack = kBlockN / 2 * kMaxRows;
-  static constexpr int kTotal = kQ + kS + kO + 2 * kKV + kRowInfo + 2 * kMaxHeadDim + kPPack;
+  static constexpr int kTotal = kQ + kS + kO + 2 * kKV + kRowInfo + 2 * kMaxHeadDim + 2 * kPPack;
 };
 
 using TileFn = void (*)(const AttentionParams& p, const TileJob& job, float* scratch);
@@ -42,6 +42,7 @@ TileFn tile_kernel_scalar();
 TileFn tile_kernel_avx2();
 TileFn tile_kernel_avx512();
 TileFn tile_kernel_avx512bf16();
+TileFn tile_kernel_amx();
 
 // Writes a finished tile: o holds the unnormalised output of row r, dim d at
 // o[r*row_stride + d*dim_stride], m the running max in log2 units and l the softmax denominator per row.

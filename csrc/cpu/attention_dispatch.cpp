@@ -22,6 +22,7 @@ constexpr int kMinKeysPerSplit = 256;
 TileFn pick_kernel() {
   switch (active_isa()) {
 #if defined(FASTINFER_X86)
+    case Isa::kAmx: return tile_kernel_amx();
     case Isa::kAvx512Bf16: return tile_kernel_avx512bf16();
     case Isa::kAvx512: return tile_kernel_avx512();
     case Isa::kAvx2: return tile_kernel_avx2();

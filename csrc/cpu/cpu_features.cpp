@@ -6,6 +6,8 @@
 
 #if defined(FASTINFER_X86)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace fastinfer::cpu {
@@ -20,6 +22,13 @@ unsigned long long read_xcr0() {
   return (static_cast<unsigned long long>(edx) << 32) | eax;
 }
 
+// Linux hands out the 8 KiB AMX tile state only to processes that ask for it.
+bool amx_usable(unsigned long long xcr0) {
+  if ((xcr0 & (3ull << 17)) != (3ull << 17)) return false;  // XTILECFG, XTILEDATA
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
 Isa detect() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::kScalar;
@@ -30,9 +39,11 @@ Isa detect() {
   if (__get_cpuid_max(0, nullptr) < 7) return Isa::kScalar;
   __cpuid_count(7, 0, a, b, c, d);
   const bool avx2 = b & (1u << 5);
+  const bool amx = (d & (1u << 24)) && (d & (1u << 22));  // AMX-TILE, AMX-BF16
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
   __cpuid_count(7, 1, a, b, c, d);
   const bool bf16 = a & (1u << 5);
+  if (avx512 && zmm_os && fma && f16c && bf16 && amx && amx_usable(xcr0)) return Isa::kAmx;
   if (avx512 && zmm_os && fma && f16c) return bf16 ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (avx2 && ymm_os && fma && f16c) return Isa::kAvx2;
   return Isa::kScalar;
@@ -48,9 +59,10 @@ Isa parse(const std::string& name) {
   else if (name == "avx2") want = Isa::kAvx2;
   else if (name == "avx512") want = Isa::kAvx512;
   else if (name == "avx512_bf16") want = Isa::kAvx512Bf16;
+  else if (name == "amx") want = Isa::kAmx;
   else
     throw std::invalid_argument("unknown CPU ISA '" + name +
-                                "': expected one of auto, scalar, avx2, avx512, avx512_bf16");
+                                "': expected one of auto, scalar, avx2, avx512, avx512_bf16, amx");
   if (static_cast<int>(want) > static_cast<int>(best_isa()))
     throw std::invalid_argument(std::string("CPU ISA '") + name + "' is not supported by this CPU/build (best is '" +
                                 isa_name(best_isa()) + "')");
@@ -78,6 +90,7 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx512Bf16: return "avx512_bf16";
+    case Isa::kAmx: return "amx";
   }
   return "?";
 }

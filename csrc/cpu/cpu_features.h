@@ -4,14 +4,14 @@
 
 namespace fastinfer::cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 const char* isa_name(Isa isa);
 // Best level this CPU supports and this build contains.
 Isa best_isa();
 // Level used by the kernels: best_isa() unless forced by FASTINFER_CPU_ISA or set_isa().
 Isa active_isa();
-// Forces a level by name ("auto", "scalar", "avx2", "avx512", "avx512_bf16").
+// Forces a level by name ("auto", "scalar", "avx2", "avx512", "avx512_bf16", "amx").
 // Throws std::invalid_argument for an unknown name or a level this CPU lacks.
 void set_isa(const std::string& name);
 

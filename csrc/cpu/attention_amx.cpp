@@ -1,0 +1,7 @@
+// Tile kernel built for the amx level (AVX-512 BF16 + AMX-BF16; flags in CMakeLists.txt).
+#define FI_ISA_NS amx
+#include "cpu/attention_kernel.h"
+
+namespace fastinfer::cpu {
+TileFn tile_kernel_amx() { return &amx::tile_entry; }
+}  // namespace fastinfer::cpu
