@@ -165,7 +165,7 @@ inline void pv_bf16(const uint32_t* pt, const uint32_t* vp, int npad, int D, flo
 class KeyTiles {
  public:
   KeyTiles(const AttentionParams& p, const TileJob& job)
-      : p_(p), b_(job.b), hk_(job.kv_head), end_(job.kv_end), esz_(dtype_size(p.dtype)), row_bytes_(p.head_dim * esz_)) {
+      : p_(p), b_(job.b), hk_(job.kv_head), end_(job.kv_end), esz_(dtype_size(p.dtype)), row_bytes_(p.head_dim * esz_) {
     if (job.kv_begin < end_) locate(job.kv_begin, 0);
   }
   // Call once per tile, in order: returns the tile's key/value row pointers (kZeroRow past the end).
