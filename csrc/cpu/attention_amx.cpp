@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-TileFn tile_kernel_amx() { return &amx::tile_entry; }
+IsaKernels kernels_amx() { return {&amx::tile_entry, &amx::stage_kv}; }
 }  // namespace fastinfer::cpu

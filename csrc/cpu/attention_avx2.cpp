@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-TileFn tile_kernel_avx2() { return &avx2::tile_entry; }
+IsaKernels kernels_avx2() { return {&avx2::tile_entry, &avx2::stage_kv}; }
 }  // namespace fastinfer::cpu

@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-TileFn tile_kernel_avx512bf16() { return &avx512bf16::tile_entry; }
+IsaKernels kernels_avx512bf16() { return {&avx512bf16::tile_entry, &avx512bf16::stage_kv}; }
 }  // namespace fastinfer::cpu

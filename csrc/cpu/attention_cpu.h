@@ -23,6 +23,10 @@ struct TileJob {
   int rows_per_tile;       // 16 or 32: rows in vector lanes; kFewRows: few rows (decode), keys in vector lanes
   int kv_begin, kv_end;    // keys visited (already clipped by causal/window limits)
   float* partial;          // split-KV: partial result (rows_per_tile*head_dim outputs, then rows_per_tile lse); else null
+  // Keys/values of (b, kv_head) staged by IsaKernels::stage (key j at row j), or null:
+  // then the tile reads the cache directly and copies/packs each key tile itself.
+  const void* k_staged;
+  const void* v_staged;
 };
 
 // Per-worker scratch, in floats.
@@ -37,12 +41,23 @@ struct ScratchLayout {
 };
 
 using TileFn = void (*)(const AttentionParams& p, const TileJob& job, float* scratch);
+// Copies keys/values [0, k_len(b)) of (b, kv_head) into the contiguous layout this ISA's
+// tile kernel reads, rows padded with zeros to a multiple of kBlockN. Each buffer
+// holds at most kStagedBytesPerKey/2 bytes per padded key. Worth it when several
+// query tiles read the same keys (prefill): the copy is paid once, not per tile.
+using StageFn = void (*)(const AttentionParams& p, int b, int kv_head, void* k_dst, void* v_dst);
+constexpr int kStagedBytesPerElement = 4;  // float rows at most
 
-TileFn tile_kernel_scalar();
-TileFn tile_kernel_avx2();
-TileFn tile_kernel_avx512();
-TileFn tile_kernel_avx512bf16();
-TileFn tile_kernel_amx();
+struct IsaKernels {
+  TileFn tile;
+  StageFn stage;
+};
+
+IsaKernels kernels_scalar();
+IsaKernels kernels_avx2();
+IsaKernels kernels_avx512();
+IsaKernels kernels_avx512bf16();
+IsaKernels kernels_amx();
 
 // Writes a finished tile: o holds the unnormalised output of row r, dim d at
 // o[r*row_stride + d*dim_stride], m the running max in log2 units and l the softmax denominator per row.

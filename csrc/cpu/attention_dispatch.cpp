@@ -19,17 +19,19 @@ namespace {
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMinKeysPerSplit = 256;
 
-TileFn pick_kernel() {
+IsaKernels pick_kernels() {
   switch (active_isa()) {
 #if defined(FASTINFER_X86)
-    case Isa::kAmx: return tile_kernel_amx();
-    case Isa::kAvx512Bf16: return tile_kernel_avx512bf16();
-    case Isa::kAvx512: return tile_kernel_avx512();
-    case Isa::kAvx2: return tile_kernel_avx2();
+    case Isa::kAmx: return kernels_amx();
+    case Isa::kAvx512Bf16: return kernels_avx512bf16();
+    case Isa::kAvx512: return kernels_avx512();
+    case Isa::kAvx2: return kernels_avx2();
 #endif
-    default: return tile_kernel_scalar();
+    default: return kernels_scalar();
   }
 }
+
+constexpr int64_t kMaxStagedBytes = int64_t(256) << 20;
 
 float* worker_scratch() {
   // One buffer per OS thread; pool workers are persistent, so this is allocated once.
@@ -120,7 +122,7 @@ void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, i
 }
 
 void attention_forward(const AttentionParams& p) {
-  const TileFn kernel = pick_kernel();
+  const IsaKernels kernels = pick_kernels();
   const int group = p.num_heads / p.num_kv_heads;
 
   // 1. Tiles of up to 32 rows per (sequence, kv head), key range clipped by causal/window limits.
@@ -134,11 +136,45 @@ void attention_forward(const AttentionParams& p) {
       for (int r0 = 0; r0 < rows; r0 += R) {
         const int r1 = std::min(rows, r0 + R);
         const int imin = r0 / group + sk - sq, imax = (r1 - 1) / group + sk - sq;
-        const int lo = p.window_left >= 0 ? std::max(0, imin - p.window_left) : 0;
+        // Even start: staged values are packed in key pairs (keys outside the window are masked).
+        const int lo = p.window_left >= 0 ? std::max(0, imin - p.window_left) & ~1 : 0;
         const int hi = std::max(lo, p.window_right >= 0 ? std::min(sk, imax + p.window_right + 1) : sk);
-        tiles.push_back({b, hk, r0, r1, R, lo, hi, nullptr});
+        tiles.push_back({b, hk, r0, r1, R, lo, hi, nullptr, nullptr, nullptr});
       }
   }
+  // Stage keys/values once per (sequence, kv head) that several query tiles read.
+  std::vector<std::pair<int, int>> staged;  // (b, kv_head)
+  std::vector<char> stage_buf;
+  const int64_t head_bytes_per_key = static_cast<int64_t>(p.head_dim) * kStagedBytesPerElement;
+  int64_t stage_bytes = 0;
+  std::vector<int64_t> stage_offset(static_cast<size_t>(p.batch), -1);
+  for (int b = 0; b < p.batch; ++b) {
+    const int rows = p.q_len(b) * group;
+    if (rows <= kMaxRows || p.k_len(b) == 0) continue;  // one tile per head: nothing to share
+    stage_offset[b] = stage_bytes;
+    stage_bytes += 2 * head_bytes_per_key * ((p.k_len(b) + kBlockN - 1) / kBlockN * kBlockN) * p.num_kv_heads;
+  }
+  if (stage_bytes > 0 && stage_bytes <= kMaxStagedBytes) {
+    stage_buf.resize(stage_bytes + 64);
+    char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(stage_buf.data()) + 63) & ~uintptr_t(63));
+    for (int b = 0; b < p.batch; ++b) {
+      if (stage_offset[b] < 0) continue;
+      const int64_t per_head = head_bytes_per_key * ((p.k_len(b) + kBlockN - 1) / kBlockN * kBlockN);
+      for (int hk = 0; hk < p.num_kv_heads; ++hk) staged.push_back({b, hk});
+      for (TileJob& t : tiles)
+        if (t.b == b) {
+          t.k_staged = base + stage_offset[b] + 2 * per_head * t.kv_head;
+          t.v_staged = static_cast<const char*>(t.k_staged) + per_head;
+        }
+    }
+    parallel_for(static_cast<int64_t>(staged.size()), [&](int64_t i, int) {
+      const auto [b, hk] = staged[i];
+      const int64_t per_head = head_bytes_per_key * ((p.k_len(b) + kBlockN - 1) / kBlockN * kBlockN);
+      char* k_dst = base + stage_offset[b] + 2 * per_head * hk;
+      kernels.stage(p, b, hk, k_dst, k_dst + per_head);
+    });
+  }
+
   // Longest key ranges first, so that dynamic scheduling ends evenly.
   std::stable_sort(tiles.begin(), tiles.end(),
                    [](const TileJob& a, const TileJob& c) { return a.kv_end - a.kv_begin > c.kv_end - c.kv_begin; });
@@ -190,7 +226,7 @@ void attention_forward(const AttentionParams& p) {
   }
 
   parallel_for(static_cast<int64_t>(jobs.size()),
-               [&](int64_t i, int) { kernel(p, jobs[i], worker_scratch()); });
+               [&](int64_t i, int) { kernels.tile(p, jobs[i], worker_scratch()); });
   if (!groups.empty())
     parallel_for(static_cast<int64_t>(groups.size()), [&](int64_t i, int) { merge_splits(p, groups[i]); });
 }

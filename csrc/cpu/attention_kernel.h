@@ -165,7 +165,8 @@ inline void pv_bf16(const uint32_t* pt, const uint32_t* vp, int npad, int D, flo
 class KeyTiles {
  public:
   KeyTiles(const AttentionParams& p, const TileJob& job)
-      : p_(p), b_(job.b), hk_(job.kv_head), end_(job.kv_end), esz_(dtype_size(p.dtype)), row_bytes_(p.head_dim * esz_) {
+      : p_(p), b_(job.b), hk_(job.kv_head), end_(job.k_staged ? 0 : job.kv_end), esz_(dtype_size(p.dtype)),
+        row_bytes_(p.head_dim * esz_) {
     if (job.kv_begin < end_) locate(job.kv_begin, 0);
   }
   // Call once per tile, in order: returns the tile's key/value row pointers (kZeroRow past the end).
@@ -296,36 +297,48 @@ void run_tile(const AttentionParams& p, const TileJob& job, float* scratch) {
 
   const float imin = ipos[0], imax = ipos[nrows - 1];
   const int row_bytes = D * esz;
+  const bool staged = job.k_staged != nullptr;
   KeyTiles tiles(p, job);
   VecF alpha[RV];
   for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
     const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 7) & ~7;
-    const void* const* kr;
-    const void* const* vr;
-    tiles.start(j0, &kr, &vr);
-    // Copy keys into a contiguous tile: rows of a cache are often 4 KiB apart and
+    const void* const* kr = nullptr;
+    const void* const* vr = nullptr;
+    if (!staged) tiles.start(j0, &kr, &vr);
+    // Keys are read from a contiguous tile: rows of a cache are often 4 KiB apart and
     // would all fall into the same L1 sets during the broadcast-heavy QK^T loop.
     const bool need_mask = (p.window_right >= 0 && j0 + n - 1 > imin + p.window_right) ||
                            (p.window_left >= 0 && j0 < imax - p.window_left);
     if constexpr (kBf16Dot) {
 #if defined(__AVX512BF16__)
-      uint16_t* kt = reinterpret_cast<uint16_t*>(kbuf);
-      for (int jj = 0; jj < npad; ++jj) std::memcpy(kt + jj * D, kr[jj], row_bytes);
+      const uint16_t* kt = static_cast<const uint16_t*>(job.k_staged) + static_cast<int64_t>(j0) * D;
+      const uint32_t* vpk = static_cast<const uint32_t*>(job.v_staged) + static_cast<int64_t>(j0 / 2) * D;
+      if (!staged) {
+        uint16_t* kcopy = reinterpret_cast<uint16_t*>(kbuf);
+        for (int jj = 0; jj < npad; ++jj) std::memcpy(kcopy + jj * D, kr[jj], row_bytes);
+        pack_v_bf16(vr, npad, D, reinterpret_cast<uint32_t*>(vbuf));
+        kt = kcopy;
+        vpk = reinterpret_cast<const uint32_t*>(vbuf);
+      }
       qk_bf16<RV>(reinterpret_cast<const uint32_t*>(qt), kt, npad, D, s);
       online_softmax<RV>(p, j0, n, npad, s, m, l, ipos, slope, need_mask, alpha);
-      uint32_t* vpk = reinterpret_cast<uint32_t*>(vbuf);
       pack_p_bf16<RV>(s, npad, ppack);
-      pack_v_bf16(vr, npad, D, vpk);
       pv_bf16<RV>(ppack, vpk, npad, D, ot, alpha);
 #endif
     } else {
-      for (int jj = 0; jj < npad; ++jj) {
-        row_to_f32(kr[jj], jj < n ? dt : 0, kbuf + jj * D, D);
-        row_to_f32(vr[jj], jj < n ? dt : 0, vbuf + jj * D, D);
+      const float* kt = static_cast<const float*>(job.k_staged) + static_cast<int64_t>(j0) * D;
+      const float* vt = static_cast<const float*>(job.v_staged) + static_cast<int64_t>(j0) * D;
+      if (!staged) {
+        for (int jj = 0; jj < npad; ++jj) {
+          row_to_f32(kr[jj], jj < n ? dt : 0, kbuf + jj * D, D);
+          row_to_f32(vr[jj], jj < n ? dt : 0, vbuf + jj * D, D);
+        }
+        kt = kbuf;
+        vt = vbuf;
       }
-      qk_f32<RV>(qt, kbuf, npad, D, s);
+      qk_f32<RV>(qt, kt, npad, D, s);
       online_softmax<RV>(p, j0, n, npad, s, m, l, ipos, slope, need_mask, alpha);
-      pv_f32<RV>(s, vbuf, npad, D, ot, alpha);
+      pv_f32<RV>(s, vt, npad, D, ot, alpha);
     }
   }
   store_tile(p, job, ot, 1, R, m, l);
@@ -567,8 +580,8 @@ void run_tile_amx(const AttentionParams& p, const TileJob& job, float* scratch) 
   uint32_t* q32 = reinterpret_cast<uint32_t*>(scratch);  // Q^T pairs: [d/2][R]
   float* s = scratch + ScratchLayout::kQ;                  // S^T: [key][R]
   float* o = s + ScratchLayout::kS;                        // O: [R][D]
-  uint16_t* kt = reinterpret_cast<uint16_t*>(o + ScratchLayout::kO);                         // keys [kBlockN][D]
-  uint32_t* vp = reinterpret_cast<uint32_t*>(o + ScratchLayout::kO + ScratchLayout::kKV);    // value pairs [kBlockN/2][D]
+  uint16_t* kbuf = reinterpret_cast<uint16_t*>(o + ScratchLayout::kO);                       // keys [kBlockN][D]
+  uint32_t* vbuf = reinterpret_cast<uint32_t*>(o + ScratchLayout::kO + ScratchLayout::kKV);  // value pairs [kBlockN/2][D]
   float* m = o + ScratchLayout::kO + 2 * ScratchLayout::kKV;
   float* l = m + kMaxRows;
   float* ipos = l + kMaxRows;
@@ -596,10 +609,17 @@ void run_tile_amx(const AttentionParams& p, const TileJob& job, float* scratch) 
   alignas(64) float alpha_row[R];
   for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
     const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 31) & ~31;
-    const void* const* kr;
-    const void* const* vr;
-    tiles.start(j0, &kr, &vr);
-    for (int jj = 0; jj < npad; ++jj) std::memcpy(kt + jj * D, kr[jj], 2 * D);
+    const uint16_t* kt = static_cast<const uint16_t*>(job.k_staged) + static_cast<int64_t>(j0) * D;
+    const uint32_t* vp = static_cast<const uint32_t*>(job.v_staged) + static_cast<int64_t>(j0 / 2) * D;
+    if (!job.k_staged) {
+      const void* const* kr;
+      const void* const* vr;
+      tiles.start(j0, &kr, &vr);
+      for (int jj = 0; jj < npad; ++jj) std::memcpy(kbuf + jj * D, kr[jj], 2 * D);
+      pack_v_bf16(vr, npad, D, vbuf);
+      kt = kbuf;
+      vp = vbuf;
+    }
 
     // S^T[key][row] = K . Q^T, two 16-key blocks at a time.
     for (int kb = 0; kb < npad / 16; kb += 2) {
@@ -637,13 +657,17 @@ void run_tile_amx(const AttentionParams& p, const TileJob& job, float* scratch) 
     for (int mb = 0; mb < npad / 32; ++mb)
       for (int rb = 0; rb < RB; ++rb)
         transpose16_u32(pt + (mb * 16) * R + rb * 16, R, pa + (rb * 16) * (kBlockN / 2) + mb * 16, kBlockN / 2);
-    pack_v_bf16(vr, npad, D, vp);
-
-    for (int rb = 0; rb < RB; ++rb) vstore(alpha_row + rb * kLanes, alpha[rb]);
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(alpha_row[r]);
-      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(a, _mm512_loadu_ps(o + r * D + d)));
+    // Rescale O only when some row's max moved (rare after the first tiles).
+    __mmask16 moved = 0;
+    for (int rb = 0; rb < RB; ++rb) {
+      vstore(alpha_row + rb * kLanes, alpha[rb]);
+      moved |= _mm512_cmp_ps_mask(alpha[rb].v, _mm512_set1_ps(1.f), _CMP_NEQ_UQ);
     }
+    if (moved)
+      for (int r = 0; r < R; ++r) {
+        const __m512 a = _mm512_set1_ps(alpha_row[r]);
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(a, _mm512_loadu_ps(o + r * D + d)));
+      }
     // O[row][d] += P . V, two 16-wide d blocks at a time.
     for (int db = 0; db < D / 16; db += 2) {
       _tile_loadd(0, o + db * 16, 4 * D);
@@ -676,6 +700,37 @@ void run_tile_amx(const AttentionParams& p, const TileJob& job, float* scratch) 
   store_tile(p, job, o, D, 1, m, l);
 }
 #endif
+
+// See StageFn: bf16 rows + value pairs where the tile kernels use vdpbf16ps/AMX, float rows otherwise.
+void stage_kv(const AttentionParams& p, int b, int hk, void* k_dst, void* v_dst) {
+  const int D = p.head_dim, nkeys = p.k_len(b), dt = static_cast<int>(p.dtype);
+  TileJob whole{};
+  whole.b = b;
+  whole.kv_head = hk;
+  whole.kv_begin = 0;
+  whole.kv_end = nkeys;
+  KeyTiles tiles(p, whole);
+  for (int j0 = 0; j0 < nkeys; j0 += kBlockN) {
+    const void* const* kr;
+    const void* const* vr;
+    tiles.start(j0, &kr, &vr);
+#if defined(__AVX512BF16__)
+    if (p.dtype == DType::kBFloat16) {
+      uint16_t* kt = static_cast<uint16_t*>(k_dst) + static_cast<int64_t>(j0) * D;
+      for (int jj = 0; jj < kBlockN; ++jj) std::memcpy(kt + jj * D, kr[jj], 2 * D);
+      pack_v_bf16(vr, kBlockN, D, static_cast<uint32_t*>(v_dst) + static_cast<int64_t>(j0 / 2) * D);
+      continue;
+    }
+#endif
+    float* kt = static_cast<float*>(k_dst) + static_cast<int64_t>(j0) * D;
+    float* vt = static_cast<float*>(v_dst) + static_cast<int64_t>(j0) * D;
+    for (int jj = 0; jj < kBlockN; ++jj) {
+      const int from = j0 + jj < nkeys ? dt : 0;  // kZeroRow past the end is float zeros
+      row_to_f32(kr[jj], from, kt + jj * D, D);
+      row_to_f32(vr[jj], from, vt + jj * D, D);
+    }
+  }
+}
 
 void tile_entry(const AttentionParams& p, const TileJob& job, float* scratch) {
   if (job.rows_per_tile == kFewRows) {

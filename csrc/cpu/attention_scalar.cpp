@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-TileFn tile_kernel_scalar() { return &scalar::tile_entry; }
+IsaKernels kernels_scalar() { return {&scalar::tile_entry, &scalar::stage_kv}; }
 }  // namespace fastinfer::cpu
