@@ -121,16 +121,18 @@ struct AttentionOptions {
   int num_splits = 0;
 };
 
-void attention_forward(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj, const py::object& out_obj,
-                       const py::object& lse_obj, const py::object& cu_seqlens_q_obj, const py::object& cu_seqlens_k_obj,
-                       const py::object& seqlens_k_obj, const py::object& kv_batch_idx_obj,
-                       const py::object& block_table_obj, const py::object& alibi_obj, const AttentionOptions& opt) {
-  TensorView q(q_obj, "q"), k(k_obj, "k"), v(v_obj, "v"), out(out_obj, "out");
-  OptTensor lse = view(lse_obj, "softmax_lse"), cu_q = view(cu_seqlens_q_obj, "cu_seqlens_q"),
-            cu_k = view(cu_seqlens_k_obj, "cu_seqlens_k"), seqlens_k = view(seqlens_k_obj, "cache_seqlens"),
-            kv_idx = view(kv_batch_idx_obj, "cache_batch_idx"), block_table = view(block_table_obj, "block_table"),
-            alibi = view(alibi_obj, "alibi_slopes");
+// The tensors of one attention call, viewed once. seqlens_k_override (lengths computed
+// by the binding, e.g. after an append) replaces seqlens_k when set.
+struct AttentionTensors {
+  TensorView q, k, v, out;
+  OptTensor lse, cu_q, cu_k, seqlens_k, kv_idx, block_table, alibi;
+  const int32_t* seqlens_k_override = nullptr;
+};
 
+AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& opt) {
+  const TensorView &q = in.q, &k = in.k, &v = in.v, &out = in.out;
+  const OptTensor &lse = in.lse, &cu_q = in.cu_q, &cu_k = in.cu_k, &seqlens_k = in.seqlens_k, &kv_idx = in.kv_idx,
+                  &block_table = in.block_table, &alibi = in.alibi;
   std::vector<const TensorView*> all = {&q, &k, &v, &out};
   for (const OptTensor* t : {&lse, &cu_q, &cu_k, &seqlens_k, &kv_idx, &block_table, &alibi})
     if (*t) all.push_back(&**t);
@@ -185,10 +187,10 @@ void attention_forward(const py::object& q_obj, const py::object& k_obj, const p
   check_rank(k, varlen_k ? 3 : 4, kv_layout);
   check_rank(v, varlen_k ? 3 : 4, kv_layout);
   for (int i = 0; i < k.dim(); ++i)
-    check(k.size(i) == v.size(i), "v: expected the shape of k ", k.shape_str(), ", got ", v.shape_str());
+    check(k.size(i) == v.size(i), v.name(), ": expected the shape of ", k.name(), " ", k.shape_str(), ", got ", v.shape_str());
   const int kd = k.dim();
   p.num_kv_heads = static_cast<int>(k.size(kd - 2));
-  check(k.size(kd - 1) == p.head_dim, "k: head dimension ", k.size(kd - 1), " does not match q's ", p.head_dim);
+  check(k.size(kd - 1) == p.head_dim, k.name(), ": head dimension ", k.size(kd - 1), " does not match q's ", p.head_dim);
   check(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0, "number of query heads (", p.num_heads,
         ") must be a multiple of the number of key/value heads (", p.num_kv_heads, ")");
   p.k = k.data();
@@ -207,7 +209,7 @@ void attention_forward(const py::object& q_obj, const py::object& k_obj, const p
       for (int b = 0; b < p.batch; ++b)
         check(p.cu_seqlens_k[b + 1] >= p.cu_seqlens_k[b], "cu_seqlens_k must be non-decreasing");
   }
-  p.seqlens_k = index_vector(seqlens_k, p.batch);
+  p.seqlens_k = in.seqlens_k_override ? in.seqlens_k_override : index_vector(seqlens_k, p.batch);
   if (p.seqlens_k)
     for (int b = 0; b < p.batch; ++b) check(p.seqlens_k[b] >= 0, "cache_seqlens[", b, "] = ", p.seqlens_k[b], " is negative");
 
@@ -222,7 +224,7 @@ void attention_forward(const py::object& q_obj, const py::object& k_obj, const p
     p.block_table = block_table->data<const int32_t>();
     p.block_table_stride = block_table->stride(0);
     p.block_size = static_cast<int>(k.size(1));
-    check(p.block_size >= 1, "k: block_size must be >= 1");
+    check(p.block_size >= 1, k.name(), ": block_size must be >= 1");
     capacity = block_table->size(1) * p.block_size;
     const int64_t num_blocks = k.size(0);
     for (int b = 0; b < p.batch; ++b) {
@@ -245,7 +247,7 @@ void attention_forward(const py::object& q_obj, const py::object& k_obj, const p
         check(p.kv_batch_idx[b] >= 0 && p.kv_batch_idx[b] < k.size(0), "cache_batch_idx[", b, "] = ", p.kv_batch_idx[b],
               " is out of range [0, ", k.size(0), ")");
     } else {
-      check(k.size(0) == p.batch, "k: batch size ", k.size(0), " does not match q's ", p.batch);
+      check(k.size(0) == p.batch, k.name(), ": batch size ", k.size(0), " does not match q's ", p.batch);
     }
     if (p.seqlens_k)
       for (int b = 0; b < p.batch; ++b)
@@ -294,10 +296,31 @@ void attention_forward(const py::object& q_obj, const py::object& k_obj, const p
   p.window_left = opt.window_left;
   p.window_right = opt.window_right;
   p.num_splits = opt.num_splits;
+  return p;
+}
 
+void run_attention(const AttentionParams& p, const TensorView& q) {
   if (p.batch == 0 || q.numel() == 0) return;
   py::gil_scoped_release release;
   cpu::attention_forward(p);
+}
+
+void attention_forward(const py::object& q, const py::object& k, const py::object& v, const py::object& out,
+                       const py::object& lse, const py::object& cu_seqlens_q, const py::object& cu_seqlens_k,
+                       const py::object& seqlens_k, const py::object& kv_batch_idx, const py::object& block_table,
+                       const py::object& alibi_slopes, const AttentionOptions& opt) {
+  AttentionTensors in{TensorView(q, "q"),
+                      TensorView(k, "k"),
+                      TensorView(v, "v"),
+                      TensorView(out, "out"),
+                      view(lse, "softmax_lse"),
+                      view(cu_seqlens_q, "cu_seqlens_q"),
+                      view(cu_seqlens_k, "cu_seqlens_k"),
+                      view(seqlens_k, "cache_seqlens"),
+                      view(kv_batch_idx, "cache_batch_idx"),
+                      view(block_table, "block_table"),
+                      view(alibi_slopes, "alibi_slopes")};
+  run_attention(make_params(in, opt), in.q);
 }
 
 // ---------------------------------------------------------------- KV cache writes
@@ -369,20 +392,14 @@ void reshape_and_cache(const py::object& key_obj, const py::object& value_obj, c
   cpu::kv_write(c.p);
 }
 
-// flash_attn_with_kvcache's append: k_new[b, i] goes to position cache_seqlens[b] + i of sequence b.
-void kvcache_append(const py::object& k_obj, const py::object& v_obj, const py::object& k_cache_obj, const py::object& v_cache_obj,
-                    const py::object& seqlens_obj, const py::object& kv_idx_obj, const py::object& block_table_obj) {
-  TensorView key(k_obj, "k"), value(v_obj, "v"), k_cache(k_cache_obj, "k_cache"), v_cache(v_cache_obj, "v_cache"),
-      seqlens(seqlens_obj, "cache_seqlens");
-  OptTensor kv_idx = view(kv_idx_obj, "cache_batch_idx"), block_table = view(block_table_obj, "block_table");
+// flash_attn_with_kvcache's append: k_new[b, i] goes to position cache_seqlens[b] + i of
+// sequence b. Validates everything and returns the slot of every new row; writes nothing.
+std::vector<int64_t> plan_append(const TensorView& key, const TensorView& value, const TensorView& k_cache,
+                                 const TensorView& v_cache, const int32_t* lens, const OptTensor& kv_idx,
+                                 const OptTensor& block_table, CacheViews& c) {
   check_rank(key, 4, "(batch, seqlen_new, nheads_k, headdim)");
-  CacheViews c = cache_params(key, value, k_cache, v_cache, "(batch, seqlen_new, nheads_k, headdim)");
+  c = cache_params(key, value, k_cache, v_cache, "(batch, seqlen_new, nheads_k, headdim)");
   const int64_t batch = key.size(0), snew = key.size(1);
-  std::vector<const TensorView*> extra = {&key, &seqlens};
-  if (kv_idx) extra.push_back(&*kv_idx);
-  if (block_table) extra.push_back(&*block_table);
-  check_devices(extra);
-  const int32_t* lens = index_vector(std::optional<TensorView>(std::move(seqlens)), batch);
   std::vector<int64_t> slots(batch * snew);
   if (block_table) {
     check(!kv_idx, "cache_batch_idx only applies to a dense (non-paged) cache");
@@ -414,6 +431,11 @@ void kvcache_append(const py::object& k_obj, const py::object& v_obj, const py::
       for (int64_t i = 0; i < snew; ++i) slots[b * snew + i] = row * cap + lens[b] + i;
     }
   }
+  return slots;
+}
+
+void run_append(const TensorView& key, const TensorView& value, const CacheViews& c, const std::vector<int64_t>& slots) {
+  const int64_t batch = key.size(0), snew = key.size(1);
   if (batch * snew == 0) return;
   py::gil_scoped_release release;
   // One write per sequence: the new rows of sequence b are strided by k.stride(1).
@@ -425,6 +447,65 @@ void kvcache_append(const py::object& k_obj, const py::object& v_obj, const py::
     p.slot_mapping = slots.data() + b * snew;
     cpu::kv_write(p);
   }
+}
+
+// flash_attn_with_kvcache: every check (append and attention) runs before the cache is
+// touched, so a rejected call leaves the cache as it was.
+void attention_with_kvcache(const py::object& q, const py::object& k_cache, const py::object& v_cache, const py::object& out,
+                            const py::object& k_new, const py::object& v_new, const py::object& lse,
+                            const py::object& cache_seqlens, const py::object& cache_batch_idx,
+                            const py::object& block_table, const py::object& alibi_slopes, const AttentionOptions& opt) {
+  AttentionTensors in{TensorView(q, "q"),
+                      TensorView(k_cache, "k_cache"),
+                      TensorView(v_cache, "v_cache"),
+                      TensorView(out, "out"),
+                      view(lse, "softmax_lse"),
+                      std::nullopt,
+                      std::nullopt,
+                      view(cache_seqlens, "cache_seqlens"),
+                      view(cache_batch_idx, "cache_batch_idx"),
+                      view(block_table, "block_table"),
+                      view(alibi_slopes, "alibi_slopes")};
+  check(k_new.is_none() == v_new.is_none(), "k and v must be given together");
+  check(!in.block_table || in.seqlens_k, "a paged KV cache (block_table) needs cache_seqlens");
+  std::optional<TensorView> key, value;
+  std::vector<int64_t> slots;
+  std::vector<int32_t> lens_after;
+  CacheViews cache;
+  if (!k_new.is_none()) {
+    key.emplace(k_new, "k");
+    value.emplace(v_new, "v");
+    check(in.seqlens_k.has_value(), "appending k/v needs cache_seqlens (where to write the new tokens)");
+    check_rank(*key, 4, "(batch, seqlen_new, nheads_k, headdim)");
+    check_devices({&in.q, &*key, &*in.seqlens_k});
+    const int32_t* lens = index_vector(in.seqlens_k, key->size(0));
+    slots = plan_append(*key, *value, in.k, in.v, lens, in.kv_idx, in.block_table, cache);
+    lens_after.assign(lens, lens + key->size(0));
+    for (int32_t& n : lens_after) n += static_cast<int32_t>(key->size(1));
+    check(in.q.dim() == 4 && in.q.size(0) == key->size(0), "k: batch size ", key->size(0), " does not match q's ",
+          in.q.dim() == 4 ? in.q.size(0) : -1);
+    in.seqlens_k_override = lens_after.data();
+  }
+  const AttentionParams p = make_params(in, opt);
+  if (key) run_append(*key, *value, cache, slots);
+  run_attention(p, in.q);
+}
+
+void kvcache_append(const py::object& k_obj, const py::object& v_obj, const py::object& k_cache_obj, const py::object& v_cache_obj,
+                    const py::object& seqlens_obj, const py::object& kv_idx_obj, const py::object& block_table_obj) {
+  TensorView key(k_obj, "k"), value(v_obj, "v"), k_cache(k_cache_obj, "k_cache"), v_cache(v_cache_obj, "v_cache");
+  OptTensor seqlens = view(seqlens_obj, "cache_seqlens"), kv_idx = view(kv_idx_obj, "cache_batch_idx"),
+            block_table = view(block_table_obj, "block_table");
+  check_rank(key, 4, "(batch, seqlen_new, nheads_k, headdim)");
+  check(seqlens.has_value(), "cache_seqlens is required: it says where the new tokens go");
+  std::vector<const TensorView*> extra = {&key, &*seqlens};
+  if (kv_idx) extra.push_back(&*kv_idx);
+  if (block_table) extra.push_back(&*block_table);
+  check_devices(extra);
+  CacheViews cache;
+  const std::vector<int64_t> slots =
+      plan_append(key, value, k_cache, v_cache, index_vector(seqlens, key.size(0)), kv_idx, block_table, cache);
+  run_append(key, value, cache, slots);
 }
 
 py::dict build_info() {
@@ -473,6 +554,11 @@ PYBIND11_MODULE(_C, m) {
         "Fused attention into `out` (and `lse`). Layouts follow flash-attn; see fastinfer.attention.");
   m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slot_mapping"), "Write key/value rows into cache slots (negative slot = skip).");
+  m.def("attention_with_kvcache", &attention_with_kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("out"), py::kw_only(), py::arg("k") = py::none(), py::arg("v") = py::none(), py::arg("lse") = py::none(),
+        py::arg("cache_seqlens") = py::none(), py::arg("cache_batch_idx") = py::none(), py::arg("block_table") = py::none(),
+        py::arg("alibi_slopes") = py::none(), py::arg("options"),
+        "flash_attn_with_kvcache: validate everything, append k/v at cache_seqlens, then attend.");
   m.def("kvcache_append", &kvcache_append, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("cache_seqlens"), py::arg("cache_batch_idx") = py::none(), py::arg("block_table") = py::none(),
         "Append k/v[b] at position cache_seqlens[b] of sequence b (dense or paged cache).");

@@ -40,25 +40,36 @@ def empty_float32(like: Any, shape: tuple[int, ...]) -> Any:
     return np.empty(shape, dtype=np.float32)
 
 
-def as_index(x: Any, like: Any, dtype: str = "int32") -> Any:
+def require_array(x: Any, name: str) -> None:
+    """Outputs are allocated from q's shape, so q must be an array before the kernel's own checks run."""
+    if not (hasattr(x, "__dlpack__") and hasattr(x, "shape")):
+        raise TypeError(f"{name}: expected a tensor or array supporting DLPack (torch.Tensor, numpy.ndarray, ...), "
+                        f"got {type(x).__name__}")
+
+
+def as_index(x: Any, like: Any, dtype: str = "int32", name: str = "index") -> Any:
     """Index tensors (cu_seqlens, block tables, ...) in the dtype the kernels read.
 
-    Python ints/lists become arrays of q's framework; an int64 tensor is converted.
+    Python ints/lists become arrays of q's framework; other integer dtypes are converted;
+    anything else (floats, bools) is refused rather than silently truncated.
     """
     if x is None:
         return None
     if is_torch(x):
         import torch
 
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"{name}: expected dtype {dtype}, got {x.dtype}")
         want = torch.int32 if dtype == "int32" else torch.int64
         return x if x.dtype == want else x.to(want)
-    if isinstance(x, np.ndarray):
-        return x if x.dtype == np.dtype(dtype) else x.astype(dtype)
-    if is_torch(like):
-        import torch
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
+    if isinstance(x, np.ndarray) or not is_torch(like):
+        return arr if arr.dtype == np.dtype(dtype) else arr.astype(dtype)
+    import torch
 
-        return torch.as_tensor(x, dtype=torch.int32 if dtype == "int32" else torch.int64, device=like.device)
-    return np.asarray(x, dtype=dtype)
+    return torch.as_tensor(arr, dtype=torch.int32 if dtype == "int32" else torch.int64, device=like.device)
 
 
 def as_float32(x: Any, like: Any) -> Any:

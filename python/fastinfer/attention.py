@@ -16,7 +16,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from fastinfer import _C
-from fastinfer._arrays import as_float32, as_index, empty_float32, empty_like, kernel_view
+from fastinfer._arrays import as_float32, as_index, empty_float32, empty_like, kernel_view, require_array
 
 Tensor = Any  # torch.Tensor or numpy.ndarray (anything with __dlpack__)
 
@@ -26,7 +26,8 @@ def _options(head_dim: int, softmax_scale: Optional[float], causal: bool, window
     if len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     opt = _C.AttentionOptions()
-    opt.softmax_scale = float(head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    # A bad head_dim is reported by the kernel's checks; don't divide by zero here.
+    opt.softmax_scale = float((head_dim ** -0.5 if head_dim > 0 else 1.0) if softmax_scale is None else softmax_scale)
     opt.softcap = float(softcap)
     opt.window_left = int(window_size[0])
     # flash-attn: causal is a window with no look-ahead, aligned to the bottom-right corner.
@@ -42,6 +43,7 @@ def _no_dropout(dropout_p: float) -> None:
 
 
 def _head_dim(q: Tensor) -> int:
+    require_array(q, "q")
     if getattr(q, "ndim", 0) < 3:
         raise ValueError(f"q: expected (batch, seqlen, nheads, headdim) or (total, nheads, headdim), got shape {tuple(q.shape)}")
     return int(q.shape[-1])
@@ -110,8 +112,9 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[1], q.shape[0])) if return_attn_probs else None
     _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), out, lse=lse,
-                         cu_seqlens_q=as_index(cu_seqlens_q, q), cu_seqlens_k=as_index(cu_seqlens_k, q),
-                         block_table=as_index(block_table, q), alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+                         cu_seqlens_q=as_index(cu_seqlens_q, q, name="cu_seqlens_q"),
+                         cu_seqlens_k=as_index(cu_seqlens_k, q, name="cu_seqlens_k"),
+                         block_table=as_index(block_table, q, name="block_table"), alibi_slopes=as_float32(alibi_slopes, q), options=opt)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -147,26 +150,17 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                                   "apply rotary to q and k before the call")
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad is not supported yet")
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
-    batch = int(q.shape[0])
+    require_array(q, "q")
     if isinstance(cache_seqlens, int):
-        cache_seqlens = [cache_seqlens] * batch
-    seqlens = as_index(cache_seqlens, q)
-    if block_table is not None and seqlens is None:
-        raise ValueError("a paged KV cache (block_table) needs cache_seqlens")
-    if k is not None:
-        if seqlens is None:
-            raise ValueError("appending k/v needs cache_seqlens (where to write the new tokens)")
-        _C.kvcache_append(kernel_view(k), kernel_view(v), k_cache, v_cache, seqlens,
-                          cache_batch_idx=as_index(cache_batch_idx, q), block_table=as_index(block_table, q))
-        seqlens = seqlens + int(k.shape[1])
+        cache_seqlens = [cache_seqlens] * int(q.shape[0])
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap, num_splits)
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[0], q.shape[2], q.shape[1])) if return_softmax_lse else None
-    _C.attention_forward(kernel_view(q), kernel_view(k_cache), kernel_view(v_cache), out, lse=lse,
-                         seqlens_k=seqlens, kv_batch_idx=as_index(cache_batch_idx, q),
-                         block_table=as_index(block_table, q), alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+    _C.attention_with_kvcache(kernel_view(q), k_cache, v_cache, out, k=kernel_view(k), v=kernel_view(v), lse=lse,
+                              cache_seqlens=as_index(cache_seqlens, q, name="cache_seqlens"),
+                              cache_batch_idx=as_index(cache_batch_idx, q, name="cache_batch_idx"),
+                              block_table=as_index(block_table, q, name="block_table"),
+                              alibi_slopes=as_float32(alibi_slopes, q), options=opt)
     return (out, lse) if return_softmax_lse else out
 
 
