@@ -24,7 +24,7 @@ void stage_kv(const AttentionParams& p, int b, int hk, void* k_dst, void* v_dst)
 #if defined(__AVX512BF16__)
     if (p.dtype == DType::kBFloat16) {
       uint16_t* kt = static_cast<uint16_t*>(k_dst) + static_cast<int64_t>(j0) * D;
-      for (int jj = 0; jj < kBlockN; ++jj) std::memcpy(kt + jj * D, kr[jj], 2 * D);
+      for (int jj = 0; jj < kBlockN; ++jj) copy_row(kt + jj * D, kr[jj], 2 * D);
       pack_v_bf16(vr, kBlockN, D, static_cast<uint32_t*>(v_dst) + static_cast<int64_t>(j0 / 2) * D);
       continue;
     }

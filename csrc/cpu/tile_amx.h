@@ -98,7 +98,7 @@ void run_tile_amx(const AttentionParams& p, const TileJob& job, float* scratch) 
       const void* const* kr;
       const void* const* vr;
       tiles.start(j0, &kr, &vr);
-      for (int jj = 0; jj < npad; ++jj) std::memcpy(kbuf + jj * D, kr[jj], 2 * D);
+      for (int jj = 0; jj < npad; ++jj) copy_row(kbuf + jj * D, kr[jj], 2 * D);
       pack_v_bf16(vr, npad, D, vbuf);
       kt = kbuf;
       vp = vbuf;

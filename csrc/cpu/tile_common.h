@@ -28,6 +28,20 @@ constexpr bool kWide = false;
 
 alignas(64) const float kZeroRow[kMaxHeadDim] = {};  // stands in for keys past the end of a tile
 
+// Row copies inside tile loops: a libc memcpy call per 128-512 byte row costs more than the copy.
+inline void copy_row(void* dst, const void* src, int bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int i = 0;
+#if defined(__AVX512F__)
+  for (; i + 64 <= bytes; i += 64) _mm512_storeu_si512(d + i, _mm512_loadu_si512(s + i));
+#elif defined(__AVX2__)
+  for (; i + 32 <= bytes; i += 32)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+#endif
+  if (i < bytes) std::memcpy(d + i, s + i, bytes - i);
+}
+
 inline uint32_t load_u32(const void* p) {
   uint32_t w;
   std::memcpy(&w, p, 4);
@@ -162,48 +176,54 @@ inline void pv_bf16(const uint32_t* pt, const uint32_t* vp, int npad, int D, flo
 }
 #endif
 
-// Walks a job's keys in tiles of kBlockN and prefetches the next tile's rows while
-// the current one computes (paged rows are scattered, so hardware prefetch can't help).
+// Walks a job's keys in tiles of kBlockN, resolving each key's row in the cache.
+// (Software prefetch of the next tile was measured: no gain over the hardware prefetchers.)
 class KeyTiles {
  public:
   KeyTiles(const AttentionParams& p, const TileJob& job)
-      : p_(p), b_(job.b), hk_(job.kv_head), end_(job.k_staged ? 0 : job.kv_end), esz_(dtype_size(p.dtype)),
-        row_bytes_(p.head_dim * esz_) {
-    if (job.kv_begin < end_) locate(job.kv_begin, 0);
-  }
-  // Call once per tile, in order: returns the tile's key/value row pointers (kZeroRow past the end).
+      : p_(p), b_(job.b), hk_(job.kv_head), end_(job.k_staged ? 0 : job.kv_end), esz_(dtype_size(p.dtype)) {}
+  // Returns the row pointers of the tile starting at key j0 (kZeroRow past the end).
   void start(int j0, const void* const** k, const void* const** v) {
-    if (j0 + kBlockN < end_) {
-      locate(j0 + kBlockN, cur_ ^ 1);
-      const int nn = std::min(kBlockN, end_ - j0 - kBlockN);
-      for (int jj = 0; jj < nn; ++jj)
-        for (int off = 0; off < row_bytes_; off += 64) {
-          __builtin_prefetch(static_cast<const char*>(k_[cur_ ^ 1][jj]) + off, 0, 2);
-          __builtin_prefetch(static_cast<const char*>(v_[cur_ ^ 1][jj]) + off, 0, 2);
-        }
-    }
-    *k = k_[cur_];
-    *v = v_[cur_];
-    cur_ ^= 1;
+    locate(j0);
+    *k = k_;
+    *v = v_;
   }
 
  private:
-  void locate(int j0, int slot) {
+  void locate(int j0) {
     const int n = std::min(kBlockN, end_ - j0);
-    const char* kbase = static_cast<const char*>(p_.k);
-    const char* vbase = static_cast<const char*>(p_.v);
-    for (int jj = 0; jj < n; ++jj) {
-      k_[slot][jj] = kbase + esz_ * (p_.kv_row_offset(b_, j0 + jj, p_.k_batch_stride, p_.k_row_stride) + hk_ * p_.k_head_stride);
-      v_[slot][jj] = vbase + esz_ * (p_.kv_row_offset(b_, j0 + jj, p_.v_batch_stride, p_.v_row_stride) + hk_ * p_.v_head_stride);
+    const char* kbase = static_cast<const char*>(p_.k) + esz_ * hk_ * p_.k_head_stride;
+    const char* vbase = static_cast<const char*>(p_.v) + esz_ * hk_ * p_.v_head_stride;
+    if (!p_.block_table) {  // keys are equally spaced
+      const char* k0 = kbase + esz_ * p_.kv_row_offset(b_, j0, p_.k_batch_stride, p_.k_row_stride);
+      const char* v0 = vbase + esz_ * p_.kv_row_offset(b_, j0, p_.v_batch_stride, p_.v_row_stride);
+      for (int jj = 0; jj < n; ++jj) {
+        k_[jj] = k0 + esz_ * p_.k_row_stride * jj;
+        v_[jj] = v0 + esz_ * p_.v_row_stride * jj;
+      }
+    } else {  // walk the block table: one lookup per block, no division per key
+      const int bs = p_.block_size;
+      const int32_t* table = p_.block_table + b_ * p_.block_table_stride;
+      int blk = j0 / bs, off = j0 % bs;
+      for (int jj = 0; jj < n;) {
+        const int run = std::min(bs - off, n - jj);
+        const char* k0 = kbase + esz_ * (p_.k_batch_stride * table[blk] + p_.k_row_stride * off);
+        const char* v0 = vbase + esz_ * (p_.v_batch_stride * table[blk] + p_.v_row_stride * off);
+        for (int i = 0; i < run; ++i, ++jj) {
+          k_[jj] = k0 + esz_ * p_.k_row_stride * i;
+          v_[jj] = v0 + esz_ * p_.v_row_stride * i;
+        }
+        ++blk;
+        off = 0;
+      }
     }
-    for (int jj = n; jj < kBlockN; ++jj) k_[slot][jj] = v_[slot][jj] = kZeroRow;
+    for (int jj = n; jj < kBlockN; ++jj) k_[jj] = v_[jj] = kZeroRow;
   }
 
   const AttentionParams& p_;
-  const int b_, hk_, end_, esz_, row_bytes_;
-  const void* k_[2][kBlockN];
-  const void* v_[2][kBlockN];
-  int cur_ = 0;
+  const int b_, hk_, end_, esz_;
+  const void* k_[kBlockN];
+  const void* v_[kBlockN];
 };
 
 // Scores of one key tile -> probabilities in place; updates the running max m

@@ -143,7 +143,7 @@ void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scra
     const void* const* kr;
     const void* const* vr;
     tiles.start(j0, &kr, &vr);
-    for (int jj = 0; jj < npad; ++jj) std::memcpy(kt + jj * D, kr[jj], 2 * D);
+    for (int jj = 0; jj < npad; ++jj) copy_row(kt + jj * D, kr[jj], 2 * D);
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
         VecF acc[16];

@@ -65,7 +65,7 @@ void run_tile(const AttentionParams& p, const TileJob& job, float* scratch) {
       const uint32_t* vpk = static_cast<const uint32_t*>(job.v_staged) + static_cast<int64_t>(j0 / 2) * D;
       if (!staged) {
         uint16_t* kcopy = reinterpret_cast<uint16_t*>(kbuf);
-        for (int jj = 0; jj < npad; ++jj) std::memcpy(kcopy + jj * D, kr[jj], row_bytes);
+        for (int jj = 0; jj < npad; ++jj) copy_row(kcopy + jj * D, kr[jj], row_bytes);
         pack_v_bf16(vr, npad, D, reinterpret_cast<uint32_t*>(vbuf));
         kt = kcopy;
         vpk = reinterpret_cast<const uint32_t*>(vbuf);

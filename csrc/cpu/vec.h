@@ -263,8 +263,10 @@ inline VecF vtanh(VecF y) {
 // Converts n elements of a row in `dtype` (0 f32, 1 f16, 2 bf16) to float.
 inline void row_to_f32(const void* src, int dtype, float* dst, int n) {
   int i = 0;
-  if (dtype == 0) {
-    std::memcpy(dst, src, sizeof(float) * n);
+  if (dtype == 0) {  // inline copy: a libc call per short row costs more than the copy
+    const float* f = static_cast<const float*>(src);
+    for (; i + kLanes <= n; i += kLanes) vstore(dst + i, vload(f + i));
+    for (; i < n; ++i) dst[i] = f[i];
     return;
   }
   const uint16_t* s = static_cast<const uint16_t*>(src);
