@@ -98,9 +98,11 @@ void run_few_rows(const AttentionParams& p, const TileJob& job, float* scratch) 
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
         VecF acc[16];
+#pragma GCC unroll 16
         for (int jj = 0; jj < 16; ++jj) acc[jj] = vzero();
         for (int c = 0; c < C; ++c) {
           const VecF qv = vload(q + r * D + c * kLanes);
+#pragma GCC unroll 16
           for (int jj = 0; jj < 16; ++jj) acc[jj] = vfma(qv, vload(kbuf + (jb + jj) * D + c * kLanes), acc[jj]);
         }
         few_rows_scores(p, f, r, j0, jb, n, vtranspose_reduce16(acc), f.s + r * kBlockN);
@@ -147,9 +149,11 @@ void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scra
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
         VecF acc[16];
+#pragma GCC unroll 16
         for (int jj = 0; jj < 16; ++jj) acc[jj].v = _mm512_setzero_ps();
         for (int c = 0; c < C32; ++c) {
           const __m512i qv = _mm512_loadu_si512(q + r * D + c * 32);
+#pragma GCC unroll 16
           for (int jj = 0; jj < 16; ++jj)
             acc[jj].v = _mm512_dpbf16_ps(acc[jj].v, (__m512bh)_mm512_loadu_si512(kt + (jb + jj) * D + c * 32), (__m512bh)qv);
         }

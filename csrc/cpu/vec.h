@@ -116,13 +116,16 @@ inline float vreduce_add(VecF a) { return _mm512_reduce_add_ps(a.v); }
 // Lane sums of 16 vectors by a shuffle tree (4 levels, 15 adds); keys come out permuted.
 inline __m512 reduce_tree16(const VecF* a) {
   __m512 z[8], w[4], u[2];
+#pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {  // 16 -> 8: fold 256-bit halves, two keys per vector
     const __m512 x = a[2 * i].v, y = a[2 * i + 1].v;
     z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
   }
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i)  // 8 -> 4: one key per 128-bit lane
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+#pragma GCC unroll 2
   for (int i = 0; i < 2; ++i)  // 4 -> 2
     u[i] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * i], w[2 * i + 1]), _mm512_unpackhi_ps(w[2 * i], w[2 * i + 1]));
   return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
