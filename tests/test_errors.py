@@ -2,7 +2,7 @@
 
 Every case runs against a fresh set of inputs (`t`); afterwards every tensor in
 `t` (inputs, caches, pre-poisoned outputs, index tensors) must be bit-for-bit
-what it was before the rejected call.
+what it was before the rejected call ("bad input loses nothing").
 """
 
 from __future__ import annotations
@@ -277,59 +277,76 @@ def test_bad_input(t, call, exc, match):
     assert_unchanged(t, before)
 
 
-# ----------------------------------------------------------------------------- known gaps, reported upstream
+# ----------------------------------------------------------------------------- regressions
 
-# These fail today because of the library (python/fastinfer), not the tests; see the reasons.
-KNOWN_GAPS = [
-    ("q_list", lambda t: fa(t.q.tolist(), t.k, t.v), TypeError, r"^q: expected a tensor or array supporting DLPack",
-     "flash_attn_func: a non-DLPack q (a list) raises AttributeError ('list' object has no attribute 'shape') "
-     "from _head_dim's error path instead of a TypeError naming q"),
-    ("kvcache_q_list", lambda t: fkv(t.q.tolist(), t.kc, t.vc), TypeError, r"^q: ",
-     "flash_attn_with_kvcache: a list q raises AttributeError from q.shape[0]"),
-    ("headdim_0", lambda t: fa(*(torch.zeros(1, 2, 1, 0) for _ in range(3))), ValueError, r"^q: head dimension",
-     "head dim 0: attention._options computes 0 ** -0.5 and raises ZeroDivisionError before _C's head-dim check"),
+# Gaps this suite found in the first version of the Python layer (fixed in 065e1db).
+REGRESSIONS = [
+    # A non-DLPack q used to raise AttributeError ('list' object has no attribute 'shape').
+    ("q_list", lambda t: fa(t.q.tolist(), t.k, t.v), TypeError, r"^q: expected a tensor or array supporting DLPack"),
+    ("kvcache_q_list", lambda t: fkv(t.q.tolist(), t.kc, t.vc), TypeError, r"^q: expected a tensor or array"),
+    ("varlen_q_list", lambda t: fv(t.qv.tolist(), t.kv_, t.vv, t.cu_q, t.cu_k, 4, 5), TypeError, r"^q: "),
+    # Head dim 0 used to raise ZeroDivisionError from the default softmax_scale.
+    ("headdim_0", lambda t: fa(*(torch.zeros(1, 2, 1, 0) for _ in range(3))), ValueError, r"^q: head dimension"),
+    # Index inputs of a float dtype used to be truncated silently to integers.
     ("cu_seqlens_float", lambda t: fv(t.qv, t.kv_, t.vv, torch.tensor([0.0, 2.0, 6.0]), t.cu_k, 4, 5), TypeError,
-     r"cu_seqlens_q",
-     "_arrays.as_index converts any dtype to int32: float cu_seqlens are silently truncated instead of rejected "
-     "(the docstring promises int32, with int64 converted)"),
-    ("cu_seqlens_fractional_list", lambda t: fv(t.qv, t.kv_, t.vv, t.cu_q, [0, 3.5, 8], 4, 5), (TypeError, ValueError),
-     r"cu_seqlens_k", "as_index truncates [0, 3.5, 8] to [0, 3, 8] silently"),
+     r"^cu_seqlens_q"),
+    ("cu_seqlens_fractional_list", lambda t: fv(t.qv, t.kv_, t.vv, t.cu_q, [0, 3.5, 8], 4, 5), TypeError, r"^cu_seqlens_k"),
+    ("cu_seqlens_bool", lambda t: fv(t.qv, t.kv_, t.vv, t.cu_q, torch.tensor([False, True, True]), 4, 5), TypeError,
+     r"^cu_seqlens_k"),
     ("block_table_float", lambda t: fkv(t.q, t.pk, t.pv, cache_seqlens=t.lens, block_table=t.table.float()), TypeError,
-     r"^block_table: expected dtype int32",
-     "as_index silently casts a float32 block_table to int32 (flash-attn rejects it; _C alone rejects it)"),
+     r"^block_table"),
+    ("block_table_float_varlen", lambda t: fv(t.qv, t.pk, t.pv, t.cu_q, t.cu_k, 4, 5, block_table=t.table.double()),
+     TypeError, r"^block_table"),
+    ("cache_seqlens_float", lambda t: fkv(t.q, t.kc, t.vc, cache_seqlens=t.lens.float()), TypeError, r"^cache_seqlens"),
+    ("cache_batch_idx_float", lambda t: fkv(t.q, t.kc, t.vc, cache_batch_idx=torch.tensor([1.0, 0.0])), TypeError,
+     r"^cache_batch_idx"),
     ("slot_mapping_float", lambda t: ops.reshape_and_cache(t.key, t.value, t.pk, t.pv, t.slots.float()), TypeError,
-     r"^slot_mapping: expected dtype int64", "as_index silently casts a float slot_mapping to int64"),
+     r"^slot_mapping"),
+    ("slot_mapping_float_numpy", lambda t: ops.reshape_and_cache(t.key, t.value, t.pk, t.pv, t.slots.numpy().astype("f4")),
+     TypeError, r"^slot_mapping"),
+    # Errors about the cache used to name it 'k'/'v', which are other arguments (the new tokens).
+    ("kvcache_cache_headdim", lambda t: fkv(t.q, t.kc[..., :8], t.vc[..., :8]), ValueError, r"^k_cache"),
+    ("kvcache_cache_dtype", lambda t: fkv(t.q, t.kc.half(), t.vc.half()), TypeError, r"^k_cache"),
+    ("kvcache_cache_list", lambda t: fkv(t.q, t.kc.tolist(), t.vc), TypeError, r"^k_cache"),
+    ("kvcache_v_cache_shape", lambda t: fkv(t.q, t.kc, t.vc[:, :7]), ValueError, r"^v_cache"),
+    # New tokens for a different number of sequences than q has.
+    ("append_batch_mismatch", lambda t: fkv(t.q, t.kc, t.vc, t.knew[:1], t.vnew[:1], cache_seqlens=i32(2)), ValueError,
+     r"^k: batch size 1 does not match q's 2"),
 ]
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    pytest.param(*c[1:4], id=c[0], marks=pytest.mark.xfail(strict=True, reason=c[4])) for c in KNOWN_GAPS])
-def test_bad_input_known_gaps(t, call, exc, match):
+@pytest.mark.parametrize("call,exc,match", [c[1:] for c in REGRESSIONS], ids=[c[0] for c in REGRESSIONS])
+def test_bad_input_regressions(t, call, exc, match):
     before = snapshot(t)
     with pytest.raises(exc, match=match):
         call(t)
     assert_unchanged(t, before)
 
 
-# A rejected flash_attn_with_kvcache call must not have appended anything. Today the
-# append (_C.kvcache_append) runs before the attention arguments are validated
-# (_options / _C.attention_forward), so these calls raise *after* writing k/v.
+# A rejected flash_attn_with_kvcache call must not have appended anything: every argument,
+# including the ones only the attention reads, is checked before the cache is written.
+# (The first version appended first and validated the attention arguments afterwards.)
 REJECTED_AFTER_APPEND = [
     ("alibi_shape", dict(alibi_slopes=torch.ones(H + 1)), ValueError, r"^alibi_slopes: expected shape"),
     ("window_invalid", dict(window_size=(-2, -1)), ValueError, r"^window_size"),
     ("window_not_pair", dict(window_size=(1,)), ValueError, r"^window_size"),
     ("softcap_negative", dict(softcap=-1.0), ValueError, r"^softcap"),
+    ("scale_inf", dict(softmax_scale=float("inf")), ValueError, r"^softmax_scale"),
     ("num_splits_negative", dict(num_splits=-1), ValueError, r"^num_splits"),
     ("q_headdim", dict(q=lambda t: t.q[..., :8].contiguous()), ValueError, r"head dimension"),
     ("q_dtype", dict(q=lambda t: t.q.half()), TypeError, r"dtype float16"),
     ("q_nheads", dict(q=lambda t: t.q[:, :, :3].contiguous()), ValueError, r"number of query heads \(3\)"),
+    ("q_last_stride", dict(q=lambda t: torch.zeros(B, SQ, H, 2 * D)[..., ::2]), ValueError, r"^q: the last dimension"),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="flash_attn_with_kvcache appends k/v to the cache before validating q and the "
-                                       "attention options, so a rejected call still modifies k_cache/v_cache")
 @pytest.mark.parametrize("layout", ["dense", "paged"])
-@pytest.mark.parametrize("bad,exc,match", [c[1:] for c in REJECTED_AFTER_APPEND], ids=[c[0] for c in REJECTED_AFTER_APPEND])
+@pytest.mark.parametrize("bad,exc,match", [pytest.param(*c[1:], id=c[0]) for c in REJECTED_AFTER_APPEND] + [
+    pytest.param(dict(q=lambda t: t.q[0]), ValueError, r"^q: expected 4 dimensions", id="q_rank",
+                 marks=pytest.mark.xfail(strict=True, reason=(
+                     "with new k/v, a 3-D q is reported as \"k: batch size 2 does not match q's -1\": "
+                     "attention_with_kvcache's batch check runs before q's rank check"))),
+])
 def test_rejected_kvcache_call_does_not_append(t, layout, bad, exc, match):
     bad = dict(bad)
     q = bad.pop("q")(t) if "q" in bad else t.q
@@ -340,19 +357,15 @@ def test_rejected_kvcache_call_does_not_append(t, layout, bad, exc, match):
     assert_unchanged(t, before)
 
 
-@pytest.mark.xfail(strict=True, reason="errors about flash_attn_with_kvcache's k_cache/v_cache are reported as 'k'/'v' "
-                                       "(the names inside _C.attention_forward), which are other, optional arguments "
-                                       "of flash_attn_with_kvcache (the new keys/values)")
-@pytest.mark.parametrize("case", ["headdim", "dtype", "not_a_tensor"])
-def test_kvcache_errors_name_the_cache(t, case):
-    if case == "headdim":
-        call, exc = (lambda: fkv(t.q, t.kc[..., :8], t.vc[..., :8])), ValueError
-    elif case == "dtype":
-        call, exc = (lambda: fkv(t.q, t.kc.half(), t.vc.half())), TypeError
-    else:
-        call, exc = (lambda: fkv(t.q, t.kc.tolist(), t.vc)), TypeError
-    with pytest.raises(exc, match=r"^k_cache"):
-        call()
+def test_C_attention_with_kvcache_validates_before_writing(t):
+    # The raw binding behind flash_attn_with_kvcache: a bad lse shape is found before the append.
+    before = snapshot(t)
+    o = _C.AttentionOptions()
+    o.softmax_scale = 0.25
+    with pytest.raises(ValueError, match=r"^softmax_lse: expected shape"):
+        _C.attention_with_kvcache(t.q, t.kc, t.vc, t.out, k=t.knew, v=t.vnew, lse=t.lse[:, :, :2],
+                                  cache_seqlens=t.lens, options=o)
+    assert_unchanged(t, before)
 
 
 # ----------------------------------------------------------------------------- global settings
