@@ -476,14 +476,14 @@ void attention_with_kvcache(const py::object& q, const py::object& k_cache, cons
     key.emplace(k_new, "k");
     value.emplace(v_new, "v");
     check(in.seqlens_k.has_value(), "appending k/v needs cache_seqlens (where to write the new tokens)");
+    check_rank(in.q, 4, "(batch, seqlen_q, nheads, headdim)");
     check_rank(*key, 4, "(batch, seqlen_new, nheads_k, headdim)");
     check_devices({&in.q, &*key, &*in.seqlens_k});
     const int32_t* lens = index_vector(in.seqlens_k, key->size(0));
     slots = plan_append(*key, *value, in.k, in.v, lens, in.kv_idx, in.block_table, cache);
     lens_after.assign(lens, lens + key->size(0));
     for (int32_t& n : lens_after) n += static_cast<int32_t>(key->size(1));
-    check(in.q.dim() == 4 && in.q.size(0) == key->size(0), "k: batch size ", key->size(0), " does not match q's ",
-          in.q.dim() == 4 ? in.q.size(0) : -1);
+    check(in.q.size(0) == key->size(0), "k: batch size ", key->size(0), " does not match q's ", in.q.size(0));
     in.seqlens_k_override = lens_after.data();
   }
   const AttentionParams p = make_params(in, opt);

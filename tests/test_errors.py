@@ -342,10 +342,7 @@ REJECTED_AFTER_APPEND = [
 
 @pytest.mark.parametrize("layout", ["dense", "paged"])
 @pytest.mark.parametrize("bad,exc,match", [pytest.param(*c[1:], id=c[0]) for c in REJECTED_AFTER_APPEND] + [
-    pytest.param(dict(q=lambda t: t.q[0]), ValueError, r"^q: expected 4 dimensions", id="q_rank",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "with new k/v, a 3-D q is reported as \"k: batch size 2 does not match q's -1\": "
-                     "attention_with_kvcache's batch check runs before q's rank check"))),
+    pytest.param(dict(q=lambda t: t.q[0]), ValueError, r"^q: expected 4 dimensions", id="q_rank"),
 ])
 def test_rejected_kvcache_call_does_not_append(t, layout, bad, exc, match):
     bad = dict(bad)

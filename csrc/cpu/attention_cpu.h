@@ -42,10 +42,13 @@ struct ScratchLayout {
 
 using TileFn = void (*)(const AttentionParams& p, const TileJob& job, float* scratch);
 // Copies keys/values [0, k_len(b)) of (b, kv_head) into the contiguous layout this ISA's
-// tile kernel reads, rows padded with zeros to a multiple of kBlockN. Each buffer
+// tile kernel reads, zero rows after them up to staged_rows(k_len(b)). Each buffer
 // holds at most kStagedBytesPerKey/2 bytes per padded key. Worth it when several
 // query tiles read the same keys (prefill): the copy is paid once, not per tile.
 using StageFn = void (*)(const AttentionParams& p, int b, int kv_head, void* k_dst, void* v_dst);
+// Rows staged for a sequence of num_keys keys: a tile may start at any even key (windows),
+// so one extra all-zero block keeps its last kBlockN rows inside the buffer.
+inline int64_t staged_rows(int num_keys) { return (static_cast<int64_t>(num_keys) + kBlockN - 1) / kBlockN * kBlockN + kBlockN; }
 constexpr int kStagedBytesPerElement = 4;  // float rows at most
 
 struct IsaKernels {

@@ -152,14 +152,14 @@ void attention_forward(const AttentionParams& p) {
     const int rows = p.q_len(b) * group;
     if (rows <= kMaxRows || p.k_len(b) == 0) continue;  // one tile per head: nothing to share
     stage_offset[b] = stage_bytes;
-    stage_bytes += 2 * head_bytes_per_key * ((p.k_len(b) + kBlockN - 1) / kBlockN * kBlockN) * p.num_kv_heads;
+    stage_bytes += 2 * head_bytes_per_key * staged_rows(p.k_len(b)) * p.num_kv_heads;
   }
   if (stage_bytes > 0 && stage_bytes <= kMaxStagedBytes) {
     stage_buf.resize(stage_bytes + 64);
     char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(stage_buf.data()) + 63) & ~uintptr_t(63));
     for (int b = 0; b < p.batch; ++b) {
       if (stage_offset[b] < 0) continue;
-      const int64_t per_head = head_bytes_per_key * ((p.k_len(b) + kBlockN - 1) / kBlockN * kBlockN);
+      const int64_t per_head = head_bytes_per_key * staged_rows(p.k_len(b));
       for (int hk = 0; hk < p.num_kv_heads; ++hk) staged.push_back({b, hk});
       for (TileJob& t : tiles)
         if (t.b == b) {
@@ -169,7 +169,7 @@ void attention_forward(const AttentionParams& p) {
     }
     parallel_for(static_cast<int64_t>(staged.size()), [&](int64_t i, int) {
       const auto [b, hk] = staged[i];
-      const int64_t per_head = head_bytes_per_key * ((p.k_len(b) + kBlockN - 1) / kBlockN * kBlockN);
+      const int64_t per_head = head_bytes_per_key * staged_rows(p.k_len(b));
       char* k_dst = base + stage_offset[b] + 2 * per_head * hk;
       kernels.stage(p, b, hk, k_dst, k_dst + per_head);
     });

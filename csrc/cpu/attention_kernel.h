@@ -17,7 +17,7 @@ void stage_kv(const AttentionParams& p, int b, int hk, void* k_dst, void* v_dst)
   whole.kv_begin = 0;
   whole.kv_end = nkeys;
   KeyTiles tiles(p, whole);
-  for (int j0 = 0; j0 < nkeys; j0 += kBlockN) {
+  for (int j0 = 0; j0 < staged_rows(nkeys); j0 += kBlockN) {  // past nkeys KeyTiles yields zero rows
     const void* const* kr;
     const void* const* vr;
     tiles.start(j0, &kr, &vr);

@@ -191,7 +191,7 @@ class KeyTiles {
 
  private:
   void locate(int j0) {
-    const int n = std::min(kBlockN, end_ - j0);
+    const int n = std::max(0, std::min(kBlockN, end_ - j0));
     const char* kbase = static_cast<const char*>(p_.k) + esz_ * hk_ * p_.k_head_stride;
     const char* vbase = static_cast<const char*>(p_.v) + esz_ * hk_ * p_.v_head_stride;
     if (!p_.block_table) {  // keys are equally spaced
