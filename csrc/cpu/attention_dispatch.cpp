@@ -33,10 +33,14 @@ IsaKernels pick_kernels() {
 
 constexpr int64_t kMaxStagedBytes = int64_t(256) << 20;
 
+struct AlignedDelete {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+
 float* worker_scratch() {
   // One buffer per OS thread; pool workers are persistent, so this is allocated once.
-  thread_local std::unique_ptr<float[]> buf;
-  if (!buf) buf.reset(new (std::align_val_t(64)) float[ScratchLayout::kTotal]);
+  thread_local std::unique_ptr<float[], AlignedDelete> buf;
+  if (!buf) buf.reset(static_cast<float*>(::operator new[](sizeof(float) * ScratchLayout::kTotal, std::align_val_t(64))));
   return buf.get();
 }
 

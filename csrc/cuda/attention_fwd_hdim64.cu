@@ -5,7 +5,7 @@
 
 namespace fastinfer::cuda::detail {
 namespace {
-using Prefill = FwdConfig<64, 8, 1, 64, 3, 2>;  // 128 rows x 64 keys, 8 warps, 3 stages: 64 KB
+using Prefill = FwdConfig<64, 8, 1, 64, 3, 1>;  // 128 rows x 64 keys, 8 warps, 3 stages: 64 KB
 using Decode = FwdConfig<64, 1, 4, 64, 3, 4>;   // 16 rows x 64 keys (4 warps x 16 keys), 3 stages: 50 KB
 static_assert(Prefill::kSmemBytes <= 99 * 1024 && Decode::kSmemBytes <= 99 * 1024, "shared memory over 99 KB");
 }  // namespace

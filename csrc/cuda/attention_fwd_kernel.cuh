@@ -68,6 +68,27 @@ __device__ __forceinline__ int smem_off(int row, int chunk) {
   else return row * Cfg::kStride + (chunk << 3);
 }
 
+// Shared-memory byte offsets of one lane's ldmatrix rows for 16-column step k (chunks 2k and
+// 2k+1, this lane's half picked by `hi`). Swizzled: chunk (2k + hi) ^ (row & 7) with k = 4q + r is
+// 8q + ((2r + hi) ^ (row & 7)), so four base registers plus immediates cover every k (the
+// compiler would otherwise keep one register per (k, tile) pair live across the key loop).
+// Rows may then move by multiples of 8 through immediates too: the swizzle depends on row & 7.
+template <class Cfg>
+struct FragAddr {
+  static constexpr int kBases = Cfg::kSwizzle ? 4 : 1;
+  uint32_t base[kBases];
+  __device__ __forceinline__ FragAddr(int row, int hi) {
+#pragma unroll
+    for (int r = 0; r < kBases; ++r)
+      base[r] = 2u * static_cast<uint32_t>(row * Cfg::kStride +
+                                           ((Cfg::kSwizzle ? ((2 * r + hi) ^ (row & 7)) : hi) << 3));
+  }
+  __device__ __forceinline__ uint32_t operator()(int k) const {  // k: a compile-time constant after unrolling
+    if constexpr (Cfg::kSwizzle) return base[k & 3] + 128u * static_cast<uint32_t>(k >> 2);
+    else return base[0] + 32u * static_cast<uint32_t>(k);
+  }
+};
+
 // 8 elements global -> shared. Aligned: cp.async, zero-filled when !valid. Otherwise
 // (a view whose pointer or strides are not 16-byte multiples) plain 2-byte loads and one
 // 16-byte shared store; the pipeline's barrier makes either visible before use.
@@ -243,9 +264,13 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
     for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  // ldmatrix row/chunk of this lane: A (Q) and trans-B (V) share one pattern, B (K) another.
+  // ldmatrix rows/chunks of this lane: A (Q) and trans-B (V) share one pattern, B (K) another.
   const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
   const int k_row = (lane & 7) + ((lane >> 4) & 1) * 8, k_chunk = (lane >> 3) & 1;
+  const FragAddr<Cfg> q_addr(wm * 16 + a_row, a_chunk), k_addr(wn * Cfg::kWarpN + k_row, k_chunk),
+      v_addr(wn * Cfg::kWarpN + a_row, a_chunk);
+  constexpr uint32_t kRow16 = 16u * Cfg::kStride * 2u;  // bytes of 16 shared-memory rows
+  const uint32_t sQ_u = smem_addr(sQ), sKV_u = smem_addr(sKV);
 
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<Cfg::kStages - 2>();  // Q and tile `it` have landed (for this thread) ...
@@ -259,8 +284,8 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
       cp_async_commit();
     }
     if (!warp_active) continue;
-    const T* sK = sKV + (it % Cfg::kStages) * 2 * Cfg::kKVElems;
-    const T* sV = sK + Cfg::kKVElems;
+    const uint32_t sK_u = sKV_u + static_cast<uint32_t>((it % Cfg::kStages) * 2 * Cfg::kKVElems * 2);
+    const uint32_t sV_u = sK_u + Cfg::kKVElems * 2;
     const int n0 = lo + it * BN;
 
     // S = Q K^T for this warp's keys.
@@ -272,11 +297,11 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t qa[4];
-      ldmatrix_x4(qa, smem_addr(sQ + smem_off<Cfg>(wm * 16 + a_row, 2 * kk + a_chunk)));
+      ldmatrix_x4(qa, sQ_u + q_addr(kk));
 #pragma unroll
       for (int nn = 0; nn < NT / 2; ++nn) {
         uint32_t kb[4];
-        ldmatrix_x4(kb, smem_addr(sK + smem_off<Cfg>(wn * Cfg::kWarpN + nn * 16 + k_row, 2 * kk + k_chunk)));
+        ldmatrix_x4(kb, sK_u + k_addr(kk) + nn * kRow16);
         mma_16816<T>(s[2 * nn], qa, kb[0], kb[1]);
         mma_16816<T>(s[2 * nn + 1], qa, kb[2], kb[3]);
       }
@@ -348,7 +373,7 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, smem_addr(sV + smem_off<Cfg>(wn * Cfg::kWarpN + kk * 16 + a_row, 2 * dp + a_chunk)));
+        ldmatrix_x4_trans(vb, sV_u + v_addr(dp) + kk * kRow16);
         mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
         mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
       }
