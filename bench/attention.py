@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """fastinfer CPU attention vs torch SDPA, on identical inputs, in one process.
 
     python bench/attention.py                 # full run (a few minutes on 2 cores)
