@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -16,6 +17,9 @@
 #include "fastinfer/attention.h"
 
 #if defined(FASTINFER_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "cuda/attention_cuda.h"
 #include "cuda/cuda_runtime_info.h"
 #endif
 
@@ -84,17 +88,50 @@ void check_shape(const TensorView& t, std::initializer_list<int64_t> want) {
   }
 }
 
-// Tensors of one call must live on one device; CUDA kernels come with the CUDA backend.
-void check_devices(const std::vector<const TensorView*>& ts) {
+// Tensors of one call must live on one device. Returns the CUDA device id, or -1 for the CPU.
+int check_devices(const std::vector<const TensorView*>& ts) {
   const TensorView& first = *ts.front();
   for (const TensorView* t : ts)
     if (t->device_str() != first.device_str())
       throw py::value_error(cat(t->name(), " is on ", t->device_str(), " but ", first.name(), " is on ", first.device_str()));
-  if (first.is_cuda())
+  if (first.is_cuda()) {
+#if defined(FASTINFER_WITH_CUDA)
+    return first.device_id();
+#else
     throw py::value_error(cat(first.name(), " is on ", first.device_str(),
-                              ": this build of fastinfer has no CUDA attention kernels yet; use CPU tensors"));
+                              ": this build of fastinfer has no CUDA kernels (it was built without a CUDA compiler); "
+                              "use CPU tensors or reinstall with FASTINFER_CUDA=on"));
+#endif
+  }
   if (!first.is_cpu()) throw py::value_error(cat(first.name(), ": unsupported device ", first.device_str()));
+  return -1;
 }
+
+// Where and how a call runs. Index arrays on a GPU are not read by the host (that would
+// synchronise): their values are bounded by the kernels instead, using these sizes.
+struct Launch {
+  int device = -1;        // CUDA device id, -1 = CPU
+  uintptr_t stream = 0;   // cudaStream_t of the caller (torch's current stream)
+  py::object workspace_alloc;  // callable(nbytes) -> device buffer, or None
+  int64_t q_rows = 0, kv_rows = 0, block_table_cols = 0;
+  int max_seqlen_q = 0, max_seqlen_k = 0, seqlens_k_add = 0;
+  bool on_host() const { return device < 0; }
+};
+
+#if defined(FASTINFER_WITH_CUDA)
+// Runs a CUDA call on the tensors' device, restoring the caller's current device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&previous_);
+    if (device != previous_) cudaSetDevice(device);
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+#endif
 
 // int32 vector of `len` elements, read by the kernels through a raw pointer.
 const int32_t* index_vector(const OptTensor& t, int64_t len) {
@@ -119,6 +156,7 @@ struct AttentionOptions {
   float softcap = 0.f;
   int window_left = -1, window_right = -1;
   int num_splits = 0;
+  int max_seqlen_q = 0, max_seqlen_k = 0;  // hints for GPU launches (0 = unknown); the CPU derives lengths itself
 };
 
 // The tensors of one attention call, viewed once. seqlens_k_override (lengths computed
@@ -129,14 +167,15 @@ struct AttentionTensors {
   const int32_t* seqlens_k_override = nullptr;
 };
 
-AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& opt) {
+AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& opt, Launch& launch) {
   const TensorView &q = in.q, &k = in.k, &v = in.v, &out = in.out;
   const OptTensor &lse = in.lse, &cu_q = in.cu_q, &cu_k = in.cu_k, &seqlens_k = in.seqlens_k, &kv_idx = in.kv_idx,
                   &block_table = in.block_table, &alibi = in.alibi;
   std::vector<const TensorView*> all = {&q, &k, &v, &out};
   for (const OptTensor* t : {&lse, &cu_q, &cu_k, &seqlens_k, &kv_idx, &block_table, &alibi})
     if (*t) all.push_back(&**t);
-  check_devices(all);
+  launch.device = check_devices(all);
+  const bool host = launch.on_host();  // index values can be checked here only when they live on the host
 
   const DType dtype = float_dtype(q);
   check_same_dtype(k, dtype);
@@ -161,7 +200,8 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
     p.batch = static_cast<int>(cu_q->size(0) - 1);
     check(cu_q->dim() == 1 && cu_q->size(0) >= 1, "cu_seqlens_q: expected shape (batch + 1,), got ", cu_q->shape_str());
     p.cu_seqlens_q = index_vector(cu_q, p.batch + 1);
-    check_cu_seqlens(*cu_q, p.cu_seqlens_q, p.batch, q.size(0), "rows of q");
+    if (host) check_cu_seqlens(*cu_q, p.cu_seqlens_q, p.batch, q.size(0), "rows of q");
+    launch.q_rows = q.size(0);
     p.q_batch_stride = 0;
   } else {
     p.batch = static_cast<int>(q.size(0));
@@ -204,13 +244,14 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
 
   if (cu_k) {
     p.cu_seqlens_k = index_vector(cu_k, p.batch + 1);
-    if (varlen_k) check_cu_seqlens(*cu_k, p.cu_seqlens_k, p.batch, k.size(0), "rows of k");
-    else
+    if (host && varlen_k) check_cu_seqlens(*cu_k, p.cu_seqlens_k, p.batch, k.size(0), "rows of k");
+    else if (host)
       for (int b = 0; b < p.batch; ++b)
         check(p.cu_seqlens_k[b + 1] >= p.cu_seqlens_k[b], "cu_seqlens_k must be non-decreasing");
   }
   p.seqlens_k = in.seqlens_k_override ? in.seqlens_k_override : index_vector(seqlens_k, p.batch);
-  if (p.seqlens_k)
+  launch.kv_rows = k.size(0);
+  if (host && p.seqlens_k)
     for (int b = 0; b < p.batch; ++b) check(p.seqlens_k[b] >= 0, "cache_seqlens[", b, "] = ", p.seqlens_k[b], " is negative");
 
   int64_t capacity;  // keys a sequence may hold
@@ -226,8 +267,9 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
     p.block_size = static_cast<int>(k.size(1));
     check(p.block_size >= 1, k.name(), ": block_size must be >= 1");
     capacity = block_table->size(1) * p.block_size;
+    launch.block_table_cols = block_table->size(1);
     const int64_t num_blocks = k.size(0);
-    for (int b = 0; b < p.batch; ++b) {
+    for (int b = 0; host && b < p.batch; ++b) {
       const int len = p.k_len(b);
       check(len <= capacity, "sequence ", b, " has ", len, " keys but its block_table row holds only ", capacity,
             " (", block_table->size(1), " blocks of ", p.block_size, ")");
@@ -243,13 +285,13 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
     p.seqlen_k = static_cast<int>(k.size(1));
     p.kv_batch_idx = index_vector(kv_idx, p.batch);
     if (p.kv_batch_idx) {
-      for (int b = 0; b < p.batch; ++b)
+      for (int b = 0; host && b < p.batch; ++b)
         check(p.kv_batch_idx[b] >= 0 && p.kv_batch_idx[b] < k.size(0), "cache_batch_idx[", b, "] = ", p.kv_batch_idx[b],
               " is out of range [0, ", k.size(0), ")");
     } else {
       check(k.size(0) == p.batch, k.name(), ": batch size ", k.size(0), " does not match q's ", p.batch);
     }
-    if (p.seqlens_k)
+    if (host && p.seqlens_k)
       for (int b = 0; b < p.batch; ++b)
         check(p.seqlens_k[b] <= capacity, "cache_seqlens[", b, "] = ", p.seqlens_k[b], " exceeds the cache length ", capacity);
   }
@@ -291,6 +333,8 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
   check(opt.window_left >= -1 && opt.window_right >= -1, "window_size entries must be >= -1 (-1 = unbounded), got (",
         opt.window_left, ", ", opt.window_right, ")");
   check(opt.num_splits >= 0, "num_splits must be >= 0, got ", opt.num_splits);
+  launch.max_seqlen_q = opt.max_seqlen_q;
+  launch.max_seqlen_k = opt.max_seqlen_k;
   p.softmax_scale = opt.softmax_scale;
   p.softcap = opt.softcap;
   p.window_left = opt.window_left;
@@ -299,16 +343,51 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
   return p;
 }
 
-void run_attention(const AttentionParams& p, const TensorView& q) {
+#if defined(FASTINFER_WITH_CUDA)
+cuda::AttentionExtras cuda_extras(const Launch& launch) {
+  cuda::AttentionExtras x;
+  x.q_rows = launch.q_rows;
+  x.kv_rows = launch.kv_rows;
+  x.block_table_cols = launch.block_table_cols;
+  x.max_seqlen_q = launch.max_seqlen_q;
+  x.max_seqlen_k = launch.max_seqlen_k;
+  x.seqlens_k_add = launch.seqlens_k_add;
+  return x;
+}
+#endif
+
+void run_attention(const AttentionParams& p, const TensorView& q, const Launch& launch) {
   if (p.batch == 0 || q.numel() == 0) return;
+  if (launch.on_host()) {
+    py::gil_scoped_release release;
+    cpu::attention_forward(p);
+    return;
+  }
+#if defined(FASTINFER_WITH_CUDA)
+  DeviceGuard guard(launch.device);
+  const cuda::AttentionExtras x = cuda_extras(launch);
+  // The split-KV workspace comes from the caller's allocator (torch's caching allocator on
+  // the same stream), so it is ordered with the launch and never allocated by a kernel.
+  const size_t need = cuda::attention_workspace_bytes(p, x, 0);
+  py::object buffer;
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+  if (need > 0 && !launch.workspace_alloc.is_none()) {
+    buffer = launch.workspace_alloc(need);
+    TensorView view(buffer, "workspace");
+    ws = view.data();
+    ws_bytes = need;
+  }
   py::gil_scoped_release release;
-  cpu::attention_forward(p);
+  cuda::attention_forward(p, x, ws, ws_bytes, reinterpret_cast<cudaStream_t>(launch.stream));
+#endif
 }
 
 void attention_forward(const py::object& q, const py::object& k, const py::object& v, const py::object& out,
                        const py::object& lse, const py::object& cu_seqlens_q, const py::object& cu_seqlens_k,
                        const py::object& seqlens_k, const py::object& kv_batch_idx, const py::object& block_table,
-                       const py::object& alibi_slopes, const AttentionOptions& opt) {
+                       const py::object& alibi_slopes, const AttentionOptions& opt, uintptr_t stream,
+                       const py::object& workspace_alloc) {
   AttentionTensors in{TensorView(q, "q"),
                       TensorView(k, "k"),
                       TensorView(v, "v"),
@@ -320,7 +399,11 @@ void attention_forward(const py::object& q, const py::object& k, const py::objec
                       view(kv_batch_idx, "cache_batch_idx"),
                       view(block_table, "block_table"),
                       view(alibi_slopes, "alibi_slopes")};
-  run_attention(make_params(in, opt), in.q);
+  Launch launch;
+  launch.stream = stream;
+  launch.workspace_alloc = workspace_alloc;
+  const AttentionParams p = make_params(in, opt, launch);
+  run_attention(p, in.q, launch);
 }
 
 // ---------------------------------------------------------------- KV cache writes
@@ -372,24 +455,32 @@ CacheViews cache_params(const TensorView& key, const TensorView& value, const Te
 }
 
 void reshape_and_cache(const py::object& key_obj, const py::object& value_obj, const py::object& k_cache_obj,
-                       const py::object& v_cache_obj, const py::object& slot_obj) {
+                       const py::object& v_cache_obj, const py::object& slot_obj, uintptr_t stream) {
   TensorView key(key_obj, "key"), value(value_obj, "value"), k_cache(k_cache_obj, "k_cache"), v_cache(v_cache_obj, "v_cache"),
       slots(slot_obj, "slot_mapping");
   check_rank(key, 3, "(num_tokens, nheads_k, headdim)");
   CacheViews c = cache_params(key, value, k_cache, v_cache, "(num_tokens, nheads_k, headdim)");
-  check_devices({&key, &slots});
+  const int device = check_devices({&key, &slots});
   if (!slots.is(dl::kInt, 64)) throw py::type_error(cat("slot_mapping: expected dtype int64, got ", slots.dtype_str()));
   check_shape(slots, {key.size(0)});
   check(key.size(0) <= 1 || slots.stride(0) == 1, "slot_mapping: must be contiguous");
   const int64_t* slot = slots.data<const int64_t>();
-  for (int64_t i = 0; i < key.size(0); ++i)
+  for (int64_t i = 0; device < 0 && i < key.size(0); ++i)  // on a GPU the kernel skips out-of-range slots instead
     check(slot[i] < c.num_slots, "slot_mapping[", i, "] = ", slot[i], " is out of range: the cache has ", c.num_slots,
           " slots (", k_cache.size(0), " blocks of ", k_cache.size(1), ")");
   c.p.num_tokens = static_cast<int>(key.size(0));
   c.p.slot_mapping = slot;
   if (c.p.num_tokens == 0) return;
+  if (device < 0) {
+    py::gil_scoped_release release;
+    cpu::kv_write(c.p);
+    return;
+  }
+#if defined(FASTINFER_WITH_CUDA)
+  DeviceGuard guard(device);
   py::gil_scoped_release release;
-  cpu::kv_write(c.p);
+  cuda::kv_write(c.p, c.num_slots, reinterpret_cast<cudaStream_t>(stream));
+#endif
 }
 
 // flash_attn_with_kvcache's append: k_new[b, i] goes to position cache_seqlens[b] + i of
@@ -449,12 +540,51 @@ void run_append(const TensorView& key, const TensorView& value, const CacheViews
   }
 }
 
+#if defined(FASTINFER_WITH_CUDA)
+void run_append_cuda(const TensorView& key, const TensorView& value, const TensorView& k_cache, const TensorView& v_cache,
+                     const AttentionParams& p, const Launch& launch) {
+  cuda::KVAppendParams a{};
+  a.dtype = p.dtype;
+  a.batch = static_cast<int>(key.size(0));
+  a.seqlen_new = static_cast<int>(key.size(1));
+  a.num_kv_heads = static_cast<int>(key.size(2));
+  a.head_dim = static_cast<int>(key.size(3));
+  a.k_new = key.data();
+  a.v_new = value.data();
+  a.k_new_batch_stride = key.stride(0);
+  a.k_new_row_stride = key.stride(1);
+  a.k_new_head_stride = key.stride(2);
+  a.v_new_batch_stride = value.stride(0);
+  a.v_new_row_stride = value.stride(1);
+  a.v_new_head_stride = value.stride(2);
+  a.k_cache = k_cache.data();
+  a.v_cache = v_cache.data();
+  a.k_batch_stride = k_cache.stride(0);
+  a.k_row_stride = k_cache.stride(1);
+  a.k_head_stride = k_cache.stride(2);
+  a.v_batch_stride = v_cache.stride(0);
+  a.v_row_stride = v_cache.stride(1);
+  a.v_head_stride = v_cache.stride(2);
+  a.seqlens = p.seqlens_k;
+  a.kv_batch_idx = p.kv_batch_idx;
+  a.block_table = p.block_table;
+  a.block_table_stride = p.block_table_stride;
+  a.block_size = p.block_size;
+  a.cache_entries = k_cache.size(0);
+  a.capacity = p.block_table ? launch.block_table_cols * p.block_size : k_cache.size(1);
+  DeviceGuard guard(launch.device);
+  py::gil_scoped_release release;
+  cuda::kv_append(a, reinterpret_cast<cudaStream_t>(launch.stream));
+}
+#endif
+
 // flash_attn_with_kvcache: every check (append and attention) runs before the cache is
 // touched, so a rejected call leaves the cache as it was.
 void attention_with_kvcache(const py::object& q, const py::object& k_cache, const py::object& v_cache, const py::object& out,
                             const py::object& k_new, const py::object& v_new, const py::object& lse,
                             const py::object& cache_seqlens, const py::object& cache_batch_idx,
-                            const py::object& block_table, const py::object& alibi_slopes, const AttentionOptions& opt) {
+                            const py::object& block_table, const py::object& alibi_slopes, const AttentionOptions& opt,
+                            uintptr_t stream, const py::object& workspace_alloc) {
   AttentionTensors in{TensorView(q, "q"),
                       TensorView(k_cache, "k_cache"),
                       TensorView(v_cache, "v_cache"),
@@ -468,6 +598,9 @@ void attention_with_kvcache(const py::object& q, const py::object& k_cache, cons
                       view(alibi_slopes, "alibi_slopes")};
   check(k_new.is_none() == v_new.is_none(), "k and v must be given together");
   check(!in.block_table || in.seqlens_k, "a paged KV cache (block_table) needs cache_seqlens");
+  Launch launch;
+  launch.stream = stream;
+  launch.workspace_alloc = workspace_alloc;
   std::optional<TensorView> key, value;
   std::vector<int64_t> slots;
   std::vector<int32_t> lens_after;
@@ -478,34 +611,25 @@ void attention_with_kvcache(const py::object& q, const py::object& k_cache, cons
     check(in.seqlens_k.has_value(), "appending k/v needs cache_seqlens (where to write the new tokens)");
     check_rank(in.q, 4, "(batch, seqlen_q, nheads, headdim)");
     check_rank(*key, 4, "(batch, seqlen_new, nheads_k, headdim)");
-    check_devices({&in.q, &*key, &*in.seqlens_k});
-    const int32_t* lens = index_vector(in.seqlens_k, key->size(0));
-    slots = plan_append(*key, *value, in.k, in.v, lens, in.kv_idx, in.block_table, cache);
-    lens_after.assign(lens, lens + key->size(0));
-    for (int32_t& n : lens_after) n += static_cast<int32_t>(key->size(1));
+    const bool host = check_devices({&in.q, &*key, &*in.seqlens_k}) < 0;
     check(in.q.size(0) == key->size(0), "k: batch size ", key->size(0), " does not match q's ", in.q.size(0));
-    in.seqlens_k_override = lens_after.data();
+    const int32_t* lens = index_vector(in.seqlens_k, key->size(0));
+    if (host) {
+      slots = plan_append(*key, *value, in.k, in.v, lens, in.kv_idx, in.block_table, cache);
+      lens_after.assign(lens, lens + key->size(0));
+      for (int32_t& n : lens_after) n += static_cast<int32_t>(key->size(1));
+      in.seqlens_k_override = lens_after.data();
+    } else {  // the kernels add seqlen_new to the device lengths and bound every write
+      cache_params(*key, *value, in.k, in.v, "(batch, seqlen_new, nheads_k, headdim)");
+      launch.seqlens_k_add = static_cast<int>(key->size(1));
+    }
   }
-  const AttentionParams p = make_params(in, opt);
-  if (key) run_append(*key, *value, cache, slots);
-  run_attention(p, in.q);
-}
-
-void kvcache_append(const py::object& k_obj, const py::object& v_obj, const py::object& k_cache_obj, const py::object& v_cache_obj,
-                    const py::object& seqlens_obj, const py::object& kv_idx_obj, const py::object& block_table_obj) {
-  TensorView key(k_obj, "k"), value(v_obj, "v"), k_cache(k_cache_obj, "k_cache"), v_cache(v_cache_obj, "v_cache");
-  OptTensor seqlens = view(seqlens_obj, "cache_seqlens"), kv_idx = view(kv_idx_obj, "cache_batch_idx"),
-            block_table = view(block_table_obj, "block_table");
-  check_rank(key, 4, "(batch, seqlen_new, nheads_k, headdim)");
-  check(seqlens.has_value(), "cache_seqlens is required: it says where the new tokens go");
-  std::vector<const TensorView*> extra = {&key, &*seqlens};
-  if (kv_idx) extra.push_back(&*kv_idx);
-  if (block_table) extra.push_back(&*block_table);
-  check_devices(extra);
-  CacheViews cache;
-  const std::vector<int64_t> slots =
-      plan_append(key, value, k_cache, v_cache, index_vector(seqlens, key.size(0)), kv_idx, block_table, cache);
-  run_append(key, value, cache, slots);
+  const AttentionParams p = make_params(in, opt, launch);
+  if (key && launch.on_host()) run_append(*key, *value, cache, slots);
+#if defined(FASTINFER_WITH_CUDA)
+  if (key && !launch.on_host()) run_append_cuda(*key, *value, in.k, in.v, p, launch);
+#endif
+  run_attention(p, in.q, launch);
 }
 
 py::dict build_info() {
@@ -516,9 +640,11 @@ py::dict build_info() {
 #if defined(FASTINFER_WITH_CUDA)
   d["cuda_compiled"] = true;
   d["cuda_runtime_version"] = cuda::runtime_version();
+  d["cuda_head_dims"] = std::string(cuda::compiled_head_dims());
 #else
   d["cuda_compiled"] = false;
   d["cuda_runtime_version"] = py::none();
+  d["cuda_head_dims"] = std::string();
 #endif
   d["cpu_isa"] = cpu::isa_name(cpu::active_isa());
   d["cpu_isa_best"] = cpu::isa_name(cpu::best_isa());
@@ -545,23 +671,25 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("softcap", &AttentionOptions::softcap)
       .def_readwrite("window_left", &AttentionOptions::window_left)
       .def_readwrite("window_right", &AttentionOptions::window_right)
-      .def_readwrite("num_splits", &AttentionOptions::num_splits);
+      .def_readwrite("num_splits", &AttentionOptions::num_splits)
+      .def_readwrite("max_seqlen_q", &AttentionOptions::max_seqlen_q)
+      .def_readwrite("max_seqlen_k", &AttentionOptions::max_seqlen_k);
 
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::kw_only(),
         py::arg("lse") = py::none(), py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
         py::arg("seqlens_k") = py::none(), py::arg("kv_batch_idx") = py::none(), py::arg("block_table") = py::none(),
-        py::arg("alibi_slopes") = py::none(), py::arg("options"),
-        "Fused attention into `out` (and `lse`). Layouts follow flash-attn; see fastinfer.attention.");
+        py::arg("alibi_slopes") = py::none(), py::arg("options"), py::arg("stream") = 0,
+        py::arg("workspace_alloc") = py::none(),
+        "Fused attention into `out` (and `lse`). Layouts follow flash-attn; see fastinfer.attention.\n"
+        "GPU tensors: runs on `stream` (a cudaStream_t as int); split-KV scratch comes from workspace_alloc(nbytes).");
   m.def("reshape_and_cache", &reshape_and_cache, py::arg("key"), py::arg("value"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("slot_mapping"), "Write key/value rows into cache slots (negative slot = skip).");
+        py::arg("slot_mapping"), py::kw_only(), py::arg("stream") = 0, "Write key/value rows into cache slots (negative slot = skip).");
   m.def("attention_with_kvcache", &attention_with_kvcache, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("out"), py::kw_only(), py::arg("k") = py::none(), py::arg("v") = py::none(), py::arg("lse") = py::none(),
         py::arg("cache_seqlens") = py::none(), py::arg("cache_batch_idx") = py::none(), py::arg("block_table") = py::none(),
-        py::arg("alibi_slopes") = py::none(), py::arg("options"),
+        py::arg("alibi_slopes") = py::none(), py::arg("options"), py::arg("stream") = 0,
+        py::arg("workspace_alloc") = py::none(),
         "flash_attn_with_kvcache: validate everything, append k/v at cache_seqlens, then attend.");
-  m.def("kvcache_append", &kvcache_append, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("cache_seqlens"), py::arg("cache_batch_idx") = py::none(), py::arg("block_table") = py::none(),
-        "Append k/v[b] at position cache_seqlens[b] of sequence b (dense or paged cache).");
 
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &cuda_device_count, "Number of usable CUDA devices (0 without a driver or GPU).");

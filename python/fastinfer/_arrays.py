@@ -40,6 +40,23 @@ def empty_float32(like: Any, shape: tuple[int, ...]) -> Any:
     return np.empty(shape, dtype=np.float32)
 
 
+def launch_kwargs(x: Any) -> dict:
+    """Stream and workspace allocator for a GPU call on x's device (empty for CPU arrays).
+
+    Kernels run on torch's current stream, and split-KV scratch is allocated by torch's
+    caching allocator on that stream, so nothing synchronises and nothing leaks.
+    """
+    if not (is_torch(x) and x.is_cuda):
+        return {}
+    import torch
+
+    device = x.device
+    return {
+        "stream": torch.cuda.current_stream(device).cuda_stream,
+        "workspace_alloc": lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=device),
+    }
+
+
 def require_array(x: Any, name: str) -> None:
     """Outputs are allocated from q's shape, so q must be an array before the kernel's own checks run."""
     if not (hasattr(x, "__dlpack__") and hasattr(x, "shape")):

@@ -16,7 +16,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from fastinfer import _C
-from fastinfer._arrays import as_float32, as_index, empty_float32, empty_like, kernel_view, require_array
+from fastinfer._arrays import as_float32, as_index, empty_float32, empty_like, kernel_view, launch_kwargs, require_array
 
 Tensor = Any  # torch.Tensor or numpy.ndarray (anything with __dlpack__)
 
@@ -82,7 +82,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[0], q.shape[2], q.shape[1])) if return_attn_probs else None
     _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), out, lse=lse,
-                         alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+                         alibi_slopes=as_float32(alibi_slopes, q), options=opt, **launch_kwargs(q))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -100,7 +100,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     k, v : (total_k, nheads_k, headdim), or a paged cache (num_blocks, block_size, nheads_k, headdim)
         when block_table is given (then cu_seqlens_k only gives the lengths)
     cu_seqlens_q, cu_seqlens_k : (batch + 1,) int32 (int64 is converted)
-    max_seqlen_q, max_seqlen_k : accepted for compatibility; the kernels derive the lengths themselves
+    max_seqlen_q, max_seqlen_k : longest sequences: hints for sizing GPU launches (speed only);
+        the kernels derive every length from cu_seqlens themselves
     block_table : (batch, max_blocks_per_seq) int32, any block size >= 1
 
     Returns
@@ -109,12 +110,14 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     """
     _no_dropout(dropout_p)
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap)
+    opt.max_seqlen_q, opt.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[1], q.shape[0])) if return_attn_probs else None
     _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), out, lse=lse,
                          cu_seqlens_q=as_index(cu_seqlens_q, q, name="cu_seqlens_q"),
                          cu_seqlens_k=as_index(cu_seqlens_k, q, name="cu_seqlens_k"),
-                         block_table=as_index(block_table, q, name="block_table"), alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+                         block_table=as_index(block_table, q, name="block_table"), alibi_slopes=as_float32(alibi_slopes, q),
+                         options=opt, **launch_kwargs(q))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -160,7 +163,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                               cache_seqlens=as_index(cache_seqlens, q, name="cache_seqlens"),
                               cache_batch_idx=as_index(cache_batch_idx, q, name="cache_batch_idx"),
                               block_table=as_index(block_table, q, name="block_table"),
-                              alibi_slopes=as_float32(alibi_slopes, q), options=opt)
+                              alibi_slopes=as_float32(alibi_slopes, q), options=opt, **launch_kwargs(q))
     return (out, lse) if return_softmax_lse else out
 
 

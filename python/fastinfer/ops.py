@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastinfer import _C
-from fastinfer._arrays import as_index, kernel_view
+from fastinfer._arrays import as_index, kernel_view, launch_kwargs
 
 
 def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -18,4 +18,6 @@ def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_map
     slot_mapping : (num_tokens,) int64 (int32 is converted); token i goes to block
         slot_mapping[i] // block_size, offset slot_mapping[i] % block_size; negative = skip
     """
-    _C.reshape_and_cache(kernel_view(key), kernel_view(value), k_cache, v_cache, as_index(slot_mapping, key, "int64", name="slot_mapping"))
+    stream = launch_kwargs(key).get("stream", 0)
+    _C.reshape_and_cache(kernel_view(key), kernel_view(value), k_cache, v_cache,
+                         as_index(slot_mapping, key, "int64", name="slot_mapping"), stream=stream)
