@@ -7,6 +7,9 @@ is a drop-in swap. Inputs may be torch tensors or numpy arrays (anything with
 
 from __future__ import annotations
 
+import os
+import warnings
+
 from fastinfer import _C, ops
 from fastinfer.attention import (
     flash_attn_func,
@@ -17,6 +20,13 @@ from fastinfer.attention import (
 )
 
 __version__: str = _C.build_info()["version"]
+
+if os.environ.get("FASTINFER_CPU_ISA"):
+    # The extension falls back to the best level on a bad value; say so instead of doing it silently.
+    try:
+        _C.set_cpu_isa(os.environ["FASTINFER_CPU_ISA"])
+    except ValueError as err:
+        warnings.warn(f"FASTINFER_CPU_ISA ignored, using {_C.cpu_isa()!r}: {err}", RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "flash_attn_func",
@@ -50,7 +60,7 @@ def cuda_available() -> bool:
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU SIMD level: ``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"`` or ``"avx512_bf16"``.
+    """Force the CPU SIMD level: ``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512_bf16"`` or ``"amx"``.
 
     The environment variable ``FASTINFER_CPU_ISA`` sets the same at import time.
     Raises ValueError for a level this CPU does not support.
