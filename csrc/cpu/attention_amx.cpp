@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-IsaKernels kernels_amx() { return {&amx::tile_entry, &amx::stage_kv}; }
+IsaKernels kernels_amx() { return {&amx::tile_entry, &amx::stage_kv, true}; }
 }  // namespace fastinfer::cpu

@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-IsaKernels kernels_avx2() { return {&avx2::tile_entry, &avx2::stage_kv}; }
+IsaKernels kernels_avx2() { return {&avx2::tile_entry, &avx2::stage_kv, false}; }
 }  // namespace fastinfer::cpu

@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-IsaKernels kernels_avx512() { return {&avx512::tile_entry, &avx512::stage_kv}; }
+IsaKernels kernels_avx512() { return {&avx512::tile_entry, &avx512::stage_kv, false}; }
 }  // namespace fastinfer::cpu

@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-IsaKernels kernels_avx512bf16() { return {&avx512bf16::tile_entry, &avx512bf16::stage_kv}; }
+IsaKernels kernels_avx512bf16() { return {&avx512bf16::tile_entry, &avx512bf16::stage_kv, true}; }
 }  // namespace fastinfer::cpu

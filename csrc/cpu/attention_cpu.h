@@ -49,11 +49,11 @@ using StageFn = void (*)(const AttentionParams& p, int b, int kv_head, void* k_d
 // Rows staged for a sequence of num_keys keys: a tile may start at any even key (windows),
 // so one extra all-zero block keeps its last kBlockN rows inside the buffer.
 inline int64_t staged_rows(int num_keys) { return (static_cast<int64_t>(num_keys) + kBlockN - 1) / kBlockN * kBlockN + kBlockN; }
-constexpr int kStagedBytesPerElement = 4;  // float rows at most
-
 struct IsaKernels {
   TileFn tile;
   StageFn stage;
+  bool bf16_native;  // stages (and computes on) bf16 as bf16, not as float
+  int staged_element_bytes(DType dtype) const { return bf16_native && dtype == DType::kBFloat16 ? 2 : 4; }
 };
 
 IsaKernels kernels_scalar();

@@ -3,5 +3,5 @@
 #include "cpu/attention_kernel.h"
 
 namespace fastinfer::cpu {
-IsaKernels kernels_scalar() { return {&scalar::tile_entry, &scalar::stage_kv}; }
+IsaKernels kernels_scalar() { return {&scalar::tile_entry, &scalar::stage_kv, false}; }
 }  // namespace fastinfer::cpu

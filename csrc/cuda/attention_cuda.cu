@@ -228,12 +228,6 @@ struct CombineArgs {
   int64_t lse_batch_stride, lse_head_stride, lse_row_stride;
 };
 
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // One warp per (query row, head): lse-weighted sum of the splits' normalised partials.
 template <class T>
 __global__ void __launch_bounds__(128) combine_splits_kernel(const CombineArgs c) {
@@ -265,7 +259,7 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const CombineArgs c
     if (mx != -INFINITY) {
       for (int s = 0; s < c.num_splits; ++s) {
         const int64_t rec = (int64_t(s) * c.ws_rows + gr) * H + h;
-        const float w = exp2_approx(c.ws_lse[rec] - mx);
+        const float w = fast_exp2(c.ws_lse[rec] - mx);
         if (w == 0.f) continue;
         total += w;
         const float* po = c.ws_o + rec * D;
@@ -341,10 +335,15 @@ void attention_forward(const AttentionParams& p, const AttentionExtras& x, void*
   }
 
   const int64_t blocks = int64_t(p.batch) * p.num_kv_heads * pl.num_splits * pl.num_m_slots;
+#if defined(FASTINFER_CUDA_EMULATE)
+  FI_LAUNCH(reinterpret_cast<void (*)(FwdArgs)>(pl.kernel.fn), dim3(static_cast<unsigned>(blocks)),
+            dim3(pl.kernel.threads), static_cast<size_t>(pl.kernel.smem_bytes), stream)(a);
+#else
   void* args[] = {&a};
   check_cuda(cudaLaunchKernel(pl.kernel.fn, dim3(static_cast<unsigned>(blocks)), dim3(pl.kernel.threads), args,
                               static_cast<size_t>(pl.kernel.smem_bytes), stream),
              "attention kernel launch");
+#endif
 
   if (pl.num_splits > 1) {
     CombineArgs c{};
@@ -370,8 +369,8 @@ void attention_forward(const AttentionParams& p, const AttentionExtras& x, void*
                                    : p.seqlen_q;
     c.num_slots = static_cast<int>(std::clamp<int64_t>(ceil_div(max_q * p.num_heads, 4), 1, INT_MAX / p.batch));
     const dim3 grid(static_cast<unsigned>(int64_t(p.batch) * c.num_slots));
-    if (p.dtype == DType::kFloat16) combine_splits_kernel<__half><<<grid, 128, 0, stream>>>(c);
-    else combine_splits_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(c);
+    if (p.dtype == DType::kFloat16) FI_LAUNCH(combine_splits_kernel<__half>, grid, 128, 0, stream)(c);
+    else FI_LAUNCH(combine_splits_kernel<__nv_bfloat16>, grid, 128, 0, stream)(c);
     check_cuda(cudaGetLastError(), "split-KV combine kernel launch");
   }
 }

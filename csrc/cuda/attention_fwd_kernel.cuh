@@ -466,6 +466,7 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
       T* dst = obase + ro + int64_t(h) * p.o_head_stride + c * 8;
       const T* src = sO + smem_off<Cfg>(r, c);
       if (a.o_aligned) {
+        FI_CHECK_ALIGNED(dst, 16, "output store");
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
       } else {
 #pragma unroll
@@ -482,6 +483,7 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
       if (q_row_offset(a, si, b, t, 0, 1) < 0) continue;
       const int64_t rec = (int64_t(split) * a.ws_rows + si.q_base + t) * p.num_heads + h;
       float* dst = a.ws_o + rec * D;
+      FI_CHECK_ALIGNED(dst, 8, "split partial store");
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
         *reinterpret_cast<float2*>(dst + dt * 8 + 2 * tq) = make_float2(o[dt][2 * i] * inv[i], o[dt][2 * i + 1] * inv[i]);

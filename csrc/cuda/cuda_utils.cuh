@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fastinfer::cuda::detail {
 
@@ -25,10 +26,34 @@ struct FastDiv {
   __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, mul) + n) >> shift; }
 };
 
+// Kernel launch that also compiles under the CPU emulator (csrc/cuda/emu): FI_LAUNCH(k, grid, block, smem, stream)(args...).
+#if defined(FASTINFER_CUDA_EMULATE)
+#define FI_LAUNCH(kernel, grid, block, smem, stream) ::fastinfer::emu::make_launcher(kernel, grid, block, smem)
+#define FI_CHECK_ALIGNED(ptr, bytes, what) ::fastinfer::emu::check_aligned(ptr, bytes, what)
+#else
+#define FI_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define FI_CHECK_ALIGNED(ptr, bytes, what) ((void)0)
+#endif
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+#if defined(FASTINFER_CUDA_EMULATE)
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) { emu::cp_async_16(dst, src, valid); }
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { emu::ldmatrix_x4(r, addr, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { emu::ldmatrix_x4(r, addr, true); }
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu::mma_16816(d, a, b0, b1, sizeof(T) == 2 && std::is_same<T, __nv_bfloat16>::value);
+}
+__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
+#else
 // 16 bytes global -> shared, asynchronously; zero-fills the destination when !valid
 // (src must still be a valid address; nothing is read from it then).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
@@ -80,6 +105,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+#endif  // FASTINFER_CUDA_EMULATE
 
 // (lo, hi) -> one 32-bit register, lo in the low half (the lower column index).
 template <class T>

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/attention_cuda.h"
+#include "cuda/cuda_utils.cuh"
 
 namespace fastinfer::cuda {
 namespace {
@@ -32,6 +33,8 @@ __device__ __forceinline__ void copy_heads(char* dst, int64_t dst_head, const ch
     const int units = row_bytes / 16;
     for (int w = threadIdx.x; w < heads * units; w += blockDim.x) {
       const int h = w / units, u = w - h * units;
+      FI_CHECK_ALIGNED(dst + h * dst_head + u * 16, 16, "kv cache copy (dst)");
+      FI_CHECK_ALIGNED(src + h * src_head + u * 16, 16, "kv cache copy (src)");
       *reinterpret_cast<uint4*>(dst + h * dst_head + u * 16) = *reinterpret_cast<const uint4*>(src + h * src_head + u * 16);
     }
   } else {
@@ -104,7 +107,7 @@ void kv_write(const KVWriteParams& p, int64_t num_slots, cudaStream_t stream) {
                      aligned16(p.k_cache, {p.k_block_stride, p.k_row_stride, p.k_head_stride}, esz) &&
                      aligned16(p.v_cache, {p.v_block_stride, p.v_row_stride, p.v_head_stride}, esz);
   const int blocks = static_cast<int>(std::min<int64_t>(p.num_tokens, kMaxBlocks));
-  kv_write_kernel<<<blocks, kThreads, 0, stream>>>(p, num_slots, esz, vec16);
+  FI_LAUNCH(kv_write_kernel, blocks, kThreads, 0, stream)(p, num_slots, esz, vec16);
   check_launch("kv_write kernel launch");
 }
 
@@ -120,7 +123,7 @@ void kv_append(const KVAppendParams& p, cudaStream_t stream) {
                      aligned16(p.k_cache, {p.k_batch_stride, p.k_row_stride, p.k_head_stride}, esz) &&
                      aligned16(p.v_cache, {p.v_batch_stride, p.v_row_stride, p.v_head_stride}, esz);
   const int blocks = static_cast<int>(std::min<int64_t>(items, kMaxBlocks));
-  kv_append_kernel<<<blocks, kThreads, 0, stream>>>(p, esz, vec16);
+  FI_LAUNCH(kv_append_kernel, blocks, kThreads, 0, stream)(p, esz, vec16);
   check_launch("kv_append kernel launch");
 }
 

@@ -3,11 +3,19 @@
 #pragma once
 #include <cstdint>
 
+// Helpers below are called from kernels built for different SIMD levels: force inlining so
+// that no out-of-line copy compiled with AVX-512 can be shared with baseline code.
+#if defined(__GNUC__)
+#define FI_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FI_ALWAYS_INLINE inline
+#endif
+
 namespace fastinfer {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+FI_ALWAYS_INLINE int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 // Strides are in elements. The last (head_dim) stride is always 1.
 struct AttentionParams {
@@ -57,19 +65,19 @@ struct AttentionParams {
   int window_left, window_right; // -1 = unbounded; causal sets window_right = 0
   int num_splits;                // 0 = automatic, 1 = never split the keys
 
-  bool is_varlen_q() const { return cu_seqlens_q != nullptr; }
-  bool is_paged() const { return block_table != nullptr; }
+  FI_ALWAYS_INLINE bool is_varlen_q() const { return cu_seqlens_q != nullptr; }
+  FI_ALWAYS_INLINE bool is_paged() const { return block_table != nullptr; }
 
-  int q_len(int b) const {
+  FI_ALWAYS_INLINE int q_len(int b) const {
     return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q;
   }
-  int k_len(int b) const {
+  FI_ALWAYS_INLINE int k_len(int b) const {
     if (seqlens_k) return seqlens_k[b];
     if (cu_seqlens_k) return cu_seqlens_k[b + 1] - cu_seqlens_k[b];
     return seqlen_k;
   }
   // Element offset of key row j of sequence b (head 0) from the k/v base pointer.
-  int64_t kv_row_offset(int b, int j, int64_t batch_stride, int64_t row_stride) const {
+  FI_ALWAYS_INLINE int64_t kv_row_offset(int b, int j, int64_t batch_stride, int64_t row_stride) const {
     if (block_table) {
       const int32_t blk = block_table[b * block_table_stride + j / block_size];
       return batch_stride * blk + row_stride * (j % block_size);
@@ -78,7 +86,7 @@ struct AttentionParams {
     const int bidx = kv_batch_idx ? kv_batch_idx[b] : b;
     return batch_stride * bidx + row_stride * j;
   }
-  int64_t q_row_offset(int b, int t, int64_t batch_stride, int64_t row_stride) const {
+  FI_ALWAYS_INLINE int64_t q_row_offset(int b, int t, int64_t batch_stride, int64_t row_stride) const {
     if (cu_seqlens_q) return row_stride * (static_cast<int64_t>(cu_seqlens_q[b]) + t);
     return batch_stride * b + row_stride * t;
   }
