@@ -3,7 +3,6 @@
 #define FI_ISA_NS base
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -195,17 +194,11 @@ void attention_forward(const AttentionParams& p) {
   }
 
   // Tiles of one (sequence, kv head) run back to back so its keys stay in cache; within a
-  // head, longest key ranges first. (Sorting all tiles longest-first balanced the end of
-  // the run slightly better but refetched every head's keys from memory for each tile.)
-  static const bool by_length = std::getenv("FI_SORTLEN") != nullptr;
-  if (by_length)
-    std::stable_sort(tiles.begin(), tiles.end(),
-                     [](const TileJob& a, const TileJob& c) { return a.kv_end - a.kv_begin > c.kv_end - c.kv_begin; });
-  else
-    std::stable_sort(tiles.begin(), tiles.end(), [](const TileJob& a, const TileJob& c) {
-      if (a.b != c.b || a.kv_head != c.kv_head) return a.b != c.b ? a.b < c.b : a.kv_head < c.kv_head;
-      return a.kv_end - a.kv_begin > c.kv_end - c.kv_begin;
-    });
+  // head, longest key ranges first so that dynamic scheduling ends evenly.
+  std::stable_sort(tiles.begin(), tiles.end(), [](const TileJob& a, const TileJob& c) {
+    if (a.b != c.b || a.kv_head != c.kv_head) return a.b != c.b ? a.b < c.b : a.kv_head < c.kv_head;
+    return a.kv_end - a.kv_begin > c.kv_end - c.kv_begin;
+  });
 
   // 2. Split-KV (flash-decoding) when there are too few tiles to keep every thread busy.
   const int threads = num_threads();

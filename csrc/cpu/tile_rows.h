@@ -1,7 +1,5 @@
 // Rows-in-lanes tile kernel (prefill, chunks, GQA groups of >= 9 rows).
 #pragma once
-#include <cstdlib>
-
 #include "cpu/tile_common.h"
 
 namespace fastinfer::cpu::FI_ISA_NS {
@@ -52,11 +50,8 @@ void run_tile(const AttentionParams& p, const TileJob& job, float* scratch) {
   const bool staged = job.k_staged != nullptr;
   KeyTiles tiles(p, job);
   VecF alpha[RV];
-  // Keep Q^T, the key and value tiles, S and O^T inside L1 (48 KiB): half-size key tiles for wide heads.
-  static const int env_tile = std::getenv("FI_TILEN") ? std::atoi(std::getenv("FI_TILEN")) : 0;
-  const int tile_n = env_tile ? env_tile : (D > 64 ? kBlockN / 2 : kBlockN);
-  for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += tile_n) {
-    const int n = std::min(tile_n, job.kv_end - j0), npad = (n + 7) & ~7;
+  for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
+    const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 7) & ~7;
     const void* const* kr = nullptr;
     const void* const* vr = nullptr;
     if (!staged) tiles.start(j0, &kr, &vr);
