@@ -108,10 +108,12 @@ void prepare_kernel(const FwdKernel& k, int dev) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // flash-attn 2's choice: the smallest split count whose last wave of blocks is at least 85%
-// as full as the best one, splitting only when the unsplit grid leaves the GPU under 80% busy.
-int splits_heuristic(int64_t blocks, int64_t slots, int64_t n_tiles, int max_splits) {
-  if (blocks >= 0.8 * static_cast<double>(slots)) return 1;
-  max_splits = static_cast<int>(std::min<int64_t>({max_splits, slots, n_tiles}));
+// as full as the best one. Prefill shapes split only when the unsplit grid leaves the GPU
+// under 80% busy; decode shapes (memory-bound, tiny partials) may also split to even out a
+// ragged last wave (e.g. 512 blocks on 396 slots: 2 splits). Each split keeps >= 2 key tiles.
+int splits_heuristic(int64_t blocks, int64_t slots, int64_t n_tiles, int max_splits, bool decode) {
+  if (!decode && blocks >= 0.8 * static_cast<double>(slots)) return 1;
+  max_splits = static_cast<int>(std::min<int64_t>({max_splits, slots, std::max<int64_t>(1, n_tiles / 2)}));
   auto eligible = [&](int s) { return s == 1 || ceil_div(n_tiles, s) != ceil_div(n_tiles, s - 1); };
   std::vector<double> eff(max_splits + 1, 0.0);
   double best = 0.0;
@@ -195,7 +197,7 @@ Plan make_plan(const AttentionParams& p, const AttentionExtras& x, int dev, int 
     int occ = 0;
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, k.threads, k.smem_bytes),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    splits = splits_heuristic(heads * n_mblocks, int64_t(sm_count) * std::max(occ, 1), n_tiles, kMaxSplits);
+    splits = splits_heuristic(heads * n_mblocks, int64_t(sm_count) * std::max(occ, 1), n_tiles, kMaxSplits, decode);
   }
   // The grid is one dimension of heads * splits * m-slots blocks; m-slots loop over m-blocks.
   if (heads * splits > INT_MAX) splits = 1;

@@ -10,6 +10,7 @@
 // poisoning for plain loads/stores), misaligned cp.async / ldmatrix / vector accesses, and
 // cp.async data used before its group was waited for (the copy lands only at cp.async.wait_group,
 // shared memory starts filled with 0xFF = NaN).
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -58,7 +59,9 @@ enum class Wait { kNone, kBlock, kWarp };
 
 struct ThreadState {
   uint3 tid{};
-  ucontext_t ctx{};
+  ucontext_t ctx{};  // first entry only; later switches use _setjmp/_longjmp (no signal-mask syscalls)
+  jmp_buf jb;
+  bool started = false;
   char* stack = nullptr;
   Wait wait = Wait::kNone;
   uint64_t wait_gen = 0;
@@ -89,6 +92,7 @@ struct Block {
   dim3 bdim, gdim;
   size_t smem_bytes = 0;
   ucontext_t sched{};
+  jmp_buf sched_jb;
   int cur = -1;
   const std::function<void()>* body = nullptr;
 };
@@ -105,7 +109,7 @@ void wait_for(Wait w, uint64_t gen) {
   ThreadState& t = me();
   t.wait = w;
   t.wait_gen = gen;
-  swapcontext(&t.ctx, &g_block->sched);
+  if (!_setjmp(t.jb)) _longjmp(g_block->sched_jb, 1);
   t.wait = Wait::kNone;
 }
 
@@ -122,7 +126,22 @@ void fiber_main(int idx) {
   (void)idx;
   (*g_block->body)();
   g_block->threads[g_block->cur].done = true;
-  // returning resumes uc_link (the scheduler)
+  _longjmp(g_block->sched_jb, 1);
+}
+
+// Runs fiber i until it waits or finishes.
+void resume(Block& b, int i) {
+  ThreadState& t = b.threads[i];
+  b.cur = i;
+  if (!_setjmp(b.sched_jb)) {
+    if (!t.started) {
+      t.started = true;
+      swapcontext(&b.sched, &t.ctx);
+    } else {
+      _longjmp(t.jb, 1);
+    }
+  }
+  b.cur = -1;
 }
 
 enum Op { kShfl = 1, kLdm = 2, kLdmT = 3, kMmaH = 4, kMmaB = 5 };
@@ -329,6 +348,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
           t.tid = uint3{static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
                         static_cast<unsigned>(i / (block.x * block.y))};
           t.done = false;
+          t.started = false;
           t.wait = Wait::kNone;
           t.open_group.clear();
           t.groups.clear();
@@ -344,9 +364,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
           for (int i = 0; i < n; ++i) {
             ThreadState& t = b.threads[i];
             if (t.done || !runnable(t, b, i)) continue;
-            b.cur = i;
-            swapcontext(&b.sched, &t.ctx);
-            b.cur = -1;
+            resume(b, i);
             progressed = true;
             if (t.done) --live;
           }
