@@ -92,8 +92,8 @@ void run_tile_amx(const AttentionParams& p, const TileJob& job, float* scratch) 
   alignas(64) float alpha_row[R];
   for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
     const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 31) & ~31;
-    const uint16_t* kt = static_cast<const uint16_t*>(job.k_staged) + static_cast<int64_t>(j0) * D;
-    const uint32_t* vp = static_cast<const uint32_t*>(job.v_staged) + static_cast<int64_t>(j0 / 2) * D;
+    const uint16_t* kt = job.k_staged ? static_cast<const uint16_t*>(job.k_staged) + static_cast<int64_t>(j0) * D : nullptr;
+    const uint32_t* vp = job.v_staged ? static_cast<const uint32_t*>(job.v_staged) + static_cast<int64_t>(j0 / 2) * D : nullptr;
     if (!job.k_staged) {
       const void* const* kr;
       const void* const* vr;

@@ -61,8 +61,8 @@ void run_tile(const AttentionParams& p, const TileJob& job, float* scratch) {
                            (p.window_left >= 0 && j0 < imax - p.window_left);
     if constexpr (kBf16Dot) {
 #if defined(__AVX512BF16__)
-      const uint16_t* kt = static_cast<const uint16_t*>(job.k_staged) + static_cast<int64_t>(j0) * D;
-      const uint32_t* vpk = static_cast<const uint32_t*>(job.v_staged) + static_cast<int64_t>(j0 / 2) * D;
+      const uint16_t* kt = job.k_staged ? static_cast<const uint16_t*>(job.k_staged) + static_cast<int64_t>(j0) * D : nullptr;
+      const uint32_t* vpk = job.v_staged ? static_cast<const uint32_t*>(job.v_staged) + static_cast<int64_t>(j0 / 2) * D : nullptr;
       if (!staged) {
         uint16_t* kcopy = reinterpret_cast<uint16_t*>(kbuf);
         for (int jj = 0; jj < npad; ++jj) copy_row(kcopy + jj * D, kr[jj], row_bytes);
@@ -76,8 +76,8 @@ void run_tile(const AttentionParams& p, const TileJob& job, float* scratch) {
       pv_bf16<RV>(ppack, vpk, npad, D, ot, alpha);
 #endif
     } else {
-      const float* kt = static_cast<const float*>(job.k_staged) + static_cast<int64_t>(j0) * D;
-      const float* vt = static_cast<const float*>(job.v_staged) + static_cast<int64_t>(j0) * D;
+      const float* kt = job.k_staged ? static_cast<const float*>(job.k_staged) + static_cast<int64_t>(j0) * D : nullptr;
+      const float* vt = job.v_staged ? static_cast<const float*>(job.v_staged) + static_cast<int64_t>(j0) * D : nullptr;
       if (!staged) {
         for (int jj = 0; jj < npad; ++jj) {
           row_to_f32(kr[jj], jj < n ? dt : 0, kbuf + jj * D, D);
