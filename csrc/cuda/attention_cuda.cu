@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -94,8 +95,20 @@ int sm_count_of(int dev) {
   return n;
 }
 
-// Raises the kernel's dynamic shared-memory limit (needed above 48 KB) after checking the device has it.
-void prepare_kernel(const FwdKernel& k, int dev) {
+// Raises the kernel's dynamic shared-memory limit (needed above 48 KB) after checking the device has
+// it, and returns its blocks per SM. Done once per (kernel, device); later calls read the cache.
+int prepare_kernel(const FwdKernel& k, int dev) {
+  struct Entry {
+    const void* fn;
+    int dev, occupancy;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Entry& e : cache)
+      if (e.fn == k.fn && e.dev == dev) return e.occupancy;
+  }
   int optin = 0;
   check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
   if (k.smem_bytes > optin)
@@ -103,6 +116,12 @@ void prepare_kernel(const FwdKernel& k, int dev) {
                                 " bytes of shared memory per block; the device allows " + std::to_string(optin));
   check_cuda(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem_bytes),
              "cudaFuncSetAttribute");
+  int occ = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, k.threads, k.smem_bytes),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_back({k.fn, dev, std::max(occ, 1)});
+  return std::max(occ, 1);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -179,7 +198,7 @@ Plan make_plan(const AttentionParams& p, const AttentionExtras& x, int dev, int 
   const bool decode = max_q >= 0 && max_q * group <= kDecodeMaxRows;
   pl.kernel = find_kernel(p.head_dim, p.dtype, decode);
   const FwdKernel& k = pl.kernel;
-  prepare_kernel(k, dev);
+  const int occupancy = prepare_kernel(k, dev);
 
   // m-blocks per (sequence, kv head): exact for dense q, from the hint (or the mean) for varlen.
   const int64_t rows_est = max_q >= 0 ? max_q * group : ceil_div(q_total, p.batch) * group;
@@ -194,10 +213,7 @@ Plan make_plan(const AttentionParams& p, const AttentionExtras& x, int dev, int 
   if (p.num_splits > 1) {
     splits = static_cast<int>(std::min<int64_t>({p.num_splits, n_tiles, kMaxSplits}));
   } else if (p.num_splits == 0 && n_tiles > 1) {
-    int occ = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, k.fn, k.threads, k.smem_bytes),
-               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    splits = splits_heuristic(heads * n_mblocks, int64_t(sm_count) * std::max(occ, 1), n_tiles, kMaxSplits, decode);
+    splits = splits_heuristic(heads * n_mblocks, int64_t(sm_count) * occupancy, n_tiles, kMaxSplits, decode);
   }
   // The grid is one dimension of heads * splits * m-slots blocks; m-slots loop over m-blocks.
   if (heads * splits > INT_MAX) splits = 1;
