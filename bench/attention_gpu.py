@@ -129,7 +129,7 @@ def prefill(dtype_name: str, seqlen: int, reps, ceil: dict) -> dict:
             row["sdpa_unavailable"][name] = str(e).splitlines()[0][:200]
             continue
         err = (ours.float() - theirs.float()).abs()
-        if err.max().item() > 0.05 or err.mean().item() > 2e-3:
+        if err.max().item() > 0.125 or err.mean().item() > 2e-3:  # an ulp of an O(1) output, on average far less
             raise SystemExit(f"prefill {dtype_name} S={seqlen}: fastinfer differs from SDPA {name} by max "
                              f"{err.max().item():.3g}, mean {err.mean().item():.3g}")
         fns[f"sdpa_{name}"] = fn

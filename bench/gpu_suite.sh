@@ -104,7 +104,8 @@ T=$(budget 240 110)
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 log "pytest tests/test_cuda.py $XDIST, limit ${T}s"
-timeout "$T" $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=50 -rfE tests/test_cuda.py >"$LOGS/tests.log" 2>&1
+FASTINFER_NUM_THREADS=2 OMP_NUM_THREADS=2 timeout "$T" $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=50 -rfE \
+  tests/test_cuda.py >"$LOGS/tests.log" 2>&1
 rc=$?
 result "pytest: $(tail -1 "$LOGS/tests.log")" $rc
 
