@@ -7,17 +7,21 @@ namespace py = pybind11;
 namespace fastinfer {
 
 TensorView::TensorView(py::handle obj, const char* name) : name_(name) {
-  if (!py::hasattr(obj, "__dlpack__"))
+  py::object cap;
+  if (PyCapsule_CheckExact(obj.ptr())) {  // an exported capsule (the Python layer's fast path for torch)
+    cap = py::reinterpret_borrow<py::object>(obj);
+  } else if (!py::hasattr(obj, "__dlpack__"))
     throw py::type_error(std::string(name) + ": expected a tensor or array supporting DLPack (torch.Tensor, numpy.ndarray, ...), got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
-  py::object cap;
-  try {
-    cap = obj.attr("__dlpack__")();
-  } catch (py::error_already_set& e) {
-    throw py::type_error(std::string(name) + ": could not export through DLPack: " + e.what());
+  else {
+    try {
+      cap = obj.attr("__dlpack__")();
+    } catch (py::error_already_set& e) {
+      throw py::type_error(std::string(name) + ": could not export through DLPack: " + e.what());
+    }
   }
   if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
-    throw py::type_error(std::string(name) + ": __dlpack__ did not return a 'dltensor' capsule");
+    throw py::type_error(std::string(name) + ": expected an unconsumed 'dltensor' DLPack capsule");
   auto* managed = static_cast<dl::ManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
   capsule_ = std::move(cap);
   t_ = &managed->dl_tensor;

@@ -18,6 +18,7 @@ namespace {
 
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMinKeysPerSplit = 256;
+constexpr int64_t kInlineWork = int64_t(1) << 18;  // ~10 us of one core: below it, threads cost more than they save
 
 IsaKernels pick_kernels() {
   switch (active_isa()) {
@@ -246,8 +247,15 @@ void attention_forward(const AttentionParams& p) {
     }
   }
 
-  parallel_for(static_cast<int64_t>(jobs.size()),
-               [&](int64_t i, int) { kernels.tile(p, jobs[i], worker_scratch()); });
+  // Waking the pool costs more than a tiny call (one short decode step): run those inline.
+  int64_t work = 0;  // query rows x keys x head dim, summed over jobs
+  for (const TileJob& j : jobs) work += int64_t(j.row_end - j.row_begin) * (j.kv_end - j.kv_begin) * p.head_dim;
+  auto run_job = [&](int64_t i, int) { kernels.tile(p, jobs[i], worker_scratch()); };
+  if (work < kInlineWork) {
+    for (int64_t i = 0; i < static_cast<int64_t>(jobs.size()); ++i) run_job(i, 0);
+  } else {
+    parallel_for(static_cast<int64_t>(jobs.size()), run_job);
+  }
   if (!groups.empty())
     parallel_for(static_cast<int64_t>(groups.size()), [&](int64_t i, int) { merge_splits(p, groups[i]); });
 }

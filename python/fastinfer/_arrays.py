@@ -18,9 +18,13 @@ def is_torch(x: Any) -> bool:
 
 
 def kernel_view(x: Any) -> Any:
-    """What the kernels receive: torch tensors detached (DLPack refuses grad-tracking tensors)."""
-    if x is not None and is_torch(x) and x.requires_grad:
-        return x.detach()
+    """What the kernels receive. torch tensors go as DLPack capsules: torch's C exporter costs
+    about 0.2 us where Tensor.__dlpack__ (Python code) costs about 2 us, per tensor per call;
+    detached first, as DLPack refuses tensors that track gradients."""
+    if x is not None and is_torch(x):
+        from torch.utils.dlpack import to_dlpack
+
+        return to_dlpack(x.detach() if x.requires_grad else x)
     return x
 
 

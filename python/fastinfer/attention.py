@@ -81,8 +81,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap)
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[0], q.shape[2], q.shape[1])) if return_attn_probs else None
-    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), out, lse=lse,
-                         alibi_slopes=as_float32(alibi_slopes, q), options=opt, **launch_kwargs(q))
+    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse=kernel_view(lse),
+                         alibi_slopes=kernel_view(as_float32(alibi_slopes, q)), options=opt, **launch_kwargs(q))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -113,11 +113,11 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     opt.max_seqlen_q, opt.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[1], q.shape[0])) if return_attn_probs else None
-    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), out, lse=lse,
-                         cu_seqlens_q=as_index(cu_seqlens_q, q, name="cu_seqlens_q"),
-                         cu_seqlens_k=as_index(cu_seqlens_k, q, name="cu_seqlens_k"),
-                         block_table=as_index(block_table, q, name="block_table"), alibi_slopes=as_float32(alibi_slopes, q),
-                         options=opt, **launch_kwargs(q))
+    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse=kernel_view(lse),
+                         cu_seqlens_q=kernel_view(as_index(cu_seqlens_q, q, name="cu_seqlens_q")),
+                         cu_seqlens_k=kernel_view(as_index(cu_seqlens_k, q, name="cu_seqlens_k")),
+                         block_table=kernel_view(as_index(block_table, q, name="block_table")),
+                         alibi_slopes=kernel_view(as_float32(alibi_slopes, q)), options=opt, **launch_kwargs(q))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -159,11 +159,12 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap, num_splits)
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[0], q.shape[2], q.shape[1])) if return_softmax_lse else None
-    _C.attention_with_kvcache(kernel_view(q), k_cache, v_cache, out, k=kernel_view(k), v=kernel_view(v), lse=lse,
-                              cache_seqlens=as_index(cache_seqlens, q, name="cache_seqlens"),
-                              cache_batch_idx=as_index(cache_batch_idx, q, name="cache_batch_idx"),
-                              block_table=as_index(block_table, q, name="block_table"),
-                              alibi_slopes=as_float32(alibi_slopes, q), options=opt, **launch_kwargs(q))
+    _C.attention_with_kvcache(kernel_view(q), kernel_view(k_cache), kernel_view(v_cache), kernel_view(out),
+                              k=kernel_view(k), v=kernel_view(v), lse=kernel_view(lse),
+                              cache_seqlens=kernel_view(as_index(cache_seqlens, q, name="cache_seqlens")),
+                              cache_batch_idx=kernel_view(as_index(cache_batch_idx, q, name="cache_batch_idx")),
+                              block_table=kernel_view(as_index(block_table, q, name="block_table")),
+                              alibi_slopes=kernel_view(as_float32(alibi_slopes, q)), options=opt, **launch_kwargs(q))
     return (out, lse) if return_softmax_lse else out
 
 

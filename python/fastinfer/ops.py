@@ -19,5 +19,5 @@ def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_map
         slot_mapping[i] // block_size, offset slot_mapping[i] % block_size; negative = skip
     """
     stream = launch_kwargs(key).get("stream", 0)
-    _C.reshape_and_cache(kernel_view(key), kernel_view(value), k_cache, v_cache,
-                         as_index(slot_mapping, key, "int64", name="slot_mapping"), stream=stream)
+    _C.reshape_and_cache(kernel_view(key), kernel_view(value), kernel_view(k_cache), kernel_view(v_cache),
+                         kernel_view(as_index(slot_mapping, key, "int64", name="slot_mapping")), stream=stream)
