@@ -65,7 +65,7 @@ void check_same_dtype(const TensorView& t, DType want) {
 }
 
 void check_rank(const TensorView& t, int rank, const char* layout) {
-  check(t.dim() == rank, t.name(), ": expected ", rank, " dimensions ", layout, ", got shape ", t.shape_str());
+  check(t.dim() == rank, t.name(), ": expected ", rank, " dimensions ", layout, ", got shape ", t.shape());
 }
 
 void check_last_contiguous(const TensorView& t) {
@@ -84,7 +84,7 @@ void check_shape(const TensorView& t, std::initializer_list<int64_t> want) {
     i = 0;
     for (int64_t w : want) s << (i++ ? ", " : "") << w;
     s << (want.size() == 1 ? ",)" : ")");
-    throw py::value_error(cat(t.name(), ": expected shape ", s.str(), ", got ", t.shape_str()));
+    throw py::value_error(cat(t.name(), ": expected shape ", s.str(), ", got ", t.shape()));
   }
 }
 
@@ -92,7 +92,7 @@ void check_shape(const TensorView& t, std::initializer_list<int64_t> want) {
 int check_devices(const std::vector<const TensorView*>& ts) {
   const TensorView& first = *ts.front();
   for (const TensorView* t : ts)
-    if (t->device_str() != first.device_str())
+    if (!t->same_device(first))
       throw py::value_error(cat(t->name(), " is on ", t->device_str(), " but ", first.name(), " is on ", first.device_str()));
   if (first.is_cuda()) {
 #if defined(FASTINFER_WITH_CUDA)
@@ -198,7 +198,7 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
   // Queries and output.
   if (varlen_q) {
     p.batch = static_cast<int>(cu_q->size(0) - 1);
-    check(cu_q->dim() == 1 && cu_q->size(0) >= 1, "cu_seqlens_q: expected shape (batch + 1,), got ", cu_q->shape_str());
+    check(cu_q->dim() == 1 && cu_q->size(0) >= 1, "cu_seqlens_q: expected shape (batch + 1,), got ", cu_q->shape());
     p.cu_seqlens_q = index_vector(cu_q, p.batch + 1);
     if (host) check_cu_seqlens(*cu_q, p.cu_seqlens_q, p.batch, q.size(0), "rows of q");
     launch.q_rows = q.size(0);
@@ -211,9 +211,9 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
   p.q = q.data();
   p.q_row_stride = q.stride(qd - 3);
   p.q_head_stride = q.stride(qd - 2);
-  check(out.dim() == qd, "out: expected the shape of q ", q.shape_str(), ", got ", out.shape_str());
+  check(out.dim() == qd, "out: expected the shape of q ", q.shape(), ", got ", out.shape());
   for (int i = 0; i < qd; ++i)
-    check(out.size(i) == q.size(i), "out: expected the shape of q ", q.shape_str(), ", got ", out.shape_str());
+    check(out.size(i) == q.size(i), "out: expected the shape of q ", q.shape(), ", got ", out.shape());
   p.out = out.data();
   p.o_batch_stride = varlen_q ? 0 : out.stride(0);
   p.o_row_stride = out.stride(qd - 3);
@@ -227,7 +227,7 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
   check_rank(k, varlen_k ? 3 : 4, kv_layout);
   check_rank(v, varlen_k ? 3 : 4, kv_layout);
   for (int i = 0; i < k.dim(); ++i)
-    check(k.size(i) == v.size(i), v.name(), ": expected the shape of ", k.name(), " ", k.shape_str(), ", got ", v.shape_str());
+    check(k.size(i) == v.size(i), v.name(), ": expected the shape of ", k.name(), " ", k.shape(), ", got ", v.shape());
   const int kd = k.dim();
   p.num_kv_heads = static_cast<int>(k.size(kd - 2));
   check(k.size(kd - 1) == p.head_dim, k.name(), ": head dimension ", k.size(kd - 1), " does not match q's ", p.head_dim);
@@ -257,7 +257,7 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
   int64_t capacity;  // keys a sequence may hold
   if (paged) {
     check(block_table->dim() == 2 && block_table->size(0) == p.batch, "block_table: expected shape (batch=", p.batch,
-          ", max_blocks_per_seq), got ", block_table->shape_str());
+          ", max_blocks_per_seq), got ", block_table->shape());
     if (!block_table->is(dl::kInt, 32))
       throw py::type_error(cat("block_table: expected dtype int32, got ", block_table->dtype_str()));
     check(block_table->size(1) <= 1 || block_table->stride(1) == 1, "block_table: rows must be contiguous");
@@ -421,14 +421,14 @@ CacheViews cache_params(const TensorView& key, const TensorView& value, const Te
       throw py::type_error(cat(t->name(), ": expected dtype ", dtype_name(dtype), " (same as k_cache), got ", t->dtype_str()));
   check_rank(k_cache, 4, "(num_blocks, block_size, nheads_k, headdim)");
   for (int i = 0; i < 4; ++i)
-    check(v_cache.size(i) == k_cache.size(i), "v_cache: expected the shape of k_cache ", k_cache.shape_str(), ", got ",
-          v_cache.shape_str());
+    check(v_cache.size(i) == k_cache.size(i), "v_cache: expected the shape of k_cache ", k_cache.shape(), ", got ",
+          v_cache.shape());
   const int kd = key.dim();
   for (int i = 0; i < kd; ++i)
-    check(value.size(i) == key.size(i), value.name(), ": expected the shape of ", key.name(), " ", key.shape_str(), ", got ",
-          value.shape_str());
+    check(value.size(i) == key.size(i), value.name(), ": expected the shape of ", key.name(), " ", key.shape(), ", got ",
+          value.shape());
   check(key.size(kd - 2) == k_cache.size(2) && key.size(kd - 1) == k_cache.size(3), key.name(), ": expected ", src_layout,
-        " with nheads_k=", k_cache.size(2), " and headdim=", k_cache.size(3), ", got ", key.shape_str());
+        " with nheads_k=", k_cache.size(2), " and headdim=", k_cache.size(3), ", got ", key.shape());
   for (const TensorView* t : {&key, &value, &k_cache, &v_cache}) check_last_contiguous(*t);
   CacheViews c;
   KVWriteParams& p = c.p;
@@ -497,7 +497,7 @@ std::vector<int64_t> plan_append(const TensorView& key, const TensorView& value,
     if (!block_table->is(dl::kInt, 32))
       throw py::type_error(cat("block_table: expected dtype int32, got ", block_table->dtype_str()));
     check(block_table->dim() == 2 && block_table->size(0) == batch, "block_table: expected shape (batch=", batch,
-          ", max_blocks_per_seq), got ", block_table->shape_str());
+          ", max_blocks_per_seq), got ", block_table->shape());
     const int32_t* bt = block_table->data<const int32_t>();
     const int64_t bs = c.p.block_size, cap = block_table->size(1) * bs, nblocks = k_cache.size(0);
     for (int64_t b = 0; b < batch; ++b) {

@@ -77,4 +77,6 @@ std::string TensorView::shape_str() const {
   return s.str();
 }
 
+std::ostream& operator<<(std::ostream& os, ShapeOf s) { return os << s.t->shape_str(); }
+
 }  // namespace fastinfer

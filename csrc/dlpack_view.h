@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <ostream>
 #include <string>
 
 namespace fastinfer {
@@ -31,6 +32,13 @@ struct ManagedTensor {
 };
 }  // namespace dl
 
+class TensorView;
+// Formats a tensor's shape only when an error message is actually written.
+struct ShapeOf {
+  const TensorView* t;
+};
+std::ostream& operator<<(std::ostream& os, ShapeOf s);
+
 class TensorView {
  public:
   // Throws TypeError naming `name` when obj has no usable __dlpack__.
@@ -47,6 +55,10 @@ class TensorView {
   std::string device_str() const;
   std::string dtype_str() const;
   std::string shape_str() const;
+  ShapeOf shape() const { return {this}; }  // for messages: formatted lazily
+  bool same_device(const TensorView& o) const {
+    return t_->device.device_type == o.t_->device.device_type && t_->device.device_id == o.t_->device.device_id;
+  }
   bool is(uint8_t code, uint8_t bits) const { return t_->dtype.code == code && t_->dtype.bits == bits && t_->dtype.lanes == 1; }
   bool is_contiguous() const;
   template <class T = void>
