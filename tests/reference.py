@@ -135,6 +135,25 @@ def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
     return rows[:length]
 
 
+def kvcache_ref(q, k_cache, v_cache, lengths, batch_idx=None, block_table=None, alibi=None, **kw):
+    """Per sequence: the first lengths[b] keys of its cache row (dense) or blocks (paged)."""
+    def fn(upcast):
+        outs, lses = [], []
+        for b in range(q.shape[0]):
+            n = int(lengths[b])
+            if block_table is not None:
+                k, v = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
+            else:
+                row = b if batch_idx is None else int(batch_idx[b])
+                k, v = k_cache[row, :n], v_cache[row, :n]
+            slopes = alibi[b] if alibi is not None and alibi.dim() == 2 else alibi
+            o, l = attention_ref(q[b:b + 1], k[None], v[None], alibi_slopes=slopes, upcast=upcast, **kw)
+            outs.append(o)
+            lses.append(l)
+        return torch.cat(outs), torch.cat(lses)
+    return fn
+
+
 def attention_ref_paged(q, k_cache, v_cache, cu_q: Sequence[int], seqlens_k: Sequence[int], block_table, **kw):
     """Varlen queries against a paged cache: gather each sequence's keys, then attention_ref_varlen."""
     ks = [gather_paged(as_torch(k_cache), block_table[b], int(n)) for b, n in enumerate(seqlens_k)]

@@ -26,6 +26,7 @@ import fastinfer
 from fastinfer import _C, ops
 from conftest import DTYPE_IDS
 from reference import (alibi_slopes, assert_close, attention_ref, attention_ref_paged, attention_ref_varlen, cu_seqlens,
+                       kvcache_ref,
                        gather_paged, randn, tolerance)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not fastinfer.cuda_available(), reason="needs a CUDA device")]
@@ -106,24 +107,6 @@ def paged_cache(gen, dtype, lengths, block_size, hk, d, spare_blocks=3):
         table[b, :n] = perm[at:at + n]
         at += n
     return randn((num_blocks, block_size, hk, d), dtype, gen), randn((num_blocks, block_size, hk, d), dtype, gen), table
-
-
-def kvcache_ref(q, k_cache, v_cache, lengths, batch_idx=None, block_table=None, alibi=None, **kw):
-    def fn(upcast):
-        outs, lses = [], []
-        for b in range(q.shape[0]):
-            n = int(lengths[b])
-            if block_table is not None:
-                k, v = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
-            else:
-                row = b if batch_idx is None else int(batch_idx[b])
-                k, v = k_cache[row, :n], v_cache[row, :n]
-            slopes = alibi[b] if alibi is not None and alibi.dim() == 2 else alibi
-            o, l = attention_ref(q[b:b + 1], k[None], v[None], alibi_slopes=slopes, upcast=upcast, **kw)
-            outs.append(o)
-            lses.append(l)
-        return torch.cat(outs), torch.cat(lses)
-    return fn
 
 
 def expected_append(cache, new, lens, batch_idx=None, block_table=None):

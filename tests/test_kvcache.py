@@ -11,6 +11,7 @@ import fastinfer
 from fastinfer import ops
 from conftest import DTYPE_IDS, DTYPES, dtypes
 from reference import (alibi_slopes, attention_ref, attention_ref_paged, attention_ref_varlen, check, cu_seqlens,
+                       kvcache_ref,
                        gather_paged, randn)
 
 
@@ -32,25 +33,6 @@ def expected_append(cache, new, lens, batch_idx=None, block_table=None):
                 row = b if batch_idx is None else int(batch_idx[b])
                 cache[row, pos] = new[b, i]
     return cache
-
-
-def kvcache_ref(q, k_cache, v_cache, lengths, batch_idx=None, block_table=None, alibi=None, **kw):
-    """Per sequence: the first lengths[b] keys of its cache row (dense) or blocks (paged)."""
-    def fn(upcast):
-        outs, lses = [], []
-        for b in range(q.shape[0]):
-            n = int(lengths[b])
-            if block_table is not None:
-                k, v = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
-            else:
-                row = b if batch_idx is None else int(batch_idx[b])
-                k, v = k_cache[row, :n], v_cache[row, :n]
-            slopes = alibi[b] if alibi is not None and alibi.dim() == 2 else alibi
-            o, l = attention_ref(q[b:b + 1], k[None], v[None], alibi_slopes=slopes, upcast=upcast, **kw)
-            outs.append(o)
-            lses.append(l)
-        return torch.cat(outs), torch.cat(lses)
-    return fn
 
 
 def paged_cache(gen, dtype, lengths, block_size, hk, d, spare_blocks=3):
