@@ -26,7 +26,7 @@ import fastinfer
 from fastinfer import _C, ops
 from conftest import DTYPE_IDS
 from reference import (alibi_slopes, assert_close, attention_ref, attention_ref_paged, attention_ref_varlen, cu_seqlens,
-                       kvcache_ref,
+                       expected_append, kvcache_ref, paged_cache,
                        gather_paged, randn, tolerance)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not fastinfer.cuda_available(), reason="needs a CUDA device")]
@@ -94,34 +94,6 @@ def run_dense(q, k, v, compare_cpu=True, **kw):
         cpu_res = (c_out, c_lse)
     check_gpu(out, lse, lambda upcast: attention_ref(q, k, v, alibi_slopes=slopes, upcast=upcast, **kw), cpu_res)
     return out, lse
-
-
-def paged_cache(gen, dtype, lengths, block_size, hk, d, spare_blocks=3):
-    """Blocks handed out in a random order; unused table entries are -1 (never read). CPU tensors."""
-    nblk = [max(1, (n + block_size - 1) // block_size) for n in lengths]
-    num_blocks = sum(nblk) + spare_blocks
-    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    table = torch.full((len(lengths), max(nblk)), -1, dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(nblk):
-        table[b, :n] = perm[at:at + n]
-        at += n
-    return randn((num_blocks, block_size, hk, d), dtype, gen), randn((num_blocks, block_size, hk, d), dtype, gen), table
-
-
-def expected_append(cache, new, lens, batch_idx=None, block_table=None):
-    cache = cache.clone()
-    if new is None:
-        return cache
-    for b in range(new.shape[0]):
-        for i in range(new.shape[1]):
-            pos = int(lens[b]) + i
-            if block_table is not None:
-                bs = cache.shape[1]
-                cache[int(block_table[b, pos // bs]), pos % bs] = new[b, i]
-            else:
-                cache[b if batch_idx is None else int(batch_idx[b]), pos] = new[b, i]
-    return cache
 
 
 def _opts(d, causal=False, window=(-1, -1), softcap=0.0, num_splits=0, scale=None):

@@ -11,47 +11,11 @@ import fastinfer
 from fastinfer import ops
 from conftest import DTYPE_IDS, DTYPES, dtypes
 from reference import (alibi_slopes, attention_ref, attention_ref_paged, attention_ref_varlen, check, cu_seqlens,
-                       kvcache_ref,
+                       expected_append, kvcache_ref, paged_cache,
                        gather_paged, randn)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def expected_append(cache, new, lens, batch_idx=None, block_table=None):
-    """cache after writing new[b, i] at position lens[b] + i of sequence b (dense or paged)."""
-    cache = cache.clone()
-    if new is None:
-        return cache
-    for b in range(new.shape[0]):
-        for i in range(new.shape[1]):
-            pos = int(lens[b]) + i
-            if block_table is not None:
-                bs = cache.shape[1]
-                cache[int(block_table[b, pos // bs]), pos % bs] = new[b, i]
-            else:
-                row = b if batch_idx is None else int(batch_idx[b])
-                cache[row, pos] = new[b, i]
-    return cache
-
-
-def paged_cache(gen, dtype, lengths, block_size, hk, d, spare_blocks=3):
-    """A paged cache whose blocks are handed out to the sequences in a random order.
-
-    Returns (k_cache, v_cache, block_table): sequence b gets enough blocks for lengths[b]
-    keys (at least one); the rest of its table row is -1, which the kernels never read."""
-    nblk = [max(1, (n + block_size - 1) // block_size) for n in lengths]
-    num_blocks = sum(nblk) + spare_blocks
-    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    width = max(nblk)
-    table = torch.full((len(lengths), width), -1, dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(nblk):
-        table[b, :n] = perm[at:at + n]
-        at += n
-    kc = randn((num_blocks, block_size, hk, d), dtype, gen)
-    vc = randn((num_blocks, block_size, hk, d), dtype, gen)
-    return kc, vc, table
 
 
 # ----------------------------------------------------------------------------- dense cache
