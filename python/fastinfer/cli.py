@@ -1,0 +1,474 @@
+"""The ``fastinfer`` command: offline generation for one prompt or a whole file of them.
+
+``main(argv)`` returns the exit status; ``make_llm`` builds the LLM and is the seam tests replace.
+Formats, ids and resume are in cli_io.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable
+
+from fastinfer import cli_io
+from fastinfer.cli_io import BadLine, Request
+
+DEFAULT_MAX_TOKENS = 256
+
+_DESCRIPTION = """\
+fastinfer: LLM inference on CPU and CUDA with a paged KV cache.
+
+Commands:
+  generate   complete one prompt, or a file of prompts (text, JSONL or OpenAI Batch API format)
+
+Run `fastinfer generate --help` for the details."""
+
+_GENERATE_DESCRIPTION = """\
+Complete one PROMPT (printed to stdout as it is generated) or every request of --input FILE
+(written as JSON lines to --output, or to stdout, each line as soon as its request finishes).
+Without --model the built-in default model (SmolLM2-135M-Instruct, GGUF) is used."""
+
+_GENERATE_EPILOG = """\
+input formats (--input; detected from the first non-blank line, or set with --input-format):
+  text     one prompt per line; a request's id is its 0-based line index; blank lines are skipped
+  jsonl    {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}]} per line, with an
+           optional "id" (or "custom_id") and per-line sampling settings under the --flag names with
+           underscores: {"id": "q7", "prompt": "...", "max_tokens": 64, "temperature": 0, "stop": ["\\n"]}
+  openai   OpenAI Batch API lines: {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+           "body": {"messages": [...], "max_tokens": 64}}; "/v1/completions" takes "prompt" instead
+
+output (--output FILE, else stdout):
+  text and jsonl input give {"id", "prompt" (or "messages"), "text", "finish_reason", "usage"} per
+  request ("outputs": [...] instead of "text" when n > 1, "error" when the engine rejected it);
+  openai input gives OpenAI Batch API output lines ({"custom_id", "response": {"status_code": 200,
+  "body": {...}}, "error": null}, or "response": null and an "error" for a failed request).
+  Lines come in completion order, not input order; match them by id.
+
+chat template:
+  {"messages"} lines and /v1/chat/completions always go through the model's chat template and
+  /v1/completions prompts never do. PROMPT, text lines and {"prompt"} lines use it when the model has
+  one (instruct models do) unless --no-chat; --chat makes a model without a template an error.
+
+resume:
+  With --resume, requests whose id is already in --output are skipped and new lines are appended; a
+  half-written last line left by a killed run is cut off first. Without --resume an existing,
+  non-empty --output is an error unless --overwrite.
+
+exit status: 0 done (a request the engine rejected is recorded in the output, not a failure);
+  1 usage or load error (missing file, bad model); 2 bad command line, or bad input lines with
+  --on-bad-line fail (nothing is generated then); 130 interrupted (lines written so far are kept).
+
+examples:
+  fastinfer generate "Write a haiku about caches."
+  fastinfer generate --model ./Qwen3-0.6B --temperature 0 --max-tokens 64 "The capital of France is"
+  fastinfer generate --input prompts.txt --output results.jsonl
+  fastinfer generate --input batch.jsonl --output out.jsonl --resume   # after an interruption
+  cat prompts.txt | fastinfer generate --input - --no-progress > results.jsonl"""
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def make_llm(model: str | None, **engine_kwargs: Any) -> Any:
+    """The LLM a run uses (tests replace this, or pass ``llm_factory`` to ``main``)."""
+    from fastinfer.llm import LLM
+
+    return LLM(model, **engine_kwargs)
+
+
+def _byte_size(text: str) -> int:
+    """``123``, ``512M``, ``4GiB``, ``1.5G`` -> bytes."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = text.strip().lower().removesuffix("b").removesuffix("i")
+    num, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 4GiB, 512M, 1000000)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return int(value)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="fastinfer", description=_DESCRIPTION, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    g = sub.add_parser(
+        "generate", help="complete a prompt or a file of prompts", description=_GENERATE_DESCRIPTION,
+        epilog=_GENERATE_EPILOG, formatter_class=fmt,
+    )
+    g.add_argument("prompt", nargs="?", metavar="PROMPT", help="one prompt to complete (or use --input)")
+    g.add_argument("--model", "-m", metavar="PATH_OR_ID", help="HF model folder, .gguf file or cached HF id (default: built-in model)")
+
+    io = g.add_argument_group("input and output")
+    io.add_argument("--input", "-i", metavar="FILE", help="file of requests, - for stdin")
+    io.add_argument("--input-format", choices=cli_io.FORMATS, help="skip format detection")
+    io.add_argument("--output", "-o", metavar="FILE", help="write JSON lines here (default: stdout)")
+    io.add_argument("--resume", action="store_true", help="skip ids already in --output and append")
+    io.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    io.add_argument("--on-bad-line", choices=("skip", "fail"), default="skip",
+                    help="bad input lines: report and skip (default), or fail before generating (exit 2)")
+    io.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="apply the chat template to plain prompts (default: when the model has one)")
+    io.add_argument("--system", metavar="TEXT", help="system message for chat-templated plain prompts")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    s = g.add_argument_group("sampling (defaults for every request; input lines may override them)")
+    s.add_argument("--max-tokens", type=_positive_int, metavar="N", default=DEFAULT_MAX_TOKENS,
+                   help=f"most new tokens per completion (default: {DEFAULT_MAX_TOKENS})")
+    s.add_argument("--temperature", "-t", type=float, metavar="T", help="0 = greedy (default: 1.0)")
+    s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (default: 1.0 = off)")
+    s.add_argument("--top-k", type=int, metavar="K", help="sample from the k most likely tokens (default: 0 = off)")
+    s.add_argument("--min-p", type=float, metavar="P", help="drop tokens below min_p x the top probability (default: 0)")
+    s.add_argument("--seed", type=int, metavar="S", help="per-request seed: a request gives the same text in any batch or "
+                   "resumed run (also the engine seed)")
+    s.add_argument("--stop", action="append", metavar="STRING", help="stop string (repeatable)")
+    s.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default: 1)")
+    s.add_argument("--repetition-penalty", type=float, metavar="X", help="(default: 1.0 = off)")
+    s.add_argument("--presence-penalty", type=float, metavar="X", help="(default: 0)")
+    s.add_argument("--frequency-penalty", type=float, metavar="X", help="(default: 0)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    s.add_argument("--logprobs", type=int, metavar="K", help="record the sampled token's and the top K logprobs")
+
+    e = g.add_argument_group("engine")
+    e.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
+    e.add_argument("--device", help="auto, cpu or cuda[:i] (default: auto)")
+    e.add_argument("--max-model-len", type=_positive_int, metavar="N", help="longest prompt + output (default: the model's)")
+    e.add_argument("--block-size", type=_positive_int, metavar="N", help="tokens per KV cache block (default: 16)")
+    e.add_argument("--max-num-seqs", type=_positive_int, metavar="N", help="most sequences per step (default: 256)")
+    e.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N", help="most tokens per step")
+    e.add_argument("--kv-cache-memory-bytes", type=_byte_size, metavar="SIZE", help="KV cache size, e.g. 2GiB")
+    e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    e.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all this process may use)")
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastinfer")
+    except Exception:  # not installed as a distribution (running from a source tree)
+        return "unknown"
+
+
+def main(argv: list[str] | None = None, *, llm_factory: Callable[..., Any] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+    try:
+        return _generate(args, llm_factory or make_llm)
+    except CliError as err:
+        _say(f"error: {err}")
+        return err.code
+    except KeyboardInterrupt:
+        _say("interrupted; the lines written so far are kept (run again with --resume to finish)")
+        return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # same clean exit as Ctrl-C: output flushed and closed
+
+
+def _say(message: str) -> None:
+    print(f"fastinfer: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(slots=True)
+class Stats:
+    requests: int = 0  # finished this run (rejected ones included)
+    failed: int = 0  # rejected by the engine
+    bad_lines: int = 0
+    resumed: int = 0  # already in the output
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    load_s: float = 0.0
+    generate_s: float = 0.0
+
+    def summary(self) -> str:
+        t = max(self.generate_s, 1e-9)
+        return (
+            f"{self.requests} requests done ({self.failed} failed), {self.bad_lines} bad lines skipped, "
+            f"{self.resumed} already in the output\n"
+            f"  prompt tokens {self.prompt_tokens}, output tokens {self.output_tokens}, wall {self.generate_s:.2f} s "
+            f"(+ {self.load_s:.2f} s model load), {self.output_tokens / t:.1f} output tok/s, "
+            f"{self.requests / t:.2f} req/s"
+        )
+
+
+def _sampling_defaults(args: argparse.Namespace) -> dict:
+    d: dict[str, Any] = {"max_tokens": args.max_tokens}
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "logprobs"):
+        if getattr(args, name) is not None:
+            d[name] = getattr(args, name)
+    if args.ignore_eos:
+        d["ignore_eos"] = True
+    return d
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    d: dict[str, Any] = {}
+    for name in ("dtype", "device", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                 "kv_cache_memory_bytes", "seed"):
+        if getattr(args, name) is not None:
+            d[name] = getattr(args, name)
+    if args.no_prefix_caching:
+        d["enable_prefix_caching"] = False
+    return d
+
+
+def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[Request], list[BadLine]]:
+    from fastinfer.engine.sampling_params import SamplingParams
+
+    if args.prompt is not None:
+        req = Request(0, 1, "text", args.prompt, None, dict(defaults))
+        try:
+            req.sampling = SamplingParams(**req.params)
+        except (ValueError, TypeError) as err:
+            raise CliError(f"bad sampling setting: {err}", 2) from None
+        return "text", [req], []
+    try:
+        if args.input == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.input, "rb") as f:
+                data = f.read()
+    except OSError as err:
+        raise CliError(f"cannot read --input {args.input}: {err.strerror or err}") from None
+    lines = cli_io.split_lines(data)
+    fmt = args.input_format or cli_io.detect_format(lines)
+    requests, bad = cli_io.parse_input(data, fmt, defaults, SamplingParams)
+    return fmt, requests, bad
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.input is None):
+        raise CliError("give one PROMPT or --input FILE (see fastinfer generate --help)", 2)
+    if args.resume and not args.output:
+        raise CliError("--resume needs --output FILE", 2)
+    if args.resume and args.overwrite:
+        raise CliError("--resume and --overwrite contradict each other", 2)
+    if args.output and not args.resume and not args.overwrite:
+        if os.path.exists(args.output) and os.path.getsize(args.output) > 0:
+            raise CliError(f"{args.output} exists; add --resume to continue it or --overwrite to replace it")
+
+
+def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
+    _check_args(args)
+    stats = Stats()
+    fmt, requests, bad = _read_requests(args, _sampling_defaults(args))
+    for b in bad:
+        _say(f"{'bad' if args.on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
+    stats.bad_lines = len(bad)
+    if bad and args.on_bad_line == "fail":
+        raise CliError(f"{len(bad)} bad input line(s); nothing generated (--on-bad-line fail)", 2)
+
+    done: set[str] = set()
+    if args.resume:
+        try:
+            done, cut = cli_io.read_done_ids(args.output, fmt)
+        except cli_io.ResumeError as err:
+            raise CliError(str(err)) from None
+        except OSError as err:
+            raise CliError(f"cannot read --output {args.output}: {err.strerror or err}") from None
+        if cut:
+            _say(f"cut a partial last line ({cut} bytes) from {args.output}")
+    pending = [r for r in requests if cli_io.id_key(r.id) not in done]
+    stats.resumed = len(requests) - len(pending)
+    # An OpenAI batch records its bad lines as error lines (when they have a custom_id to match them by).
+    bad_records = [
+        cli_io.openai_error(b.id, "invalid_request", b.message)
+        for b in bad
+        if fmt == "openai" and b.id is not None and cli_io.id_key(b.id) not in done
+    ]
+
+    single = args.prompt is not None and not args.output
+    out = _open_output(args)
+    try:
+        for rec in bad_records:
+            _write(out, rec)
+        if pending:
+            llm = _load(args, llm_factory, stats)
+            pending, prompts = _engine_prompts(args, llm, pending, fmt, out, stats)
+        if pending and single:
+            _print_stream(llm, prompts[0], pending[0], stats)
+        elif pending:
+            _run_batch(args, llm, fmt, pending, prompts, out, stats)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+        else:
+            out.flush()
+    if not single or not args.no_progress:
+        _say(stats.summary())
+    return 0
+
+
+def _open_output(args: argparse.Namespace) -> BinaryIO:
+    if not args.output:
+        return sys.stdout.buffer
+    try:
+        return open(args.output, "ab" if args.resume else "wb")
+    except OSError as err:
+        raise CliError(f"cannot write --output {args.output}: {err.strerror or err}") from None
+
+
+def _write(out: BinaryIO, record: dict) -> None:
+    """One complete line per write, flushed: a kill loses at most the line being written."""
+    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    out.flush()
+
+
+def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: Stats) -> Any:
+    if args.threads:
+        import torch
+
+        import fastinfer
+
+        torch.set_num_threads(args.threads)
+        fastinfer.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        llm = llm_factory(args.model, **_engine_kwargs(args))
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # any load failure is reported as one line, not a traceback
+        if os.environ.get("FASTINFER_DEBUG"):
+            raise
+        name = args.model or "the default model"
+        raise CliError(f"cannot load {name}: {err} (FASTINFER_DEBUG=1 shows the traceback)") from None
+    stats.load_s = time.perf_counter() - t0
+    return llm
+
+
+def _engine_prompts(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: str, out: BinaryIO,
+                    stats: Stats) -> tuple[list[Request], list[dict]]:
+    """The requests whose prompt could be built and their LLM.stream prompts; the others are written as
+    error lines now."""
+    tokenizer = llm.get_tokenizer()
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.chat and not has_template:
+        raise CliError("--chat: the model has no chat template")
+    chat = has_template if args.chat is None else args.chat
+    vocab_size = getattr(getattr(llm, "config", None), "vocab_size", None)
+    ok: list[Request] = []
+    prompts: list[dict] = []
+    for r in pending:
+        try:
+            prompts.append(cli_io.engine_prompt(r, tokenizer, chat, args.system, vocab_size))
+            ok.append(r)
+        except ValueError as err:
+            if args.prompt is not None and not args.output:
+                raise CliError(str(err)) from None
+            _say(f"line {r.line}: {err}")
+            _write(out, cli_io.openai_error(r.id, "invalid_request", str(err)) if fmt == "openai"
+                   else cli_io.jsonl_error(r, str(err)))
+            stats.requests += 1
+            stats.failed += 1
+    return ok, prompts
+
+
+def _print_stream(llm: Any, prompt: Any, req: Request, stats: Stats) -> None:
+    """One prompt: its text goes to stdout as it grows (n = 1) or each completion at the end (n > 1)."""
+    printed = ""
+    final = None
+    t0 = time.perf_counter()
+    for ro in llm.stream([prompt], [req.sampling], request_ids=["0"]):
+        if len(ro.outputs) == 1 and ro.error is None:
+            text = ro.outputs[0].text
+            if text.startswith(printed) and len(text) > len(printed):
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        if ro.finished:
+            final = ro
+    stats.generate_s = time.perf_counter() - t0
+    if final is None:
+        raise CliError("the engine finished without a result")
+    if final.error is not None:
+        raise CliError(f"request rejected: {final.error}")
+    if len(final.outputs) > 1:
+        for c in final.outputs:
+            sys.stdout.write(f"{'' if c.index == 0 else chr(10)}--- completion {c.index} ---\n{c.text}")
+        printed = final.outputs[-1].text
+    if not printed.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    stats.requests = 1
+    stats.prompt_tokens = len(final.prompt_token_ids)
+    stats.output_tokens = sum(len(c.token_ids) for c in final.outputs)
+
+
+def _run_batch(args: argparse.Namespace, llm: Any, fmt: str, pending: list[Request], prompts: list[Any],
+               out: BinaryIO, stats: Stats) -> None:
+    """Stream every pending request, writing each one's line when it finishes."""
+    from tqdm import tqdm
+
+    model_name = args.model or "fastinfer-default"
+    seen_tokens = [0] * len(pending)  # output tokens of each request counted so far (for the live rate)
+    live_tokens = 0
+    t0 = time.perf_counter()
+    last_postfix = 0.0
+    bar = tqdm(total=len(pending), unit="req", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+    try:
+        stream = llm.stream(prompts, [r.sampling for r in pending], request_ids=[str(i) for i in range(len(pending))])
+        for ro in stream:
+            i = int(ro.request_id)
+            tokens = sum(len(c.token_ids) for c in ro.outputs)
+            live_tokens += tokens - seen_tokens[i]
+            seen_tokens[i] = tokens
+            if ro.finished:
+                req = pending[i]
+                record = cli_io.openai_record(req, ro, model_name) if fmt == "openai" else cli_io.jsonl_record(req, ro)
+                _write(out, record)
+                stats.requests += 1
+                stats.failed += ro.error is not None
+                stats.prompt_tokens += len(ro.prompt_token_ids)
+                stats.output_tokens += tokens
+                bar.update(1)
+            now = time.perf_counter()
+            if not args.no_progress and now - last_postfix > 0.5:
+                bar.set_postfix_str(f"{live_tokens / max(now - t0, 1e-9):.1f} tok/s", refresh=False)
+                last_postfix = now
+    finally:
+        stats.generate_s = time.perf_counter() - t0
+        bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Input parsing, output records and resume bookkeeping for ``fastinfer generate``.
+
+Three input formats, told apart by the first non-blank line (``detect_format``):
+
+- ``text``: one prompt per line; a request's id is its 0-based line index.
+- ``jsonl``: ``{"prompt": ...}`` or ``{"messages": [...]}`` per line, optional ``"id"`` or ``"custom_id"``
+  and per-line sampling settings under SamplingParams' names (``max_tokens``, ``temperature``, ...).
+- ``openai``: the OpenAI Batch API input (``custom_id``, ``method``, ``url``, ``body``).
+
+``text`` and ``jsonl`` produce JSONL records ``{"id", "prompt" | "messages", "text" | "outputs",
+"finish_reason", "usage"}``; ``openai`` produces the Batch API output lines. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastinfer.engine.outputs import RequestOutput
+
+FORMATS = ("text", "jsonl", "openai")
+
+# Per-line sampling settings a JSONL line may carry, with the JSON types each accepts.
+_NUM = (int, float)
+SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
+    "n": (int,),
+    "temperature": _NUM,
+    "top_p": _NUM,
+    "top_k": (int,),
+    "min_p": _NUM,
+    "seed": (int, type(None)),
+    "stop": (str, list, type(None)),
+    "stop_token_ids": (list, type(None)),
+    "ignore_eos": (bool,),
+    "max_tokens": (int, type(None)),
+    "min_tokens": (int,),
+    "logprobs": (int, type(None)),
+    "presence_penalty": _NUM,
+    "frequency_penalty": _NUM,
+    "repetition_penalty": _NUM,
+    "skip_special_tokens": (bool,),
+    "include_stop_str_in_output": (bool,),
+}
+# OpenAI body fields accepted and ignored (they change nothing in an offline run).
+_OPENAI_IGNORED = {"model", "user", "store", "metadata", "service_tier", "stream_options", "parallel_tool_calls"}
+OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+class BadLine(ValueError):
+    """An input line that cannot become a request; ``line`` is 1-based, ``id`` the request id when known."""
+
+    def __init__(self, line: int, message: str, id: Any = None) -> None:
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.message = message
+        self.id = id
+
+
+@dataclass(slots=True)
+class Request:
+    """One input line made ready for the engine."""
+
+    id: Any  # custom_id / "id" / 0-based line index; unique in the input
+    line: int  # 1-based line number, for messages
+    kind: str  # "text" (plain prompt, chat template optional), "messages", "completion" (raw prompt)
+    prompt: str | list[int] | None  # the prompt as given (token ids allowed), None for messages
+    messages: list[dict] | None  # the conversation, for kind "messages"
+    params: dict = field(default_factory=dict)  # SamplingParams keyword arguments (CLI defaults + line overrides)
+    sampling: Any = None  # the SamplingParams built from params
+    model: str | None = None  # the OpenAI body's "model", echoed in its response
+
+
+def id_key(value: Any) -> str:
+    """A hashable key that keeps 3 and "3" apart (ids come from JSON)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """Lines without their terminators (``\\n`` or ``\\r\\n``); a final newline adds no empty line."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+
+
+def detect_format(lines: list[bytes]) -> str:
+    """``text`` unless the first non-blank line starts with ``{``; then ``openai`` when the first line that
+    parses as a JSON object has ``custom_id`` and ``body``, else ``jsonl``."""
+    first = next((ln.strip() for ln in lines if ln.strip()), b"")
+    if not first.startswith(b"{"):
+        return "text"
+    for ln in lines:
+        try:
+            obj = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return "openai" if "custom_id" in obj and "body" in obj else "jsonl"
+    return "jsonl"
+
+
+def parse_input(
+    data: bytes, fmt: str, defaults: dict, make_params: Callable[..., Any]
+) -> tuple[list[Request], list[BadLine]]:
+    """Requests and bad lines of an input file in format ``fmt`` (one of FORMATS).
+
+    ``defaults`` are the SamplingParams keyword arguments from the command line; a line's own settings
+    override them. ``make_params(**kwargs)`` builds the SamplingParams (its ValueError makes a bad line).
+    Blank lines are skipped (they still count for line numbers and text ids). Duplicate ids are bad lines.
+    """
+    requests: list[Request] = []
+    bad: list[BadLine] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(split_lines(data)):
+        line = index + 1
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+            if fmt == "text":
+                req = Request(index, line, "text", text, None, dict(defaults))
+            elif fmt == "jsonl":
+                req = _parse_jsonl(text, index, defaults)
+            else:
+                req = _parse_openai(text, index, defaults)
+            key = id_key(req.id)
+            if key in seen:
+                raise BadLine(line, f"duplicate id {req.id!r} (first on line {seen[key]})")
+            seen[key] = line
+            try:
+                req.sampling = make_params(**req.params)
+            except (ValueError, TypeError) as err:
+                raise BadLine(line, f"bad sampling setting: {err}", req.id) from None
+            requests.append(req)
+        except UnicodeDecodeError:
+            bad.append(BadLine(line, "not UTF-8 text"))
+        except BadLine as err:
+            bad.append(err)
+    return requests, bad
+
+
+def _json_object(text: str, line: int) -> dict:
+    try:
+        obj = json.loads(text)
+    except ValueError as err:
+        raise BadLine(line, f"invalid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise BadLine(line, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _check_sampling(name: str, value: Any, line: int, id: Any) -> None:
+    types = SAMPLING_FIELDS[name]
+    # JSON true/false are Python bools, which are ints too: only bool fields take them.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise BadLine(line, f"bad sampling setting: {name} has the wrong type ({value!r})", id)
+
+
+def _prompt(value: Any, line: int, id: Any, where: str = "prompt") -> str | list[int]:
+    """A prompt string or a list of token ids (a one-string list is unwrapped, as the OpenAI API allows)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    raise BadLine(line, f"{where} must be a string or a non-empty list of token ids", id)
+
+
+def _messages(value: Any, line: int, id: Any) -> list[dict]:
+    """A conversation; OpenAI content parts of type "text" are joined into one string."""
+    if not isinstance(value, list) or not value:
+        raise BadLine(line, "messages must be a non-empty list", id)
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise BadLine(line, 'each message needs a "role" string and a "content"', id)
+        content = m["content"]
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise BadLine(line, "only text content parts are supported", id)
+            content = "".join(str(p.get("text", "")) for p in content)
+        elif not isinstance(content, str):
+            raise BadLine(line, "message content must be a string or a list of text parts", id)
+        out.append({**m, "content": content})
+    return out
+
+
+def _parse_jsonl(text: str, index: int, defaults: dict) -> Request:
+    line = index + 1
+    obj = _json_object(text, line)
+    rid = obj.get("custom_id", obj.get("id", index))
+    if "custom_id" in obj and "id" in obj:
+        raise BadLine(line, 'give "id" or "custom_id", not both', rid)
+    if rid is None or isinstance(rid, (dict, list, float, bool)):
+        raise BadLine(line, "id must be a string or an integer", rid)
+    params = dict(defaults)
+    for name, value in obj.items():
+        if name in ("id", "custom_id", "prompt", "messages"):
+            continue
+        if name not in SAMPLING_FIELDS:
+            raise BadLine(line, f"unknown field {name!r}", rid)
+        _check_sampling(name, value, line, rid)
+        params[name] = value
+    if ("prompt" in obj) == ("messages" in obj):
+        raise BadLine(line, 'needs exactly one of "prompt" and "messages"', rid)
+    if "messages" in obj:
+        return Request(rid, line, "messages", None, _messages(obj["messages"], line, rid), params)
+    return Request(rid, line, "text", _prompt(obj["prompt"], line, rid), None, params)
+
+
+def _parse_openai(text: str, index: int, defaults: dict) -> Request:
+    line = index + 1
+    obj = _json_object(text, line)
+    rid = obj.get("custom_id")
+    if not isinstance(rid, str) or not rid:
+        raise BadLine(line, "custom_id must be a non-empty string", rid if isinstance(rid, (str, int)) else None)
+    if obj.get("method", "POST") != "POST":
+        raise BadLine(line, f"method must be POST, got {obj.get('method')!r}", rid)
+    kind = OPENAI_URLS.get(obj.get("url"))
+    if kind is None:
+        raise BadLine(line, f"url must be one of {sorted(OPENAI_URLS)}, got {obj.get('url')!r}", rid)
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise BadLine(line, "body must be a JSON object", rid)
+    body = dict(body)
+    params = dict(defaults)
+    if "max_completion_tokens" in body:
+        body["max_tokens"] = body.pop("max_completion_tokens")
+    if body.pop("stream", False):
+        raise BadLine(line, "stream is not supported in a batch", rid)
+    if kind == "chat":
+        want = body.pop("logprobs", False)
+        top = body.pop("top_logprobs", None)
+        if not isinstance(want, bool) or (top is not None and (not isinstance(top, int) or isinstance(top, bool))):
+            raise BadLine(line, "logprobs must be a bool and top_logprobs an integer", rid)
+        if want:
+            params["logprobs"] = top or 0
+        if "messages" not in body:
+            raise BadLine(line, 'a chat completion body needs "messages"', rid)
+        messages = _messages(body.pop("messages"), line, rid)
+        prompt = None
+    else:
+        if body.pop("echo", False) or body.pop("suffix", None) or body.pop("best_of", None) not in (None, 1):
+            raise BadLine(line, "echo, suffix and best_of are not supported", rid)
+        if "prompt" not in body:
+            raise BadLine(line, 'a completion body needs "prompt"', rid)
+        prompt = _prompt(body.pop("prompt"), line, rid)
+        messages = None
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    for name, value in body.items():
+        if name in _OPENAI_IGNORED:
+            continue
+        if name not in SAMPLING_FIELDS:
+            raise BadLine(line, f"unsupported body field {name!r}", rid)
+        _check_sampling(name, value, line, rid)
+        params[name] = value
+    req_kind = "messages" if kind == "chat" else "completion"
+    return Request(rid, line, req_kind, prompt, messages, params, model=model)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+def engine_prompt(req: Request, tokenizer: Any, chat: bool, system: str | None, vocab_size: int | None) -> dict:
+    """``{"prompt", "prompt_token_ids"}`` for LLM.stream. The chat template and the tokenizer run here, one
+    request at a time, so a request they reject (or an empty prompt, or token ids out of range) fails alone
+    with ValueError instead of failing the whole batch inside LLM.stream.
+
+    ``chat``: put plain ("text" kind) prompts through the chat template, after ``system`` when given."""
+    if isinstance(req.prompt, list):
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in req.prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        return {"prompt_token_ids": req.prompt}
+    messages = req.messages
+    if messages is None and req.kind == "text" and chat:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": req.prompt})
+    try:
+        if messages is not None:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = tokenizer.encode(text, add_special_tokens=False)  # the template holds its special tokens
+        else:
+            text = req.prompt
+            ids = tokenizer.encode(text)
+    except Exception as err:  # a chat template may raise anything (jinja2's raise_exception included)
+        raise ValueError(f"cannot build the prompt: {err}") from None
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    return {"prompt": text, "prompt_token_ids": list(ids)}
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def usage(out: RequestOutput) -> dict:
+    prompt_tokens = len(out.prompt_token_ids)
+    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _logprob_entries(comp: Any) -> list[dict] | None:
+    """Per output token: the sampled token's logprob and the top candidates (rank order)."""
+    if comp.logprobs is None:
+        return None
+    entries = []
+    for token_id, cands in zip(comp.token_ids, comp.logprobs):
+        chosen = cands.get(token_id)
+        top = sorted(cands.items(), key=lambda kv: kv[1].rank)
+        entries.append({
+            "token_id": token_id,
+            "token": chosen.decoded_token if chosen else None,
+            "logprob": chosen.logprob if chosen else None,
+            "top_logprobs": [
+                {"token_id": t, "token": lp.decoded_token, "logprob": lp.logprob} for t, lp in top
+            ],
+        })
+    return entries
+
+
+def jsonl_error(req: Request, message: str) -> dict:
+    """The output line of a text/JSONL request that failed."""
+    rec: dict[str, Any] = {"id": req.id}
+    if req.messages is not None:
+        rec["messages"] = req.messages
+    else:
+        rec["prompt"] = req.prompt
+    rec["error"] = message
+    return rec
+
+
+def jsonl_record(req: Request, out: RequestOutput) -> dict:
+    """The output line of a text/JSONL request."""
+    rec = jsonl_error(req, out.error or "")
+    if out.error is not None:
+        return rec
+    del rec["error"]
+    want_logprobs = req.sampling is not None and getattr(req.sampling, "logprobs", None) is not None
+
+    def one(c: Any) -> dict:
+        d: dict[str, Any] = {"text": c.text, "finish_reason": c.finish_reason}
+        if c.stop_reason is not None:
+            d["stop_reason"] = c.stop_reason
+        if want_logprobs:
+            d["cumulative_logprob"] = c.cumulative_logprob
+            d["logprobs"] = _logprob_entries(c)
+        return d
+
+    if len(out.outputs) == 1:
+        rec.update(one(out.outputs[0]))
+    else:
+        rec["outputs"] = [{"index": c.index, **one(c)} for c in out.outputs]
+    rec["usage"] = usage(out)
+    return rec
+
+
+def _hex() -> str:
+    return uuid.uuid4().hex
+
+
+def openai_record(req: Request, out: RequestOutput, model_name: str) -> dict:
+    """The Batch API output line of an OpenAI request (an error line when the engine rejected it)."""
+    if out.error is not None:
+        return openai_error(req.id, "request_rejected", out.error)
+    chat = req.kind == "messages"
+    choices = []
+    for c in out.outputs:
+        entries = _logprob_entries(c)
+        if chat:
+            choice: dict[str, Any] = {"index": c.index, "message": {"role": "assistant", "content": c.text}}
+            choice["logprobs"] = None if entries is None else {"content": [
+                {"token": e["token"], "logprob": e["logprob"],
+                 "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in e["top_logprobs"]]}
+                for e in entries
+            ]}
+        else:
+            choice = {"index": c.index, "text": c.text}
+            choice["logprobs"] = None if entries is None else {
+                "tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            }
+        choice["finish_reason"] = c.finish_reason
+        choices.append(choice)
+    body = {
+        "id": ("chatcmpl-" if chat else "cmpl-") + _hex(),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": req.model or model_name,
+        "choices": choices,
+        "usage": usage(out),
+    }
+    return {
+        "id": "batch_req_" + _hex(),
+        "custom_id": req.id,
+        "response": {"status_code": 200, "request_id": _hex(), "body": body},
+        "error": None,
+    }
+
+
+def openai_error(custom_id: Any, code: str, message: str) -> dict:
+    return {"id": "batch_req_" + _hex(), "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message}}
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+class ResumeError(ValueError):
+    """The output file cannot be resumed (not written by this input's format)."""
+
+
+def read_done_ids(path: str, fmt: str) -> tuple[set[str], int]:
+    """Ids (as ``id_key``) already in the output file at ``path`` and how many bytes of a partial last line
+    were cut off. A missing file is empty. The file is truncated after its last complete line, which a
+    killed run may have left half written; every complete line must be one of our records."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return set(), 0
+    with f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        cut = len(data) - end
+        if cut:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    name = "custom_id" if fmt == "openai" else "id"
+    done: set[str] = set()
+    for line, raw in enumerate(split_lines(data[:end]), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            raise ResumeError(f"{path} line {line} is not JSON; is it the output of this input?") from None
+        if not isinstance(rec, dict) or name not in rec:
+            raise ResumeError(f"{path} line {line} has no {name!r}; is it the output of this input?")
+        done.add(id_key(rec[name]))
+    return done, cut

@@ -1,0 +1,396 @@
+"""`fastinfer generate`: formats, output records, resume and errors against a fake LLM, then end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from fastinfer import cli, cli_io
+from fastinfer.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from fastinfer.engine.sampling_params import SamplingParams
+
+# ------------------------------------------------------------------------------------------- fake LLM
+
+
+class FakeTokenizer:
+    """One token per character; a chat template that tags roles and rejects the role "bad"."""
+
+    vocab_size = 1000
+
+    def __init__(self, chat_template: str | None = "tagged") -> None:
+        self.chat_template = chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([1] if add_special_tokens else []) + [ord(c) % 1000 for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        if any(m["role"] == "bad" for m in messages):
+            raise ValueError("roles must be user, assistant or system")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+class FakeLLM:
+    """Completes a prompt with "re:" + its text, one character per step, interleaving requests and
+    finishing them in reverse order; a prompt containing TOOLONG is rejected like an over-long prompt.
+    ``interrupt_after`` raises KeyboardInterrupt after that many requests finished (a Ctrl-C)."""
+
+    def __init__(self, model=None, chat_template="tagged", interrupt_after=None, **engine_kwargs):
+        self.model = model
+        self.engine_kwargs = engine_kwargs
+        self.tokenizer = FakeTokenizer(chat_template)
+        self.config = SimpleNamespace(vocab_size=1000)
+        self.interrupt_after = interrupt_after
+        self.received: list[tuple[dict, SamplingParams]] = []
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def stream(self, prompts, sampling_params, *, request_ids):
+        assert len(prompts) == len(sampling_params) == len(request_ids)
+        self.received += list(zip(prompts, sampling_params))
+        targets = []
+        for p, sp in zip(prompts, sampling_params):
+            full = "re:" + (p.get("prompt") or "ids")
+            targets.append(full[: sp.max_tokens] if sp.max_tokens else full)
+        finished = 0
+        live = list(reversed(range(len(prompts))))
+        step = 0
+        while live:
+            step += 1
+            for i in list(live):
+                p, sp, rid = prompts[i], sampling_params[i], request_ids[i]
+                ids = p["prompt_token_ids"]
+                if "TOOLONG" in (p.get("prompt") or ""):
+                    live.remove(i)
+                    yield RequestOutput(rid, p.get("prompt"), ids, [], True, error="prompt is too long")
+                else:
+                    text = targets[i][:step]
+                    done = len(text) == len(targets[i])
+                    reason = None if not done else ("length" if len(text) == sp.max_tokens else "stop")
+                    outs = []
+                    for k in range(sp.n):
+                        lps = None
+                        if sp.logprobs is not None:
+                            lps = [{ord(c): Logprob(-0.5, 1, c), 7: Logprob(-1.5, 2, "x")} for c in text]
+                        outs.append(CompletionOutput(k, text + (f"#{k}" if sp.n > 1 and done else ""),
+                                                     [ord(c) for c in text], -0.5 * len(text) if lps else None,
+                                                     lps, reason))
+                    yield RequestOutput(rid, p.get("prompt"), ids, outs, done)
+                    if not done:
+                        continue
+                    live.remove(i)
+                finished += 1
+                if self.interrupt_after is not None and finished >= self.interrupt_after:
+                    raise KeyboardInterrupt
+
+
+def run(argv, capsys, llm=None, **fake_kwargs):
+    """main(argv) with a FakeLLM; returns (exit status, stdout, stderr, the fake or None if never built)."""
+    made = []
+
+    def factory(model, **kw):
+        made.append(llm or FakeLLM(model, **fake_kwargs, **kw))
+        return made[-1]
+
+    code = cli.main([str(a) for a in argv], llm_factory=factory)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err, (made[0] if made else None)
+
+
+def lines(path_or_text) -> list[dict]:
+    text = path_or_text.read_text() if hasattr(path_or_text, "read_text") else path_or_text
+    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+def test_help_exits_zero(capsys):
+    for argv in (["--help"], ["generate", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resume" in out and "examples:" in out and "OpenAI Batch" in out
+
+
+def test_help_from_python_m():
+    r = subprocess.run([sys.executable, "-m", "fastinfer.cli", "generate", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--on-bad-line" in r.stdout
+
+
+def test_detect_format():
+    d = cli_io.detect_format
+    assert d([b"", b"hello world", b'{"prompt": "x"}']) == "text"
+    assert d([b"  ", b'{"prompt": "x"}']) == "jsonl"
+    assert d([b'{"prompt": "x"'] + [b'{"messages": []}']) == "jsonl"
+    assert d([b'{broken', b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}']) == "openai"
+    assert d([]) == "text"
+
+
+def test_parse_jsonl_overrides_and_bad_lines():
+    data = "\n".join([
+        json.dumps({"id": "a", "prompt": "hi", "max_tokens": 5, "temperature": 0, "stop": ["\n"]}),
+        "",
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "yo"}]}], "n": 2}),
+        "{not json",
+        json.dumps({"id": "b", "max_tokens": 5}),
+        json.dumps({"id": "c", "prompt": "x", "temperature": -1}),
+        json.dumps({"id": "a", "prompt": "dup"}),
+        json.dumps({"id": "d", "prompt": "x", "max_token": 3}),
+        json.dumps({"id": "e", "prompt": "x", "ignore_eos": 1}),
+        json.dumps({"prompt": [5, 6, 7]}),
+    ]).encode()
+    reqs, bad = cli_io.parse_input(data, "jsonl", {"max_tokens": 9, "seed": 3}, SamplingParams)
+    assert [r.id for r in reqs] == ["a", 2, 9]
+    assert reqs[0].sampling.max_tokens == 5 and reqs[0].sampling.temperature == 0 and reqs[0].sampling.seed == 3
+    assert reqs[1].messages == [{"role": "user", "content": "yo"}] and reqs[1].sampling.n == 2
+    assert reqs[1].sampling.max_tokens == 9
+    assert reqs[2].prompt == [5, 6, 7]
+    by_line = {b.line: b.message for b in bad}
+    assert sorted(by_line) == [4, 5, 6, 7, 8, 9]
+    assert "invalid JSON" in by_line[4]
+    assert "prompt" in by_line[5]
+    assert "temperature" in by_line[6]
+    assert "duplicate id 'a' (first on line 1)" in by_line[7]
+    assert "max_token" in by_line[8]
+    assert "ignore_eos" in by_line[9]
+
+
+def test_parse_openai():
+    good_chat = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}],
+                          "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 2, "seed": 1}}
+    good_cmpl = {"custom_id": "c2", "method": "POST", "url": "/v1/completions",
+                 "body": {"prompt": ["once"], "top_p": 0.5, "stop": "."}}
+    bad_url = {"custom_id": "c3", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+    bad_field = {"custom_id": "c4", "method": "POST", "url": "/v1/completions",
+                 "body": {"prompt": "x", "tools": []}}
+    no_id = {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}
+    data = "\n".join(json.dumps(o) for o in (good_chat, good_cmpl, bad_url, bad_field, no_id)).encode()
+    reqs, bad = cli_io.parse_input(data, "openai", {"max_tokens": 9}, SamplingParams)
+    assert [(r.id, r.kind) for r in reqs] == [("c1", "messages"), ("c2", "completion")]
+    assert reqs[0].sampling.max_tokens == 4 and reqs[0].sampling.logprobs == 2 and reqs[0].model == "gpt-x"
+    assert reqs[1].prompt == "once" and reqs[1].sampling.stop == ["."] and reqs[1].sampling.max_tokens == 9
+    assert [(b.line, b.id) for b in bad] == [(3, "c3"), (4, "c4"), (5, None)]
+    assert "tools" in bad[1].message
+
+
+def test_byte_size():
+    assert cli._byte_size("4GiB") == 4 << 30
+    assert cli._byte_size("512M") == 512 << 20
+    assert cli._byte_size("1000") == 1000
+    with pytest.raises(Exception):
+        cli._byte_size("lots")
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def test_text_input_chat_by_default(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import fastinfer
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(fastinfer, "set_num_threads", threads.append)
+    src = tmp_path / "p.txt"
+    src.write_text("hello\n\nworld\r\n")
+    out = tmp_path / "o.jsonl"
+    code, stdout, err, llm = run(["generate", "--input", src, "--output", out, "--max-tokens", 6,
+                                  "--temperature", 0, "--system", "be brief", "--threads", 1], capsys)
+    assert code == 0 and stdout == ""
+    recs = {r["id"]: r for r in lines(out)}
+    assert set(recs) == {0, 2}
+    assert recs[0]["prompt"] == "hello"
+    assert recs[0]["text"] == "re:<sy" and recs[0]["finish_reason"] == "length"
+    assert recs[0]["usage"]["completion_tokens"] == 6
+    sent = llm.received[0][0]["prompt"]
+    assert sent == "<system>be brief<user>hello<assistant>"
+    assert all(sp.max_tokens == 6 and sp.temperature == 0 for _, sp in llm.received)
+    assert "2 requests done (0 failed)" in err and "output tok/s" in err
+    assert threads == [1, 1]
+
+
+def test_no_chat_and_model_without_template(tmp_path, capsys):
+    src = tmp_path / "p.txt"
+    src.write_text("abc\n")
+    code, stdout, _, llm = run(["generate", "-i", src, "--no-chat", "--no-progress"], capsys)
+    assert code == 0 and llm.received[0][0]["prompt"] == "abc"
+    assert lines(stdout)[0]["text"] == "re:abc"
+    code, _, _, llm = run(["generate", "-i", src, "--no-progress"], capsys, chat_template=None)
+    assert code == 0 and llm.received[0][0]["prompt"] == "abc"
+    code, _, err, _ = run(["generate", "-i", src, "--chat"], capsys, chat_template=None)
+    assert code == 1 and "no chat template" in err
+
+
+def test_jsonl_input_records(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(o) for o in [
+        {"id": "x", "prompt": "p1", "n": 2, "max_tokens": 50},
+        {"custom_id": "y", "messages": [{"role": "user", "content": "m"}], "logprobs": 1},
+        {"id": "z", "prompt": "TOOLONG"},
+        {"id": "t", "messages": [{"role": "bad", "content": "m"}]},
+    ]))
+    code, stdout, err, llm = run(["generate", "--input", src, "--no-chat", "--no-progress",
+                                  "--dtype", "float32", "--max-num-seqs", 4, "--no-prefix-caching"], capsys)
+    assert code == 0
+    assert llm.engine_kwargs == {"dtype": "float32", "max_num_seqs": 4, "enable_prefix_caching": False}
+    recs = {r["id"]: r for r in lines(stdout)}
+    assert set(recs) == {"x", "y", "z", "t"}
+    assert recs["x"]["outputs"] == [{"index": 0, "text": "re:p1#0", "finish_reason": "stop"},
+                                    {"index": 1, "text": "re:p1#1", "finish_reason": "stop"}]
+    assert recs["x"]["usage"] == {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
+    y = recs["y"]
+    assert y["messages"] == [{"role": "user", "content": "m"}] and y["text"] == "re:<user>m<assistant>"
+    assert y["logprobs"][0] == {"token_id": ord("r"), "token": "r", "logprob": -0.5,
+                                "top_logprobs": [{"token_id": ord("r"), "token": "r", "logprob": -0.5},
+                                                 {"token_id": 7, "token": "x", "logprob": -1.5}]}
+    assert recs["z"] == {"id": "z", "prompt": "TOOLONG", "error": "prompt is too long"}
+    assert "roles must be" in recs["t"]["error"] and "line 4" in err
+    assert "4 requests done (2 failed)" in err
+    # completion order, not input order: the fake finishes the last request first
+    assert [r["id"] for r in lines(stdout)][:2] == ["t", "z"]
+
+
+def test_openai_batch_output(tmp_path, capsys):
+    src = tmp_path / "batch.jsonl"
+    src.write_text("\n".join(json.dumps(o) for o in [
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}},
+        {"custom_id": "t", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "raw", "max_tokens": 4, "logprobs": 1}},
+        {"custom_id": "bad", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "n": 0}},
+        {"custom_id": "long", "method": "POST", "url": "/v1/completions", "body": {"prompt": "TOOLONG"}},
+    ]))
+    out = tmp_path / "out.jsonl"
+    code, _, err, llm = run(["generate", "-i", src, "-o", out, "--no-progress", "--model", "mymodel"], capsys)
+    assert code == 0 and "skipping line 3" in err
+    recs = {r["custom_id"]: r for r in lines(out)}
+    assert set(recs) == {"c", "t", "bad", "long"}
+    c = recs["c"]
+    assert c["id"].startswith("batch_req_") and c["error"] is None and c["response"]["status_code"] == 200
+    body = c["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "m1" and body["id"].startswith("chatcmpl-")
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "re:<user>hi<assistant>"},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"]["completion_tokens"] == len("re:<user>hi<assistant>")
+    tb = recs["t"]["response"]["body"]
+    assert tb["object"] == "text_completion" and tb["model"] == "mymodel"
+    assert tb["choices"][0]["text"] == "re:r" and tb["choices"][0]["finish_reason"] == "length"
+    assert tb["choices"][0]["logprobs"]["tokens"] == list("re:r")
+    assert tb["choices"][0]["logprobs"]["top_logprobs"][0] == {"r": -0.5, "x": -1.5}
+    assert llm.received[1][0]["prompt"] == "raw"  # completions never get the chat template
+    assert recs["bad"]["response"] is None and "n must be" in recs["bad"]["error"]["message"]
+    assert recs["long"]["response"] is None and recs["long"]["error"]["message"] == "prompt is too long"
+
+
+def test_single_prompt_prints_text(capsys):
+    code, stdout, err, llm = run(["generate", "Tell me", "--no-chat"], capsys)
+    assert code == 0 and stdout == "re:Tell me\n"
+    assert llm.model is None and llm.received[0][1].max_tokens == cli.DEFAULT_MAX_TOKENS
+    code, stdout, _, _ = run(["generate", "ab", "--no-chat", "--n", 2, "--no-progress", "--seed", 5], capsys)
+    assert code == 0 and stdout == "--- completion 0 ---\nre:ab#0\n--- completion 1 ---\nre:ab#1\n"
+    code, _, err, _ = run(["generate", "TOOLONG", "--no-chat"], capsys)
+    assert code == 1 and "prompt is too long" in err
+
+
+def test_stdin_input(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(b'{"prompt": "s"}\n')))
+    code, stdout, _, _ = run(["generate", "--input", "-", "--no-progress", "--no-chat"], capsys)
+    assert code == 0 and lines(stdout) == [{"id": 0, "prompt": "s", "text": "re:s", "finish_reason": "stop",
+                                            "usage": {"prompt_tokens": 2, "completion_tokens": 4,
+                                                      "total_tokens": 6}}]
+
+
+def test_module_factory_is_used(tmp_path, capsys, monkeypatch):
+    made = []
+    monkeypatch.setattr(cli, "make_llm", lambda model, **kw: made.append(FakeLLM(model, **kw)) or made[-1])
+    assert cli.main(["generate", "x", "--model", "m", "--kv-cache-memory-bytes", "1MiB"]) == 0
+    assert made[0].model == "m" and made[0].engine_kwargs == {"kv_cache_memory_bytes": 1 << 20}
+
+
+def test_bad_lines_skip_or_fail(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a"}\n{"prompt": 3}\n{"prompt": "c", "top_p": 2}\n')
+    code, stdout, err, llm = run(["generate", "-i", src, "--on-bad-line", "fail"], capsys)
+    assert code == 2 and llm is None and stdout == ""
+    assert "line 2:" in err and "line 3:" in err and "top_p" in err and "Traceback" not in err
+    code, stdout, err, llm = run(["generate", "-i", src, "--no-progress"], capsys)
+    assert code == 0 and [r["id"] for r in lines(stdout)] == [0] and "skipping line 2" in err
+    assert "2 bad lines skipped" in err
+
+
+def test_user_mistakes_one_line(tmp_path, capsys):
+    code, _, err, _ = run(["generate", "-i", tmp_path / "missing.txt"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "cannot read --input" in err
+
+    def broken(model, **kw):
+        raise FileNotFoundError(f"no model at {model}")
+
+    assert cli.main(["generate", "hi", "--model", "/nope"], llm_factory=broken) == 1
+    err = capsys.readouterr().err
+    assert "cannot load /nope: no model at /nope" in err and "Traceback" not in err
+    for argv, msg in [(["generate"], "PROMPT or --input"), (["generate", "x", "-i", "f"], "PROMPT or --input"),
+                      (["generate", "x", "--resume"], "--resume needs --output")]:
+        code, _, err, _ = run(argv, capsys)
+        assert code == 2 and msg in err
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": 0}\n')
+    code, _, err, _ = run(["generate", "x", "-o", out], capsys)
+    assert code == 1 and "--resume" in err and out.read_text() == '{"id": 0}\n'
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "x", "--max-tokens", "0"])
+    assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_truncates_partial_line_and_skips_done(tmp_path, capsys):
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    out = tmp_path / "o.jsonl"
+    code, _, _, _ = run(["generate", "-i", src, "-o", out, "--no-progress"], capsys)
+    full = out.read_bytes().splitlines(keepends=True)
+    done = full[:2]
+    out.write_bytes(b"".join(done) + full[2][:17])  # two whole lines and a kill mid-line
+    code, _, err, llm = run(["generate", "-i", src, "-o", out, "--resume", "--no-progress"], capsys)
+    assert code == 0 and "cut a partial last line (17 bytes)" in err and "2 already in the output" in err
+    assert len(llm.received) == 4
+    ids = [r["id"] for r in lines(out)]
+    assert sorted(ids) == list(range(6))
+    assert out.read_bytes().startswith(b"".join(done))
+    # everything done: the model is not even loaded
+    code, _, err, llm = run(["generate", "-i", src, "-o", out, "--resume"], capsys)
+    assert code == 0 and llm is None and "6 already in the output" in err
+
+
+def test_interrupt_keeps_lines_then_resume(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                       "body": {"prompt": f"p{i}"}}) + "\n" for i in range(5)))
+    out = tmp_path / "o.jsonl"
+    code, _, err, _ = run(["generate", "-i", src, "-o", out, "--no-progress"], capsys, interrupt_after=2)
+    assert code == 130 and "--resume" in err
+    assert len(lines(out)) == 2
+    code, _, _, llm = run(["generate", "-i", src, "-o", out, "--no-progress", "--resume"], capsys)
+    assert code == 0 and len(llm.received) == 3
+    assert sorted(r["custom_id"] for r in lines(out)) == [f"r{i}" for i in range(5)]
+
+
+def test_resume_rejects_foreign_output(tmp_path, capsys):
+    src = tmp_path / "p.txt"
+    src.write_text("a\n")
+    out = tmp_path / "o.jsonl"
+    out.write_text("not json\n")
+    code, _, err, llm = run(["generate", "-i", src, "-o", out, "--resume"], capsys)
+    assert code == 1 and "line 1 is not JSON" in err and llm is None
