@@ -1,0 +1,171 @@
+"""Decoder-only transformer for Llama, SmolLM, TinyLlama, Mistral, Qwen2 and Qwen3.
+
+The families differ only in flags of ModelConfig: q/k/v bias (Qwen2), per-head q/k norm (Qwen3),
+sliding-window layers (Mistral, Qwen with use_sliding_window), tied head, rope scaling.
+Gemma 3 (gemma3.py) subclasses this with its own layer and embedding scale.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastinfer.models.attention_metadata import AttentionMetadata
+from fastinfer.models.config import ModelConfig
+from fastinfer.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, empty_param
+
+# Hugging Face tensor name piece -> (our fused parameter's name piece, shard index).
+FUSED = {
+    ".self_attn.q_proj.": (".self_attn.qkv_proj.", 0),
+    ".self_attn.k_proj.": (".self_attn.qkv_proj.", 1),
+    ".self_attn.v_proj.": (".self_attn.qkv_proj.", 2),
+    ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+    ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+}
+# Tensors some checkpoints carry that the forward pass never reads.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class WeightError(ValueError):
+    """A checkpoint's tensors do not match the model: missing, unexpected or wrongly shaped tensors."""
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, device=device)
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                   qkv_bias=c.attention_bias, o_bias=c.o_proj_bias, qk_norm=c.qk_norm,
+                                   norm_eps=c.rms_norm_eps, norm_offset=False, scale=c.head_dim ** -0.5,
+                                   window=c.window(layer), softcap=None, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, device=device)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm (Hugging Face's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig, layer_cls: type, dtype: torch.dtype, device, norm_offset: bool) -> None:
+        super().__init__()
+        c = config
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = empty_param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(layer_cls(c, i, dtype, device) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, offset=norm_offset, dtype=dtype, device=device)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM over a paged KV cache.
+
+    ``forward(input_ids (T,), positions (T,), kv_caches, meta) -> hidden (T, hidden)`` (after the final norm);
+    ``compute_logits(hidden (N, hidden)) -> (N, vocab)`` float32.
+    """
+
+    layer_cls: type = LlamaDecoderLayer
+    norm_offset = False
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu") -> None:
+        super().__init__()
+        self.config, self.dtype = config, dtype
+        self.model = LlamaModel(config, self.layer_cls, dtype, device, self.norm_offset)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.embed_scale = None  # multiplier of the embeddings in the model dtype (Gemma)
+        # One rotary table per layer type; the same object where the types share parameters.
+        full = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
+        local = full if config.rope_local_base_freq is None else \
+            RotaryEmbedding(config.head_dim, config.rope_local_base_freq, None, device)
+        self.rotary = {"full_attention": full, "sliding_attention": local}
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions : (T,) int64 of the flattened batch; kv_caches[i] = (k, v) of layer i, each
+        (num_blocks, block_size, kv_heads, head_dim). Writes this step's keys/values, returns (T, hidden)."""
+        x = F.embedding(input_ids, self.model.embed_tokens.weight)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for kind in set(self.config.layer_types):
+            rope = self.rotary[kind]
+            same = next((v for k, v in tables.items() if self.rotary[k] is rope), None)
+            tables[kind] = same or rope(positions, self.dtype)
+        for layer, kind, kv in zip(self.model.layers, self.config.layer_types, kv_caches):
+            x = layer(x, *tables[kind], kv, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, hidden) -> logits (N, vocab) float32, final softcapping applied if configured."""
+        logits = F.linear(hidden, self.head_weight()).float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the (fused) parameters; see ``load_weights``."""
+        load_weights(self, named_tensors)
+
+
+def _shards(model: LlamaForCausalLM) -> dict[str, tuple[str, int, int]]:
+    """HF name -> (our parameter name, row offset, rows) for every tensor the model needs."""
+    c, d = model.config, model.config.head_dim
+    sizes = {".self_attn.qkv_proj.": [c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d],
+             ".mlp.gate_up_proj.": [c.intermediate_size] * 2}
+    out = {}
+    for name, p in model.named_parameters():
+        fused = [(hf, i, piece) for hf, (piece, i) in FUSED.items() if piece in name]
+        for hf_piece, i, piece in fused:
+            rows = sizes[piece]
+            out[name.replace(piece, hf_piece)] = (name, sum(rows[:i]), rows[i])
+        if not fused:
+            out[name] = (name, 0, p.shape[0])
+    return out
+
+
+def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Fill every parameter of ``model`` from (Hugging Face name, tensor) pairs, converting dtype.
+
+    All tensors are checked before this returns: an unknown name, a shape mismatch or a tensor that never
+    arrived raises WeightError listing every problem. ``lm_head.weight`` is accepted and ignored for tied models.
+    """
+    targets = _shards(model)
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    problems: list[str] = []
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in named_tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in targets:
+            problems.append(f"unexpected tensor {name!r} {tuple(tensor.shape)}")
+            continue
+        pname, start, rows = targets[name]
+        dest = params[pname].data.narrow(0, start, rows)
+        if tuple(tensor.shape) != tuple(dest.shape):
+            problems.append(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, model expects {tuple(dest.shape)}")
+            continue
+        if name in seen:
+            problems.append(f"{name}: given twice")
+        dest.copy_(tensor)
+        seen.add(name)
+    problems += [f"missing tensor {name!r}" for name in targets if name not in seen]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise WeightError(f"{len(problems)} weight problem(s):\n  {shown}")
+    for m in model.modules():
+        if hasattr(m, "post_load"):
+            m.post_load()
+

