@@ -385,11 +385,14 @@ def test_numpy_varlen_with_slopes_and_lists(np_rng):
 def test_requires_grad_inputs(gen):
     q, k, v = (t.requires_grad_() for t in qkv(gen, torch.float32, 1, 6, 10, 2, 1, 16))
     out = fastinfer.flash_attn_func(q, k, v, causal=True)
-    assert not out.requires_grad
-    check(out, None, lambda upcast: attention_ref(q.detach(), k.detach(), v.detach(), causal=True, upcast=upcast))
+    assert out.requires_grad  # through the custom op (gradients: tests/test_torch_ops.py)
+    check(out.detach(), None, lambda upcast: attention_ref(q.detach(), k.detach(), v.detach(), causal=True,
+                                                           upcast=upcast))
+    with torch.no_grad():  # the direct kernel call
+        assert not fastinfer.flash_attn_func(q, k, v, causal=True).requires_grad
     packed = randn((1, 6, 3, 2, 16), torch.float32, gen).requires_grad_()
     out = fastinfer.flash_attn_qkvpacked_func(packed)
-    check(out, None, lambda upcast: attention_ref(*packed.detach().unbind(2), upcast=upcast))
+    check(out.detach(), None, lambda upcast: attention_ref(*packed.detach().unbind(2), upcast=upcast))
 
 
 def test_deterministic(gen):

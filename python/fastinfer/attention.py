@@ -8,17 +8,38 @@ Differences a user may notice:
 * a CPU path, with the same semantics, for torch tensors and numpy arrays;
 * ``dropout_p > 0`` raises NotImplementedError (inference runtime);
 * the third value of ``return_attn_probs=True`` is None: probabilities are never materialised.
+
+Autograd and torch.compile: torch inputs go through the custom ops of ``fastinfer.torch_ops``
+when grad mode is on and an input requires grad, or while torch.compile traces the call
+(no graph break, fullgraph=True works). Every other call -- numpy, or torch under no_grad /
+inference_mode, or torch tensors that do not require grad -- calls the kernels directly,
+which costs a few microseconds less per call than a custom op's dispatch.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 from typing import Any, Optional, Sequence
 
 from fastinfer import _C
 from fastinfer._arrays import as_float32, as_index, empty_float32, empty_like, kernel_view, launch_kwargs, require_array
 
 Tensor = Any  # torch.Tensor or numpy.ndarray (anything with __dlpack__)
+
+
+def _via_torch_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """True when the call needs the custom ops: autograd must see it, or torch.compile traces it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(q, torch.Tensor):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return True
+    return _is_compiling(torch)
+
+
+def _is_compiling(torch) -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
 
 
 def _options(head_dim: int, softmax_scale: Optional[float], causal: bool, window_size: Sequence[int],
@@ -77,6 +98,11 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     >>> fastinfer.flash_attn_func(q, q, q, causal=True).shape
     (1, 5, 4, 64)
     """
+    if _via_torch_op(q, k, v):
+        from fastinfer import torch_ops
+
+        return torch_ops.flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                                         alibi_slopes, deterministic, return_attn_probs)
     _no_dropout(dropout_p)
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap)
     out = empty_like(q)
@@ -108,6 +134,12 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     -------
     out : (total_q, nheads, headdim), or (out, softmax_lse (nheads, total_q), None)
     """
+    if _via_torch_op(q, k, v):
+        from fastinfer import torch_ops
+
+        return torch_ops.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                                deterministic, return_attn_probs, block_table)
     _no_dropout(dropout_p)
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap)
     opt.max_seqlen_q, opt.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
@@ -153,6 +185,13 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                                   "apply rotary to q and k before the call")
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad is not supported yet")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(q, torch.Tensor) and _is_compiling(torch):
+        from fastinfer import torch_ops
+
+        return torch_ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
+                                                 block_table, softmax_scale, causal, window_size, softcap,
+                                                 alibi_slopes, num_splits, return_softmax_lse)
     require_array(q, "q")
     if isinstance(cache_seqlens, int):
         cache_seqlens = [cache_seqlens] * int(q.shape[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from fastinfer import _C
@@ -17,7 +18,16 @@ def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_map
     k_cache, v_cache : (num_blocks, block_size, nheads_k, headdim), any block_size >= 1
     slot_mapping : (num_tokens,) int64 (int32 is converted); token i goes to block
         slot_mapping[i] // block_size, offset slot_mapping[i] % block_size; negative = skip
+    Under torch.compile this is the custom op ``torch.ops.fastinfer.reshape_and_cache``
+    (declared as mutating the caches), so tracing does not break the graph.
     """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(key, torch.Tensor) and torch.compiler.is_compiling():
+        from fastinfer import torch_ops
+
+        torch.ops.fastinfer.reshape_and_cache(key, value, k_cache, v_cache,
+                                              torch_ops._index(slot_mapping, key, torch.int64))
+        return
     stream = launch_kwargs(key).get("stream", 0)
     _C.reshape_and_cache(kernel_view(key), kernel_view(value), kernel_view(k_cache), kernel_view(v_cache),
                          kernel_view(as_index(slot_mapping, key, "int64", name="slot_mapping")), stream=stream)
