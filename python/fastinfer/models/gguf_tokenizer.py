@@ -1,0 +1,288 @@
+"""The tokenizer a GGUF file describes, rebuilt as a ``tokenizers.Tokenizer`` from its metadata.
+
+A GGUF carries no ``tokenizer.json``: llama.cpp stores the vocabulary (``tokenizer.ggml.tokens``), per-token
+types and scores, BPE merges, a pre-tokenizer name (``tokenizer.ggml.pre``) and the special token ids. Two
+models cover the supported architectures:
+
+- ``gpt2``: byte-level BPE (SmolLM2, Qwen2/3, Llama 3). Tokens are spelled in GPT-2's byte alphabet; the text
+  is split by the regex llama.cpp uses for ``tokenizer.ggml.pre`` before byte-level encoding.
+- ``llama``: SentencePiece BPE (Llama 2, Mistral v0.1, Gemma3). Spaces are spelled ``▁``; merges are rebuilt
+  from the scores (SentencePiece merges the best-scoring pair first) and unknown characters fall back to the
+  ``<0xXX>`` byte tokens.
+
+Tokens typed CONTROL become special added tokens, USER_DEFINED ones plain added tokens, both matched whole.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from .tokenizer import Tokenizer
+
+__all__ = ["build_backend", "tokenizer_from_gguf"]
+
+# llama.cpp's token types (gguf.TokenType).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer regexes by tokenizer.ggml.pre, from llama.cpp's llama-vocab.cpp (llm_tokenizer_bpe).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# (regex splits applied in order, each isolating its matches, then byte-level encoding; NFC first or not)
+_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "default": ((_GPT2_SPLIT,), False),
+    "gpt-2": ((_GPT2_SPLIT,), False),
+    "gpt2": ((_GPT2_SPLIT,), False),
+    "olmo": ((_GPT2_SPLIT,), False),
+    "mpt": ((_GPT2_SPLIT,), False),
+    # individual digits first, then GPT-2's regex
+    "smollm": ((r"\p{N}", _GPT2_SPLIT), False),
+    "starcoder": ((r"\p{N}", _GPT2_SPLIT), False),
+    "refact": ((r"\p{N}", _GPT2_SPLIT), False),
+    "command-r": ((r"\p{N}", _GPT2_SPLIT), False),
+    "codeshell": ((r"\p{N}", _GPT2_SPLIT), False),
+    "exaone": ((r"\p{N}", _GPT2_SPLIT), False),
+    "llama-bpe": ((_LLAMA3_SPLIT,), False),
+    "llama3": ((_LLAMA3_SPLIT,), False),
+    "llama-v3": ((_LLAMA3_SPLIT,), False),
+    "smaug-bpe": ((_LLAMA3_SPLIT,), False),
+    "dbrx": ((_LLAMA3_SPLIT,), False),
+    "falcon3": ((_LLAMA3_SPLIT,), False),
+    "pixtral": ((_LLAMA3_SPLIT,), False),
+    "qwen2": ((_QWEN2_SPLIT,), True),
+    "deepseek-r1-qwen": ((_QWEN2_SPLIT,), True),
+    "stablelm2": ((_QWEN2_SPLIT,), False),
+    "megrez": ((_QWEN2_SPLIT,), True),
+    "tekken": ((_TEKKEN_SPLIT,), False),
+    "gpt-4o": ((_GPT4O_SPLIT,), False),
+    "llama4": ((_GPT4O_SPLIT,), False),
+}
+
+# Tokens that end a chat turn (llama.cpp's end-of-generation list); one counts as an extra EOS when the chat
+# template writes it.
+_END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>")
+
+
+def tokenizer_from_gguf(path: str, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:
+    """The fastinfer Tokenizer of a GGUF file and its special token ids
+    (``bos_token_id``, ``eos_token_id`` (int or list), ``pad_token_id``, ``unk_token_id``)."""
+    from .tokenizer import Tokenizer
+
+    backend, info = build_backend(path, meta)
+    tokenizer = Tokenizer(
+        backend,
+        bos_token=info["bos_token"],
+        eos_token=info["eos_token"],
+        eos_token_ids=info["eos_token_ids"],
+        add_bos_token=info["add_bos_token"],
+        add_eos_token=info["add_eos_token"],
+        chat_template=info["chat_template"],
+        special_tokens={k: info[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if info[k]},
+    )
+    ids = info["eos_token_ids"]
+    special = {
+        "bos_token_id": info["bos_token_id"],
+        "eos_token_id": ids[0] if len(ids) == 1 else list(ids),
+        "pad_token_id": info["pad_token_id"],
+        "unk_token_id": info["unk_token_id"],
+    }
+    return tokenizer, special
+
+
+def build_backend(path: str, meta: dict[str, Any]) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+    """``(backend, info)``: the tokenizers.Tokenizer and the special tokens, flags and chat template."""
+    from .gguf import GGUFError
+
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise GGUFError(f"{path}: no tokenizer in the file (tokenizer.ggml.tokens is missing)")
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise GGUFError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    if model == "gpt2":
+        backend = _byte_level_bpe(path, meta, tokens, types)
+    elif model == "llama":
+        backend = _sentencepiece_bpe(path, meta, tokens, types)
+    else:
+        raise GGUFError(f"{path}: unsupported tokenizer model {model!r} (tokenizer.ggml.model); supported: gpt2, llama")
+    return backend, _special_tokens(meta, tokens, model)
+
+
+def _special_tokens(meta: dict[str, Any], tokens: list[str], model: str) -> dict[str, Any]:
+    def token_id(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
+
+    bos, eos, unk, pad = (token_id(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"))
+    template = meta.get("tokenizer.chat_template")
+    eos_ids = [i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
+    if template:
+        eos_ids += [tokens.index(t) for t in _END_OF_TURN if t in template and t in tokens]
+    eos_ids = list(dict.fromkeys(eos_ids))
+
+    def text(i: int | None) -> str | None:
+        return None if i is None else tokens[i]
+
+    return {
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "unk_token_id": unk,
+        "pad_token_id": pad,
+        "bos_token": text(bos),
+        "eos_token": text(eos),
+        "unk_token": text(unk),
+        "pad_token": text(pad),
+        "eos_token_ids": eos_ids,
+        # llama.cpp adds BOS for SentencePiece vocabularies that do not say otherwise
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "chat_template": template,
+    }
+
+
+# --------------------------------------------------------------------------------------- byte-level BPE
+
+
+def _byte_level_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from .gguf import GGUFError
+
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise GGUFError(f"{path}: byte-level BPE tokenizer without tokenizer.ggml.merges")
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    if pre not in _PRE_TOKENIZERS:
+        raise GGUFError(
+            f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {', '.join(_PRE_TOKENIZERS)}"
+        )
+    splits, nfc = _PRE_TOKENIZERS[pre]
+
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    vocab: dict[str, int] = {}
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind in (_NORMAL, _UNUSED) and not set(token) <= spelled:  # a literal string among the byte spellings
+            token = "".join(alphabet[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, i)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    if nfc:
+        backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    _add_special(backend, tokens, types)
+    return backend
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    spelling, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelling[b] = chr(b)
+        else:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+# ------------------------------------------------------------------------------------ SentencePiece BPE
+
+
+def _sentencepiece_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from .gguf import GGUFError
+
+    # A piece of only spaces is stored with real spaces by some converters; SentencePiece spells them ▁.
+    tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if meta.get("general.architecture") == "gemma3" or scores is None:
+            # Gemma's scores do not follow its merge order, its token order does (as transformers found)
+            scores = [-float(i) for i in range(len(tokens))]
+        elif len(scores) != len(tokens):
+            raise GGUFError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+        pairs = _merges_from_scores(tokens, scores, types)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk_token = tokens[int(unk)] if unk is not None and 0 <= int(unk) < len(tokens) else None
+
+    backend = Tokenizer(
+        models.BPE(vocab=vocab, merges=pairs, unk_token=unk_token, fuse_unk=True, byte_fallback=True, dropout=None)
+    )
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    _add_special(backend, tokens, types)
+    return backend
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's rule (merge the adjacent pair whose union scores best): every
+    split of a normal token into two vocabulary tokens, ranked by the token's score, best first."""
+    ids = {}
+    for i, t in enumerate(tokens):
+        ids.setdefault(t, i)
+    ranked = []
+    for token, score, kind in zip(tokens, scores, types):
+        if kind not in (_NORMAL, _USER_DEFINED) or len(token) < 2:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ids and right in ids:
+                ranked.append((-score, ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+# ------------------------------------------------------------------------------------------ added tokens
+
+
+def _add_special(backend: tokenizers.Tokenizer, tokens: list[str], types: list[int]) -> None:
+    """CONTROL tokens as special added tokens, USER_DEFINED ones as plain added tokens (both kept whole)."""
+    from tokenizers import AddedToken
+
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    if special:
+        backend.add_special_tokens(special)
+    if user:
+        backend.add_tokens(user)
