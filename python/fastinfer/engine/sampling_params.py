@@ -1,0 +1,95 @@
+"""Per-request generation settings (vLLM's names, meanings and defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_EPS = 1e-5  # temperatures below this are greedy
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request samples and when it stops. Invalid values raise ValueError naming the field."""
+
+    n: int = 1  # output sequences per request (each sampled independently from the same prompt)
+    temperature: float = 1.0  # softmax temperature; 0 = greedy (argmax)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability sums to >= top_p; 1 = off
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
+    min_p: float = 0.0  # drop tokens less likely than min_p * p(most likely token); 0 = off
+    seed: int | None = None  # per-request random seed (sequence i uses seed + i); None = engine generator
+    stop: str | list[str] | None = None  # strings that end generation in the output text (stored as a list)
+    stop_token_ids: list[int] | None = None  # token ids that end generation (kept in token_ids)
+    ignore_eos: bool = False  # keep generating after the tokenizer's end-of-sequence token
+    max_tokens: int | None = 16  # most output tokens; None = up to the model length
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    logprobs: int | None = None  # top-k log-probabilities to return per sampled token (plus the sampled one)
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence of each token in the output
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt+output tokens
+    skip_special_tokens: bool = True  # leave special tokens out of the output text
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
+
+    def __post_init__(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            fail("n", "must be an int >= 1")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0.0:
+            fail("temperature", "must be >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "must be in (0, 1]")
+        if not is_int(self.top_k) or self.top_k < -1:
+            fail("top_k", "must be -1, 0 (off) or >= 1")
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            fail("min_p", "must be in [0, 1]")
+        if self.seed is not None and not is_int(self.seed):
+            fail("seed", "must be an int or None")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            fail("max_tokens", "must be an int >= 1 or None")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            fail("min_tokens", "must be an int >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
+            fail("logprobs", "must be an int >= 0 or None")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                fail(name, "must be in [-2, 2]")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 1e6:
+            fail("repetition_penalty", "must be > 0")
+        if self.stop is None:
+            stops: list[str] = []
+        elif isinstance(self.stop, str):
+            stops = [self.stop]
+        elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
+            stops = list(self.stop)
+        else:
+            fail("stop", "must be a str, a list of str or None")
+        if any(not s for s in stops):
+            fail("stop", "must not contain empty strings")
+        self.stop = stops
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            fail("stop_token_ids", "must be a list of non-negative ints")
+        else:
+            self.stop_token_ids = list(self.stop_token_ids)
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        """True when the temperature picks the argmax."""
+        return self.temperature < _EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any of the three penalties changes the logits."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
