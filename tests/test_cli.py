@@ -394,3 +394,189 @@ def test_resume_rejects_foreign_output(tmp_path, capsys):
     out.write_text("not json\n")
     code, _, err, llm = run(["generate", "-i", src, "-o", out, "--resume"], capsys)
     assert code == 1 and "line 1 is not JSON" in err and llm is None
+
+
+# ------------------------------------------------------------------------------------------- end to end
+# The real LLM on a random-weight 2-layer Llama written here (config.json, safetensors, a small BPE tokenizer).
+
+_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _write_tiny_llama(path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>",
+                                                                  "<|system|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world, once upon a time"] * 20,
+                            trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": _CHAT_TEMPLATE}))
+    vocab, hidden, inter, layers, heads, kv_heads, head_dim = tok.get_vocab_size(), 64, 128, 2, 4, 2, 16
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 0,
+        "eos_token_id": 1, "torch_dtype": "float32", "hidden_act": "silu"}))
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
+         "lm_head.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": torch.ones(hidden),
+              p + "post_attention_layernorm.weight": torch.ones(hidden),
+              p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+              p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+              p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+              p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+              p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+              p + "mlp.down_proj.weight": w(hidden, inter)}
+    save_file(t, str(path / "model.safetensors"))
+
+
+def _llm_ready() -> bool:
+    try:
+        import fastinfer.llm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_llm = pytest.mark.skipif(not _llm_ready(), reason="fastinfer.llm is not importable")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    _write_tiny_llama(path)
+    return path
+
+
+E2E = ["--max-num-seqs", "4", "--kv-cache-memory-bytes", "4MiB", "--device", "cpu", "--no-progress"]
+
+
+@needs_llm
+def test_e2e_formats_match_llm_generate(tiny, tmp_path, capsys):
+    from fastinfer.llm import LLM
+
+    prompts = ["hello world", "the quick brown fox", "once upon"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(o) for o in [
+        {"id": "a", "prompt": "hello world", "max_tokens": 3},
+        {"id": "b", "messages": [{"role": "user", "content": "the lazy dog"}]},
+    ]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(o) for o in [
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}},
+        {"custom_id": "t", "method": "POST", "url": "/v1/completions", "body": {"prompt": "once upon", "n": 2}},
+    ]) + "\n")
+    common = ["--model", tiny, "--temperature", "0", "--max-tokens", "6", *E2E]
+    for name in ("p.txt", "p.jsonl", "b.jsonl"):
+        argv = ["generate", "-i", tmp_path / name, "-o", tmp_path / (name + ".out"), *common]
+        assert cli.main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+
+    llm = LLM(str(tiny), device="cpu", max_num_seqs=4, kv_cache_memory_bytes=4 << 20)
+    tok = llm.get_tokenizer()
+
+    def greedy(prompt, max_tokens=6, n=1):
+        [ro] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, n=n), use_tqdm=False)
+        return ro
+
+    def chat(content):
+        return {"messages": [{"role": "user", "content": content}]}
+
+    text = {r["id"]: r for r in lines(tmp_path / "p.txt.out")}
+    assert set(text) == {0, 1, 2}
+    for i, p in enumerate(prompts):  # the tiny model has a chat template, so plain prompts go through it
+        ref = greedy(chat(p))
+        assert text[i]["text"] == ref.outputs[0].text and text[i]["finish_reason"] == ref.outputs[0].finish_reason
+        assert text[i]["usage"]["prompt_tokens"] == len(ref.prompt_token_ids)
+        assert text[i]["usage"]["completion_tokens"] == len(ref.outputs[0].token_ids)
+    assert tok.apply_chat_template(chat("x")["messages"]) == "<|user|>x</s><|assistant|>"
+
+    js = {r["id"]: r for r in lines(tmp_path / "p.jsonl.out")}
+    assert js["a"]["text"] == greedy(chat("hello world"), 3).outputs[0].text
+    assert js["a"]["usage"]["completion_tokens"] <= 3
+    assert js["b"]["text"] == greedy(chat("the lazy dog")).outputs[0].text
+
+    ob = {r["custom_id"]: r for r in lines(tmp_path / "b.jsonl.out")}
+    c = ob["c"]["response"]["body"]
+    assert c["object"] == "chat.completion"
+    assert c["choices"][0]["message"]["content"] == greedy(chat("hello"), 5).outputs[0].text
+    t = ob["t"]["response"]["body"]
+    ref = greedy("once upon", 6, n=2)  # /v1/completions: raw prompt, no template
+    assert [ch["text"] for ch in t["choices"]] == [o.text for o in ref.outputs]
+    assert t["usage"]["prompt_tokens"] == len(tok.encode("once upon"))
+
+
+@needs_llm
+def test_e2e_single_prompt_and_bad_lines(tiny, tmp_path, capsys):
+    code = cli.main(["generate", "--model", str(tiny), "--no-chat", "--temperature", "0", "--max-tokens", "5", *E2E,
+                     "hello world"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.endswith("\n") and len(out) > 1
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hello"}\n{"prompt": "x", "temperature": "hot"}\n{"prompt": "the fox"}\n')
+    argv = ["generate", "--model", str(tiny), "-i", str(src), "--max-tokens", "3", *E2E]
+    assert cli.main([*argv, "--on-bad-line", "fail"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "line 2" in cap.err and "temperature" in cap.err
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    assert sorted(r["id"] for r in lines(cap.out)) == [0, 2] and "skipping line 2" in cap.err
+    assert cli.main(["generate", "--model", str(tmp_path / "no_such_model"), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@needs_llm
+def test_e2e_resume_after_kill(tiny, tmp_path, capsys):
+    n = 8
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"prompt number {i}\n" for i in range(n)))
+    out = tmp_path / "o.jsonl"
+    # One request at a time, so the run is still going when the first line shows up.
+    argv = ["generate", "--model", str(tiny), "-i", str(src), "-o", str(out), "--max-tokens", "24", "--ignore-eos",
+            "--seed", "7", "--max-num-seqs", "1", "--kv-cache-memory-bytes", "4MiB", "--device", "cpu",
+            "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "fastinfer.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no output line within 60 s"
+            time.sleep(0.05)
+        proc.kill()
+    finally:
+        proc.wait()
+    first = lines(out)
+    assert 1 <= len(first) < n, "the run finished before it was killed; make it longer"
+    with open(out, "ab") as f:
+        f.write(b'{"id": 99, "prompt": "half a li')  # as if killed mid-write
+    assert cli.main([*argv[:-1], "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "cut a partial last line" in err and f"{len(first)} already in the output" in err
+    recs = lines(out)
+    assert sorted(r["id"] for r in recs) == list(range(n))  # each exactly once
+    assert recs[: len(first)] == first
+    # --seed makes each request's text independent of batching and of the interruption
+    fresh = tmp_path / "fresh.jsonl"
+    assert cli.main([*argv[:argv.index("-o")], "-o", str(fresh), *argv[argv.index("-o") + 2:]]) == 0
+    capsys.readouterr()
+    assert {r["id"]: r["text"] for r in lines(fresh)} == {r["id"]: r["text"] for r in recs}

@@ -7,13 +7,11 @@ Formats, ids and resume are in cli_io.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
 from fastinfer import cli_io
@@ -121,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_GENERATE_EPILOG, formatter_class=fmt,
     )
     g.add_argument("prompt", nargs="?", metavar="PROMPT", help="one prompt to complete (or use --input)")
-    g.add_argument("--model", "-m", metavar="PATH_OR_ID", help="HF model folder, .gguf file or cached HF id (default: built-in model)")
+    g.add_argument("--model", "-m", metavar="PATH_OR_ID",
+                   help="HF model folder, .gguf file or cached HF id (default: built-in model)")
 
     io = g.add_argument_group("input and output")
     io.add_argument("--input", "-i", metavar="FILE", help="file of requests, - for stdin")
@@ -142,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", "-t", type=float, metavar="T", help="0 = greedy (default: 1.0)")
     s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (default: 1.0 = off)")
     s.add_argument("--top-k", type=int, metavar="K", help="sample from the k most likely tokens (default: 0 = off)")
-    s.add_argument("--min-p", type=float, metavar="P", help="drop tokens below min_p x the top probability (default: 0)")
-    s.add_argument("--seed", type=int, metavar="S", help="per-request seed: a request gives the same text in any batch or "
-                   "resumed run (also the engine seed)")
+    s.add_argument("--min-p", type=float, metavar="P",
+                   help="drop tokens below min_p x the top probability (default: 0)")
+    s.add_argument("--seed", type=int, metavar="S",
+                   help="seed of every request: its text is the same in any batch or resumed run (default: none)")
     s.add_argument("--stop", action="append", metavar="STRING", help="stop string (repeatable)")
     s.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default: 1)")
     s.add_argument("--repetition-penalty", type=float, metavar="X", help="(default: 1.0 = off)")
@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = g.add_argument_group("engine")
     e.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
     e.add_argument("--device", help="auto, cpu or cuda[:i] (default: auto)")
-    e.add_argument("--max-model-len", type=_positive_int, metavar="N", help="longest prompt + output (default: the model's)")
+    e.add_argument("--max-model-len", type=_positive_int, metavar="N",
+                   help="longest prompt + output (default: the model's)")
     e.add_argument("--block-size", type=_positive_int, metavar="N", help="tokens per KV cache block (default: 16)")
     e.add_argument("--max-num-seqs", type=_positive_int, metavar="N", help="most sequences per step (default: 256)")
     e.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N", help="most tokens per step")
@@ -206,28 +207,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _say(message: str) -> None:
     print(f"fastinfer: {message}", file=sys.stderr, flush=True)
-
-
-@dataclass(slots=True)
-class Stats:
-    requests: int = 0  # finished this run (rejected ones included)
-    failed: int = 0  # rejected by the engine
-    bad_lines: int = 0
-    resumed: int = 0  # already in the output
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    load_s: float = 0.0
-    generate_s: float = 0.0
-
-    def summary(self) -> str:
-        t = max(self.generate_s, 1e-9)
-        return (
-            f"{self.requests} requests done ({self.failed} failed), {self.bad_lines} bad lines skipped, "
-            f"{self.resumed} already in the output\n"
-            f"  prompt tokens {self.prompt_tokens}, output tokens {self.output_tokens}, wall {self.generate_s:.2f} s "
-            f"(+ {self.load_s:.2f} s model load), {self.output_tokens / t:.1f} output tok/s, "
-            f"{self.requests / t:.2f} req/s"
-        )
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict:
@@ -290,7 +269,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     _check_args(args)
-    stats = Stats()
+    stats = cli_io.Stats()
     fmt, requests, bad = _read_requests(args, _sampling_defaults(args))
     for b in bad:
         _say(f"{'bad' if args.on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
@@ -321,14 +300,19 @@ def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     out = _open_output(args)
     try:
         for rec in bad_records:
-            _write(out, rec)
+            cli_io.write_record(out, rec)
         if pending:
             llm = _load(args, llm_factory, stats)
             pending, prompts = _engine_prompts(args, llm, pending, fmt, out, stats)
         if pending and single:
-            _print_stream(llm, prompts[0], pending[0], stats)
+            try:
+                cli_io.print_stream(llm, prompts[0], pending[0], stats)
+            except cli_io.RequestFailed as err:
+                raise CliError(str(err)) from None
         elif pending:
-            _run_batch(args, llm, fmt, pending, prompts, out, stats)
+            model_name = args.model or "fastinfer-default"
+            cli_io.run_batch(llm, fmt, pending, prompts, out, stats, model_name=model_name,
+                             progress=not args.no_progress)
     finally:
         if out is not sys.stdout.buffer:
             out.close()
@@ -348,13 +332,7 @@ def _open_output(args: argparse.Namespace) -> BinaryIO:
         raise CliError(f"cannot write --output {args.output}: {err.strerror or err}") from None
 
 
-def _write(out: BinaryIO, record: dict) -> None:
-    """One complete line per write, flushed: a kill loses at most the line being written."""
-    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-    out.flush()
-
-
-def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: Stats) -> Any:
+def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_io.Stats) -> Any:
     if args.threads:
         import torch
 
@@ -377,7 +355,7 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: Stat
 
 
 def _engine_prompts(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: str, out: BinaryIO,
-                    stats: Stats) -> tuple[list[Request], list[dict]]:
+                    stats: cli_io.Stats) -> tuple[list[Request], list[dict]]:
     """The requests whose prompt could be built and their LLM.stream prompts; the others are written as
     error lines now."""
     tokenizer = llm.get_tokenizer()
@@ -396,78 +374,11 @@ def _engine_prompts(args: argparse.Namespace, llm: Any, pending: list[Request], 
             if args.prompt is not None and not args.output:
                 raise CliError(str(err)) from None
             _say(f"line {r.line}: {err}")
-            _write(out, cli_io.openai_error(r.id, "invalid_request", str(err)) if fmt == "openai"
+            cli_io.write_record(out, cli_io.openai_error(r.id, "invalid_request", str(err)) if fmt == "openai"
                    else cli_io.jsonl_error(r, str(err)))
             stats.requests += 1
             stats.failed += 1
     return ok, prompts
-
-
-def _print_stream(llm: Any, prompt: Any, req: Request, stats: Stats) -> None:
-    """One prompt: its text goes to stdout as it grows (n = 1) or each completion at the end (n > 1)."""
-    printed = ""
-    final = None
-    t0 = time.perf_counter()
-    for ro in llm.stream([prompt], [req.sampling], request_ids=["0"]):
-        if len(ro.outputs) == 1 and ro.error is None:
-            text = ro.outputs[0].text
-            if text.startswith(printed) and len(text) > len(printed):
-                sys.stdout.write(text[len(printed):])
-                sys.stdout.flush()
-                printed = text
-        if ro.finished:
-            final = ro
-    stats.generate_s = time.perf_counter() - t0
-    if final is None:
-        raise CliError("the engine finished without a result")
-    if final.error is not None:
-        raise CliError(f"request rejected: {final.error}")
-    if len(final.outputs) > 1:
-        for c in final.outputs:
-            sys.stdout.write(f"{'' if c.index == 0 else chr(10)}--- completion {c.index} ---\n{c.text}")
-        printed = final.outputs[-1].text
-    if not printed.endswith("\n"):
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-    stats.requests = 1
-    stats.prompt_tokens = len(final.prompt_token_ids)
-    stats.output_tokens = sum(len(c.token_ids) for c in final.outputs)
-
-
-def _run_batch(args: argparse.Namespace, llm: Any, fmt: str, pending: list[Request], prompts: list[Any],
-               out: BinaryIO, stats: Stats) -> None:
-    """Stream every pending request, writing each one's line when it finishes."""
-    from tqdm import tqdm
-
-    model_name = args.model or "fastinfer-default"
-    seen_tokens = [0] * len(pending)  # output tokens of each request counted so far (for the live rate)
-    live_tokens = 0
-    t0 = time.perf_counter()
-    last_postfix = 0.0
-    bar = tqdm(total=len(pending), unit="req", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
-    try:
-        stream = llm.stream(prompts, [r.sampling for r in pending], request_ids=[str(i) for i in range(len(pending))])
-        for ro in stream:
-            i = int(ro.request_id)
-            tokens = sum(len(c.token_ids) for c in ro.outputs)
-            live_tokens += tokens - seen_tokens[i]
-            seen_tokens[i] = tokens
-            if ro.finished:
-                req = pending[i]
-                record = cli_io.openai_record(req, ro, model_name) if fmt == "openai" else cli_io.jsonl_record(req, ro)
-                _write(out, record)
-                stats.requests += 1
-                stats.failed += ro.error is not None
-                stats.prompt_tokens += len(ro.prompt_token_ids)
-                stats.output_tokens += tokens
-                bar.update(1)
-            now = time.perf_counter()
-            if not args.no_progress and now - last_postfix > 0.5:
-                bar.set_postfix_str(f"{live_tokens / max(now - t0, 1e-9):.1f} tok/s", refresh=False)
-                last_postfix = now
-    finally:
-        stats.generate_s = time.perf_counter() - t0
-        bar.close()
 
 
 if __name__ == "__main__":

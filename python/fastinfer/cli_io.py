@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-from fastinfer.engine.outputs import RequestOutput
+if TYPE_CHECKING:  # importing the engine imports torch; `fastinfer --help` should not wait for that
+    from fastinfer.engine.outputs import RequestOutput
 
 FORMATS = ("text", "jsonl", "openai")
 
@@ -139,6 +141,12 @@ def parse_input(
         except UnicodeDecodeError:
             bad.append(BadLine(line, "not UTF-8 text"))
         except BadLine as err:
+            # A bad line's id is taken too: an OpenAI batch records it as an error line under that id.
+            if err.id is not None:
+                if id_key(err.id) in seen and seen[id_key(err.id)] != line:
+                    err.id = None
+                else:
+                    seen[id_key(err.id)] = line
             bad.append(err)
     return requests, bad
 
@@ -272,6 +280,8 @@ def engine_prompt(req: Request, tokenizer: Any, chat: bool, system: str | None, 
     with ValueError instead of failing the whole batch inside LLM.stream.
 
     ``chat``: put plain ("text" kind) prompts through the chat template, after ``system`` when given."""
+    if tokenizer is None and not isinstance(req.prompt, list):
+        raise ValueError("the model has no tokenizer (tokenizer.json); give the prompt as token ids")
     if isinstance(req.prompt, list):
         if vocab_size is not None and not all(0 <= t < vocab_size for t in req.prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
@@ -447,3 +457,107 @@ def read_done_ids(path: str, fmt: str) -> tuple[set[str], int]:
             raise ResumeError(f"{path} line {line} has no {name!r}; is it the output of this input?")
         done.add(id_key(rec[name]))
     return done, cut
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counts for the summary a run prints on stderr."""
+
+    requests: int = 0  # finished this run (rejected ones included)
+    failed: int = 0  # rejected by the engine
+    bad_lines: int = 0
+    resumed: int = 0  # already in the output
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    load_s: float = 0.0
+    generate_s: float = 0.0
+
+    def summary(self) -> str:
+        t = max(self.generate_s, 1e-9)
+        return (
+            f"{self.requests} requests done ({self.failed} failed), {self.bad_lines} bad lines skipped, "
+            f"{self.resumed} already in the output\n"
+            f"  prompt tokens {self.prompt_tokens}, output tokens {self.output_tokens}, wall {self.generate_s:.2f} s "
+            f"(+ {self.load_s:.2f} s model load), {self.output_tokens / t:.1f} output tok/s, "
+            f"{self.requests / t:.2f} req/s"
+        )
+
+
+class RequestFailed(RuntimeError):
+    """The engine rejected a request that has no output line to record it in."""
+
+
+def write_record(out: BinaryIO, record: dict) -> None:
+    """One complete line per write, flushed: a kill loses at most the line being written."""
+    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    out.flush()
+
+
+def run_batch(llm: Any, fmt: str, pending: list[Request], prompts: list[dict], out: BinaryIO, stats: Stats, *,
+              model_name: str, progress: bool) -> None:
+    """Stream every pending request through ``llm.stream``, writing each one's line as soon as it finishes;
+    a tqdm bar on stderr (unless not ``progress``) counts requests and the output tokens/s."""
+    from tqdm import tqdm
+
+    seen_tokens = [0] * len(pending)  # output tokens of each request counted so far (for the live rate)
+    live_tokens = 0
+    t0 = time.perf_counter()
+    last_postfix = 0.0
+    bar = tqdm(total=len(pending), unit="req", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    try:
+        ids = [str(i) for i in range(len(pending))]
+        for ro in llm.stream(prompts, [r.sampling for r in pending], request_ids=ids):
+            i = int(ro.request_id)
+            tokens = sum(len(c.token_ids) for c in ro.outputs)
+            live_tokens += tokens - seen_tokens[i]
+            seen_tokens[i] = tokens
+            if ro.finished:
+                req = pending[i]
+                write_record(out, openai_record(req, ro, model_name) if fmt == "openai" else jsonl_record(req, ro))
+                stats.requests += 1
+                stats.failed += ro.error is not None
+                stats.prompt_tokens += len(ro.prompt_token_ids)
+                stats.output_tokens += tokens
+                bar.update(1)
+            now = time.perf_counter()
+            if progress and now - last_postfix > 0.5:
+                bar.set_postfix_str(f"{live_tokens / max(now - t0, 1e-9):.1f} tok/s", refresh=False)
+                last_postfix = now
+    finally:
+        stats.generate_s = time.perf_counter() - t0
+        bar.close()
+
+
+def print_stream(llm: Any, prompt: dict, req: Request, stats: Stats) -> None:
+    """One prompt: its text goes to stdout as it grows (n = 1) or each completion at the end (n > 1).
+    Raises RequestFailed when the engine rejects it."""
+    printed = ""
+    final = None
+    t0 = time.perf_counter()
+    for ro in llm.stream([prompt], [req.sampling], request_ids=["0"]):
+        if len(ro.outputs) == 1 and ro.error is None:
+            text = ro.outputs[0].text
+            if text.startswith(printed) and len(text) > len(printed):
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        if ro.finished:
+            final = ro
+    stats.generate_s = time.perf_counter() - t0
+    if final is None:
+        raise RequestFailed("the engine finished without a result")
+    if final.error is not None:
+        raise RequestFailed(f"request rejected: {final.error}")
+    if len(final.outputs) > 1:
+        for c in final.outputs:
+            sys.stdout.write(f"{'' if c.index == 0 else chr(10)}--- completion {c.index} ---\n{c.text}")
+        printed = final.outputs[-1].text
+    if not printed.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    stats.requests = 1
+    stats.prompt_tokens = len(final.prompt_token_ids)
+    stats.output_tokens = sum(len(c.token_ids) for c in final.outputs)
