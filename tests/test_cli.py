@@ -543,8 +543,30 @@ def test_e2e_single_prompt_and_bad_lines(tiny, tmp_path, capsys):
     assert "cannot load" in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def _run_until_lines(argv, out, count, sig):
+    """Start ``python -m fastinfer.cli`` and send it ``sig`` once ``out`` holds ``count`` complete lines."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "fastinfer.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= count):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, f"not {count} output lines within 60 s"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.decode()
+
+
 @needs_llm
 def test_e2e_resume_after_kill(tiny, tmp_path, capsys):
+    import signal
+
     n = 8
     src = tmp_path / "p.txt"
     src.write_text("".join(f"prompt number {i}\n" for i in range(n)))
@@ -553,29 +575,25 @@ def test_e2e_resume_after_kill(tiny, tmp_path, capsys):
     argv = ["generate", "--model", str(tiny), "-i", str(src), "-o", str(out), "--max-tokens", "24", "--ignore-eos",
             "--seed", "7", "--max-num-seqs", "1", "--kv-cache-memory-bytes", "4MiB", "--device", "cpu",
             "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "fastinfer.cli", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no output line within 60 s"
-            time.sleep(0.05)
-        proc.kill()
-    finally:
-        proc.wait()
+    code, _ = _run_until_lines(argv, out, 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     first = lines(out)
-    assert 1 <= len(first) < n, "the run finished before it was killed; make it longer"
+    assert 1 <= len(first) < n - 1, "the run finished before it was killed; make it longer"
     with open(out, "ab") as f:
         f.write(b'{"id": 99, "prompt": "half a li')  # as if killed mid-write
-    assert cli.main([*argv[:-1], "--resume", "--no-progress"]) == 0
+    # SIGTERM: a clean stop with status 143 after the partial line was cut and one more request was added
+    code, err = _run_until_lines([*argv, "--resume"], out, len(first) + 1, signal.SIGTERM)
+    assert code == 143, err
+    assert "cut a partial last line" in err and "interrupted" in err and "Traceback" not in err
+    second = lines(out)
+    assert len(first) < len(second) < n and second[: len(first)] == first
+    assert cli.main([*argv, "--resume"]) == 0
     err = capsys.readouterr().err
-    assert "cut a partial last line" in err and f"{len(first)} already in the output" in err
+    assert f"{len(second)} already in the output" in err
     recs = lines(out)
     assert sorted(r["id"] for r in recs) == list(range(n))  # each exactly once
-    assert recs[: len(first)] == first
-    # --seed makes each request's text independent of batching and of the interruption
+    assert recs[: len(second)] == second
+    # --seed: a request's text does not depend on the interruptions
     fresh = tmp_path / "fresh.jsonl"
     assert cli.main([*argv[:argv.index("-o")], "-o", str(fresh), *argv[argv.index("-o") + 2:]]) == 0
     capsys.readouterr()

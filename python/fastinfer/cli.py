@@ -58,9 +58,11 @@ resume:
   half-written last line left by a killed run is cut off first. Without --resume an existing,
   non-empty --output is an error unless --overwrite.
 
-exit status: 0 done (a request the engine rejected is recorded in the output, not a failure);
-  1 usage or load error (missing file, bad model); 2 bad command line, or bad input lines with
-  --on-bad-line fail (nothing is generated then); 130 interrupted (lines written so far are kept).
+exit status:
+  0    done (a request the engine rejected is recorded in the output, not a failure)
+  1    usage or load error (missing file, bad model)
+  2    bad command line, or bad input lines with --on-bad-line fail (nothing is generated then)
+  130  interrupted (Ctrl-C), 143 terminated (SIGTERM); the lines written so far are kept
 
 examples:
   fastinfer generate "Write a haiku about caches."
@@ -145,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop tokens below min_p x the top probability (default: 0)")
     s.add_argument("--seed", type=int, metavar="S",
                    help="seed of every request: its text is the same in any batch or resumed run (default: none)")
-    s.add_argument("--stop", action="append", metavar="STRING", help="stop string (repeatable)")
+    s.add_argument("--stop", action="append", metavar="STRING",
+                   help="stop string (repeatable; $'\\n' in bash for a newline)")
     s.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default: 1)")
     s.add_argument("--repetition-penalty", type=float, metavar="X", help="(default: 1.0 = off)")
     s.add_argument("--presence-penalty", type=float, metavar="X", help="(default: 0)")
@@ -190,9 +193,9 @@ def main(argv: list[str] | None = None, *, llm_factory: Callable[..., Any] | Non
     except CliError as err:
         _say(f"error: {err}")
         return err.code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         _say("interrupted; the lines written so far are kept (run again with --resume to finish)")
-        return 130
+        return 143 if isinstance(err, _Terminated) else 130
     except BrokenPipeError:  # stdout closed early (`| head`): not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
@@ -201,8 +204,12 @@ def main(argv: list[str] | None = None, *, llm_factory: Callable[..., Any] | Non
             signal.signal(signal.SIGTERM, old_term)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (output flushed and closed) but exiting with 143."""
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # same clean exit as Ctrl-C: output flushed and closed
+    raise _Terminated
 
 
 def _say(message: str) -> None:

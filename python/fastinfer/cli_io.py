@@ -492,7 +492,8 @@ class RequestFailed(RuntimeError):
 
 def write_record(out: BinaryIO, record: dict) -> None:
     """One complete line per write, flushed: a kill loses at most the line being written."""
-    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    # backslashreplace turns a lone surrogate (JSON input may hold one) into its JSON escape, \udXXX.
+    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
     out.flush()
 
 
