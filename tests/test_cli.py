@@ -296,6 +296,7 @@ def test_openai_batch_output(tmp_path, capsys):
 def test_single_prompt_prints_text(capsys):
     code, stdout, err, llm = run(["generate", "Tell me", "--no-chat"], capsys)
     assert code == 0 and stdout == "re:Tell me\n"
+    assert "output tok/s" in err and "requests done" not in err
     assert llm.model is None and llm.received[0][1].max_tokens == cli.DEFAULT_MAX_TOKENS
     code, stdout, _, _ = run(["generate", "ab", "--no-chat", "--n", 2, "--no-progress", "--seed", 5], capsys)
     assert code == 0 and stdout == "--- completion 0 ---\nre:ab#0\n--- completion 1 ---\nre:ab#1\n"
@@ -385,6 +386,28 @@ def test_interrupt_keeps_lines_then_resume(tmp_path, capsys):
     code, _, _, llm = run(["generate", "-i", src, "-o", out, "--no-progress", "--resume"], capsys)
     assert code == 0 and len(llm.received) == 3
     assert sorted(r["custom_id"] for r in lines(out)) == [f"r{i}" for i in range(5)]
+
+
+def test_resume_retry_failed(tmp_path, capsys):
+    def batch(n_of_b):
+        return "".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                                   "body": {"prompt": prompt, "n": n}}) + "\n"
+                       for cid, prompt, n in [("a", "fine", 1), ("b", "fixed later", n_of_b), ("c", "TOOLONG", 1)])
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(batch(0))
+    out = tmp_path / "o.jsonl"
+    assert run(["generate", "-i", src, "-o", out, "--no-progress"], capsys)[0] == 0
+    assert {r["custom_id"]: r["error"] is None for r in lines(out)} == {"a": True, "b": False, "c": False}
+    src.write_text(batch(1))
+    code, _, err, llm = run(["generate", "-i", src, "-o", out, "--resume"], capsys)
+    assert code == 0 and llm is None and "3 already in the output" in err  # errors count as done
+    code, _, err, llm = run(["generate", "-i", src, "-o", out, "--resume", "--retry-failed"], capsys)
+    assert code == 0 and "removed 2 error line(s)" in err and len(llm.received) == 2
+    recs = lines(out)
+    assert sorted(r["custom_id"] for r in recs) == ["a", "b", "c"]
+    assert {r["custom_id"]: r["error"] is None for r in recs} == {"a": True, "b": True, "c": False}
+    assert run(["generate", "-i", src, "-o", out, "--retry-failed"], capsys)[0] == 2
 
 
 def test_resume_rejects_foreign_output(tmp_path, capsys):

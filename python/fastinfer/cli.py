@@ -55,8 +55,9 @@ chat template:
 
 resume:
   With --resume, requests whose id is already in --output are skipped and new lines are appended; a
-  half-written last line left by a killed run is cut off first. Without --resume an existing,
-  non-empty --output is an error unless --overwrite.
+  half-written last line left by a killed run is cut off first. A request recorded with an error
+  counts as done, unless --retry-failed (e.g. after fixing its input line). Without --resume an
+  existing, non-empty --output is an error unless --overwrite.
 
 exit status:
   0    done (a request the engine rejected is recorded in the output, not a failure)
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--input-format", choices=cli_io.FORMATS, help="skip format detection")
     io.add_argument("--output", "-o", metavar="FILE", help="write JSON lines here (default: stdout)")
     io.add_argument("--resume", action="store_true", help="skip ids already in --output and append")
+    io.add_argument("--retry-failed", action="store_true",
+                    help="with --resume, also redo requests whose output line is an error (the line is replaced)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     io.add_argument("--on-bad-line", choices=("skip", "fail"), default="skip",
                     help="bad input lines: report and skip (default), or fail before generating (exit 2)")
@@ -267,6 +270,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError("give one PROMPT or --input FILE (see fastinfer generate --help)", 2)
     if args.resume and not args.output:
         raise CliError("--resume needs --output FILE", 2)
+    if args.retry_failed and not args.resume:
+        raise CliError("--retry-failed needs --resume", 2)
     if args.resume and args.overwrite:
         raise CliError("--resume and --overwrite contradict each other", 2)
     if args.output and not args.resume and not args.overwrite:
@@ -287,13 +292,15 @@ def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     done: set[str] = set()
     if args.resume:
         try:
-            done, cut = cli_io.read_done_ids(args.output, fmt)
+            done, cut, dropped = cli_io.read_done_ids(args.output, fmt, args.retry_failed)
         except cli_io.ResumeError as err:
             raise CliError(str(err)) from None
         except OSError as err:
             raise CliError(f"cannot read --output {args.output}: {err.strerror or err}") from None
         if cut:
             _say(f"cut a partial last line ({cut} bytes) from {args.output}")
+        if dropped:
+            _say(f"removed {dropped} error line(s) from {args.output} to retry them")
     pending = [r for r in requests if cli_io.id_key(r.id) not in done]
     stats.resumed = len(requests) - len(pending)
     # An OpenAI batch records its bad lines as error lines (when they have a custom_id to match them by).
@@ -325,8 +332,10 @@ def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
             out.close()
         else:
             out.flush()
-    if not single or not args.no_progress:
+    if not single:
         _say(stats.summary())
+    elif not args.no_progress:
+        _say(stats.summary(counts=False))
     return 0
 
 

@@ -428,14 +428,17 @@ class ResumeError(ValueError):
     """The output file cannot be resumed (not written by this input's format)."""
 
 
-def read_done_ids(path: str, fmt: str) -> tuple[set[str], int]:
-    """Ids (as ``id_key``) already in the output file at ``path`` and how many bytes of a partial last line
-    were cut off. A missing file is empty. The file is truncated after its last complete line, which a
-    killed run may have left half written; every complete line must be one of our records."""
+def read_done_ids(path: str, fmt: str, retry_failed: bool = False) -> tuple[set[str], int, int]:
+    """Ids (as ``id_key``) already in the output file at ``path``, how many bytes of a partial last line were
+    cut off and how many error lines were dropped. A missing file is empty.
+
+    The file is truncated after its last complete line, which a killed run may have left half written; every
+    complete line must be one of our records. With ``retry_failed`` the error lines are removed (the file is
+    rewritten, atomically) and their ids do not count as done, so they run again."""
     try:
         f = open(path, "r+b")
     except FileNotFoundError:
-        return set(), 0
+        return set(), 0, 0
     with f:
         data = f.read()
         end = data.rfind(b"\n") + 1
@@ -446,6 +449,8 @@ def read_done_ids(path: str, fmt: str) -> tuple[set[str], int]:
             os.fsync(f.fileno())
     name = "custom_id" if fmt == "openai" else "id"
     done: set[str] = set()
+    kept: list[bytes] = []
+    dropped = 0
     for line, raw in enumerate(split_lines(data[:end]), 1):
         if not raw.strip():
             continue
@@ -455,8 +460,19 @@ def read_done_ids(path: str, fmt: str) -> tuple[set[str], int]:
             raise ResumeError(f"{path} line {line} is not JSON; is it the output of this input?") from None
         if not isinstance(rec, dict) or name not in rec:
             raise ResumeError(f"{path} line {line} has no {name!r}; is it the output of this input?")
+        if retry_failed and rec.get("error") is not None:
+            dropped += 1
+            continue
         done.add(id_key(rec[name]))
-    return done, cut
+        kept.append(raw)
+    if dropped:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(ln + b"\n" for ln in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return done, cut, dropped
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -475,15 +491,16 @@ class Stats:
     load_s: float = 0.0
     generate_s: float = 0.0
 
-    def summary(self) -> str:
+    def summary(self, counts: bool = True) -> str:
+        """Token counts and rates, after a line of request counts unless not ``counts`` (one prompt)."""
         t = max(self.generate_s, 1e-9)
-        return (
-            f"{self.requests} requests done ({self.failed} failed), {self.bad_lines} bad lines skipped, "
-            f"{self.resumed} already in the output\n"
-            f"  prompt tokens {self.prompt_tokens}, output tokens {self.output_tokens}, wall {self.generate_s:.2f} s "
-            f"(+ {self.load_s:.2f} s model load), {self.output_tokens / t:.1f} output tok/s, "
-            f"{self.requests / t:.2f} req/s"
-        )
+        tokens = (f"prompt tokens {self.prompt_tokens}, output tokens {self.output_tokens}, "
+                  f"wall {self.generate_s:.2f} s (+ {self.load_s:.2f} s model load), "
+                  f"{self.output_tokens / t:.1f} output tok/s")
+        if not counts:
+            return tokens
+        return (f"{self.requests} requests done ({self.failed} failed), {self.bad_lines} bad lines skipped, "
+                f"{self.resumed} already in the output\n  {tokens}, {self.requests / t:.2f} req/s")
 
 
 class RequestFailed(RuntimeError):
