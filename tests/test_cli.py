@@ -133,6 +133,7 @@ def test_detect_format():
     assert d([b'{"prompt": "x"'] + [b'{"messages": []}']) == "jsonl"
     assert d([b'{broken', b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}']) == "openai"
     assert d([]) == "text"
+    assert cli_io.split_lines(b'\xef\xbb\xbf{"prompt": "x"}\r\nsecond\n') == [b'{"prompt": "x"}', b"second"]
 
 
 def test_parse_jsonl_overrides_and_bad_lines():

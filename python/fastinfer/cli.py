@@ -390,8 +390,9 @@ def _engine_prompts(args: argparse.Namespace, llm: Any, pending: list[Request], 
             if args.prompt is not None and not args.output:
                 raise CliError(str(err)) from None
             _say(f"line {r.line}: {err}")
-            cli_io.write_record(out, cli_io.openai_error(r.id, "invalid_request", str(err)) if fmt == "openai"
-                   else cli_io.jsonl_error(r, str(err)))
+            record = (cli_io.openai_error(r.id, "invalid_request", str(err)) if fmt == "openai"
+                      else cli_io.jsonl_error(r, str(err)))
+            cli_io.write_record(out, record)
             stats.requests += 1
             stats.failed += 1
     return ok, prompts

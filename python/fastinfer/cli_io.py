@@ -82,8 +82,9 @@ def id_key(value: Any) -> str:
 
 
 def split_lines(data: bytes) -> list[bytes]:
-    """Lines without their terminators (``\\n`` or ``\\r\\n``); a final newline adds no empty line."""
-    lines = data.split(b"\n")
+    """Lines without their terminators (``\\n`` or ``\\r\\n``) or a UTF-8 byte order mark; a final newline adds
+    no empty line."""
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
