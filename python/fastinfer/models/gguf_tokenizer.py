@@ -217,7 +217,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def _sentencepiece_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     from .gguf import GGUFError
 
@@ -243,10 +243,11 @@ def _sentencepiece_bpe(path: str, meta: dict[str, Any], tokens: list[str], types
     backend = Tokenizer(
         models.BPE(vocab=vocab, merges=pairs, unk_token=unk_token, fuse_unk=True, byte_fallback=True, dropout=None)
     )
+    # llama.cpp prefixes a space to every text fragment at the start or after a special token (llama-vocab.cpp,
+    # LLAMA_VOCAB_TYPE_SPM); a normalizer does the same, as it runs on each stretch between added tokens.
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
-    )
+    spaces = normalizers.Replace(" ", "▁")
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), spaces]) if prefix else spaces
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
