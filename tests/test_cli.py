@@ -498,7 +498,7 @@ def test_e2e_formats_match_llm_generate(tiny, tmp_path, capsys):
     prompts = ["hello world", "the quick brown fox", "once upon"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(o) for o in [
-        {"id": "a", "prompt": "hello world", "max_tokens": 3},
+        {"id": "a", "prompt": "hello world", "max_tokens": 3, "logprobs": 2},
         {"id": "b", "messages": [{"role": "user", "content": "the lazy dog"}]},
     ]) + "\n")
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(o) for o in [
@@ -535,6 +535,12 @@ def test_e2e_formats_match_llm_generate(tiny, tmp_path, capsys):
     js = {r["id"]: r for r in lines(tmp_path / "p.jsonl.out")}
     assert js["a"]["text"] == greedy(chat("hello world"), 3).outputs[0].text
     assert js["a"]["usage"]["completion_tokens"] <= 3
+    lps = js["a"]["logprobs"]
+    assert len(lps) == js["a"]["usage"]["completion_tokens"]
+    for e in lps:  # the sampled (greedy) token is the top candidate; at least 2 candidates per position
+        assert len(e["top_logprobs"]) >= 2 and e["top_logprobs"][0]["token_id"] == e["token_id"]
+        assert e["logprob"] == e["top_logprobs"][0]["logprob"] <= 0 and isinstance(e["token"], str)
+    assert js["a"]["cumulative_logprob"] == pytest.approx(sum(e["logprob"] for e in lps), abs=1e-4)
     assert js["b"]["text"] == greedy(chat("the lazy dog")).outputs[0].text
 
     ob = {r["custom_id"]: r for r in lines(tmp_path / "b.jsonl.out")}
@@ -591,33 +597,29 @@ def _run_until_lines(argv, out, count, sig):
 def test_e2e_resume_after_kill(tiny, tmp_path, capsys):
     import signal
 
-    n = 8
+    n = 10
     src = tmp_path / "p.txt"
     src.write_text("".join(f"prompt number {i}\n" for i in range(n)))
     out = tmp_path / "o.jsonl"
-    # One request at a time, so the run is still going when the first line shows up.
-    argv = ["generate", "--model", str(tiny), "-i", str(src), "-o", str(out), "--max-tokens", "24", "--ignore-eos",
+    # One request at a time, so the run is still going when the first line shows up. Seeing that line while
+    # the process runs shows each line is flushed as its request finishes.
+    argv = ["generate", "--model", str(tiny), "-i", str(src), "-o", str(out), "--max-tokens", "16", "--ignore-eos",
             "--seed", "7", "--max-num-seqs", "1", "--kv-cache-memory-bytes", "4MiB", "--device", "cpu",
             "--no-progress"]
-    code, _ = _run_until_lines(argv, out, 1, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    first = lines(out)
-    assert 1 <= len(first) < n - 1, "the run finished before it was killed; make it longer"
-    with open(out, "ab") as f:
-        f.write(b'{"id": 99, "prompt": "half a li')  # as if killed mid-write
-    # SIGTERM: a clean stop with status 143 after the partial line was cut and one more request was added
-    code, err = _run_until_lines([*argv, "--resume"], out, len(first) + 1, signal.SIGTERM)
+    code, err = _run_until_lines(argv, out, 1, signal.SIGTERM)
     assert code == 143, err
-    assert "cut a partial last line" in err and "interrupted" in err and "Traceback" not in err
-    second = lines(out)
-    assert len(first) < len(second) < n and second[: len(first)] == first
+    assert "interrupted" in err and "Traceback" not in err
+    first = lines(out)
+    assert 1 <= len(first) < n, "the run finished before it was stopped; make it longer"
+    with open(out, "ab") as f:
+        f.write(b'{"id": 99, "prompt": "half a li')  # as if SIGKILLed mid-write
     assert cli.main([*argv, "--resume"]) == 0
     err = capsys.readouterr().err
-    assert f"{len(second)} already in the output" in err
+    assert "cut a partial last line (31 bytes)" in err and f"{len(first)} already in the output" in err
     recs = lines(out)
     assert sorted(r["id"] for r in recs) == list(range(n))  # each exactly once
-    assert recs[: len(second)] == second
-    # --seed: a request's text does not depend on the interruptions
+    assert recs[: len(first)] == first
+    # --seed: a request's text does not depend on the interruption
     fresh = tmp_path / "fresh.jsonl"
     assert cli.main([*argv[:argv.index("-o")], "-o", str(fresh), *argv[argv.index("-o") + 2:]]) == 0
     capsys.readouterr()

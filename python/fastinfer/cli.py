@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-p", type=float, metavar="P",
                    help="drop tokens below min_p x the top probability (default: 0)")
     s.add_argument("--seed", type=int, metavar="S",
-                   help="seed of every request: its text is the same in any batch or resumed run (default: none)")
+                   help="seed of every request, so a resumed run samples as the interrupted one would have")
     s.add_argument("--stop", action="append", metavar="STRING",
                    help="stop string (repeatable; $'\\n' in bash for a newline)")
     s.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default: 1)")
