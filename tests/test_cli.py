@@ -568,6 +568,12 @@ def test_e2e_single_prompt_and_bad_lines(tiny, tmp_path, capsys):
     assert cli.main(argv) == 0
     cap = capsys.readouterr()
     assert sorted(r["id"] for r in lines(cap.out)) == [0, 2] and "skipping line 2" in cap.err
+    src.write_text("hello\n" + "the quick brown fox jumps over the lazy dog " * 4 + "\n")
+    assert cli.main([*argv, "--max-model-len", "24"]) == 0  # the engine rejects the long prompt alone
+    cap = capsys.readouterr()
+    recs = {r["id"]: r for r in lines(cap.out)}
+    assert "max_model_len" in recs[1]["error"] and "text" not in recs[1] and "error" not in recs[0]
+    assert "2 requests done (1 failed)" in cap.err and f"prompt tokens {recs[0]['usage']['prompt_tokens']}," in cap.err
     assert cli.main(["generate", "--model", str(tmp_path / "no_such_model"), "hi"]) == 1
     err = capsys.readouterr().err
     assert "cannot load" in err and "Traceback" not in err and err.count("\n") == 1

@@ -1,7 +1,9 @@
 """The ``fastinfer`` command: offline generation for one prompt or a whole file of them.
 
-``main(argv)`` returns the exit status; ``make_llm`` builds the LLM and is the seam tests replace.
-Formats, ids and resume are in cli_io.py.
+``main(argv)`` returns the exit status; ``make_llm`` builds the LLM and is the seam tests replace
+(or pass ``llm_factory``). This file holds the command line and the order of a run: read and check
+every request, skip the ones already in the output (--resume), load the model, generate. Formats,
+records, resume bookkeeping and the streaming loops are in cli_io.py.
 """
 
 from __future__ import annotations

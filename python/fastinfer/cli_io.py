@@ -8,7 +8,9 @@ Three input formats, told apart by the first non-blank line (``detect_format``):
 - ``openai``: the OpenAI Batch API input (``custom_id``, ``method``, ``url``, ``body``).
 
 ``text`` and ``jsonl`` produce JSONL records ``{"id", "prompt" | "messages", "text" | "outputs",
-"finish_reason", "usage"}``; ``openai`` produces the Batch API output lines. Nothing here loads a model.
+"finish_reason", "usage"}``; ``openai`` produces the Batch API output lines.
+
+``run_batch`` and ``print_stream`` drive ``LLM.stream`` and write each result as its request finishes.
 """
 
 from __future__ import annotations
@@ -538,7 +540,7 @@ def run_batch(llm: Any, fmt: str, pending: list[Request], prompts: list[dict], o
                 write_record(out, openai_record(req, ro, model_name) if fmt == "openai" else jsonl_record(req, ro))
                 stats.requests += 1
                 stats.failed += ro.error is not None
-                stats.prompt_tokens += len(ro.prompt_token_ids)
+                stats.prompt_tokens += len(ro.prompt_token_ids) if ro.error is None else 0
                 stats.output_tokens += tokens
                 bar.update(1)
             now = time.perf_counter()
