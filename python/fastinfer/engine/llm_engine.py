@@ -67,7 +67,8 @@ class LLMEngine:
         self.config = scheduler_config
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.scheduler = Scheduler(scheduler_config, eos_token_ids, self.detokenizer)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        device = getattr(runner, "device", "cpu")  # where the logits live: draws are made there
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.sampler = Sampler(eos_token_ids, generator)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()

@@ -83,7 +83,8 @@ class Sampler:
             w.masked_fill_(w < kth, 0.0)
         if any(p.top_p < 1.0 for p in params):
             _top_p_(w, torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1))
-        u = torch.rand(n, 1, generator=self.generator, device=dev)
+        shared = self.generator
+        u = torch.rand(n, 1, generator=shared, device=shared.device if shared is not None else dev).to(dev)
         for i, s in enumerate(seqs):
             if s.generator is not None and not s.params.greedy:
                 u[i] = torch.rand(1, generator=s.generator, device=s.generator.device).to(dev)
