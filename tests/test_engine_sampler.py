@@ -227,3 +227,10 @@ def test_sampling_params_defaults_and_normalisation():
     assert SamplingParams(stop="x").stop == ["x"] and SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=0.5).greedy
     assert SamplingParams(max_tokens=None, min_tokens=100).max_tokens is None
+
+
+def test_logprobs_larger_than_vocab_returns_every_token():
+    logits = torch.randn(1, 6)
+    out = Sampler()(logits, seqs_for(SamplingParams(logprobs=50, temperature=0.0), 1))
+    assert sorted(out.logprobs[0]) == list(range(6))
+    assert sorted(lp.rank for lp in out.logprobs[0].values()) == list(range(1, 7))

@@ -101,7 +101,8 @@ def test_tiny_cache_matches_huge_cache(reqs, num_blocks, block_size, budget, max
     for rid, _, prompt, params in requests:
         a, b = tiny[rid], huge[rid]
         if len(prompt) > cap:
-            assert a.error and str(cap) in a.error and all(o.finish_reason == "error" and not o.token_ids for o in a.outputs)
+            assert a.error and str(cap) in a.error
+            assert all(o.finish_reason == "error" and not o.token_ids for o in a.outputs)
             continue
         assert a.error is None and len(a.outputs) == params.n
         assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs], rid
@@ -195,3 +196,9 @@ def test_metrics_and_n_sequences_share_prompt_blocks():
     assert final.finished and len({tuple(o.token_ids) for o in final.outputs}) > 1  # seed + index differ
     m = final.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_max_tokens_none_runs_to_max_model_len():
+    engine = make_engine(SchedulerConfig(4, 64, 12, 4, 64, True))
+    got = run(engine, [("r", 0, [1, 2, 3], SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0))])
+    assert got["r"].outputs[0].finish_reason == "length" and len(got["r"].outputs[0].token_ids) == 9

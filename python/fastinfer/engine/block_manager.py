@@ -29,7 +29,7 @@ class Block:
 class PrefixCacheStats:
     """Prefix-cache counters since the engine started."""
 
-    queries: int = 0  # prompt tokens looked up (full blocks a lookup could cover)
+    queries: int = 0  # tokens of the sequences looked up (vLLM's definition: hit rate = hits / queries)
     hits: int = 0  # of those, tokens found in the cache
     block_queries: int = 0  # full blocks looked up
     block_hits: int = 0  # full blocks found in the cache
@@ -68,7 +68,7 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(seq, i):
                 break
             found.append(block_id)
-        self.stats.queries += max_blocks * self.block_size
+        self.stats.queries += seq.num_tokens
         self.stats.hits += len(found) * self.block_size
         self.stats.block_queries += max_blocks
         self.stats.block_hits += len(found)

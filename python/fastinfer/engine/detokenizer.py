@@ -61,9 +61,9 @@ class Detokenizer:
         """
         if state.read_offset >= len(token_ids):
             return None
-        decode = self.tokenizer.decode
-        prefix_text = decode(token_ids[state.prefix_offset : state.read_offset], skip_special_tokens=skip_special_tokens)
-        new_text = decode(token_ids[state.prefix_offset :], skip_special_tokens=skip_special_tokens)
+        decode, skip = self.tokenizer.decode, skip_special_tokens
+        prefix_text = decode(token_ids[state.prefix_offset : state.read_offset], skip_special_tokens=skip)
+        new_text = decode(token_ids[state.prefix_offset :], skip_special_tokens=skip)
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return None  # nothing printable yet, or a multi-byte character still incomplete
         old_len = len(state.output_text)

@@ -115,7 +115,7 @@ class Sampler:
             for r, i in enumerate(rows):
                 want = seqs[i].params.logprobs
                 d = {tokens[i]: Logprob(sampled_lp[r], ranks[r])}
-                for j in range(want):
+                for j in range(min(want, k)):
                     d.setdefault(ti[r][j], Logprob(tv[r][j], j + 1))
                 result[i] = d
             return result

@@ -153,7 +153,8 @@ class Scheduler:
         """Finish seq if its newest token ends it (vLLM v1 order: length, then EOS / stop ids, then stop strings)."""
         p = seq.params
         reason, stop_reason = None, None
-        if seq.num_tokens >= self.config.max_seq_len or (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens):
+        max_tokens = p.max_tokens if p.max_tokens is not None else self.config.max_seq_len
+        if seq.num_tokens >= self.config.max_seq_len or seq.num_output_tokens >= max_tokens:
             reason = "length"
         elif seq.num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
