@@ -349,6 +349,8 @@ def test_user_mistakes_one_line(tmp_path, capsys):
     out.write_text('{"id": 0}\n')
     code, _, err, _ = run(["generate", "x", "-o", out], capsys)
     assert code == 1 and "--resume" in err and out.read_text() == '{"id": 0}\n'
+    code, _, err, _ = run(["generate", "-i", out, "-o", out, "--resume"], capsys)
+    assert code == 2 and "--output is the --input file" in err and out.read_text() == '{"id": 0}\n'
     with pytest.raises(SystemExit) as exc:
         cli.main(["generate", "x", "--max-tokens", "0"])
     assert exc.value.code == 2

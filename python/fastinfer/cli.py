@@ -276,6 +276,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError("--retry-failed needs --resume", 2)
     if args.resume and args.overwrite:
         raise CliError("--resume and --overwrite contradict each other", 2)
+    if args.output and args.input not in (None, "-") and os.path.exists(args.output) and os.path.exists(args.input):
+        if os.path.samefile(args.input, args.output):
+            raise CliError("--output is the --input file", 2)
     if args.output and not args.resume and not args.overwrite:
         if os.path.exists(args.output) and os.path.getsize(args.output) > 0:
             raise CliError(f"{args.output} exists; add --resume to continue it or --overwrite to replace it")

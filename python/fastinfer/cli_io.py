@@ -16,6 +16,7 @@ Three input formats, told apart by the first non-blank line (``detect_format``):
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -320,6 +321,11 @@ def usage(out: RequestOutput) -> dict:
     }
 
 
+def _finite(x: float | None) -> float | None:
+    """JSON has no infinities or NaN: such a logprob is written as null."""
+    return x if x is None or math.isfinite(x) else None
+
+
 def _logprob_entries(comp: Any) -> list[dict] | None:
     """Per output token: the sampled token's logprob and the top candidates (rank order)."""
     if comp.logprobs is None:
@@ -331,9 +337,9 @@ def _logprob_entries(comp: Any) -> list[dict] | None:
         entries.append({
             "token_id": token_id,
             "token": chosen.decoded_token if chosen else None,
-            "logprob": chosen.logprob if chosen else None,
+            "logprob": _finite(chosen.logprob) if chosen else None,
             "top_logprobs": [
-                {"token_id": t, "token": lp.decoded_token, "logprob": lp.logprob} for t, lp in top
+                {"token_id": t, "token": lp.decoded_token, "logprob": _finite(lp.logprob)} for t, lp in top
             ],
         })
     return entries
@@ -363,7 +369,7 @@ def jsonl_record(req: Request, out: RequestOutput) -> dict:
         if c.stop_reason is not None:
             d["stop_reason"] = c.stop_reason
         if want_logprobs:
-            d["cumulative_logprob"] = c.cumulative_logprob
+            d["cumulative_logprob"] = _finite(c.cumulative_logprob)
             d["logprobs"] = _logprob_entries(c)
         return d
 
