@@ -21,6 +21,7 @@
 #if defined(FASTINFER_WITH_CUDA)
 #include <cuda_runtime.h>
 
+#include "cuda/attention_bwd.h"
 #include "cuda/attention_cuda.h"
 #include "cuda/cuda_runtime_info.h"
 #endif
