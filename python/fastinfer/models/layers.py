@@ -24,16 +24,17 @@ def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> 
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
-    """RMS-normalise the last axis of x and multiply by ``scale`` (broadcast), with Hugging Face's rounding.
+    """RMS-normalise the last axis of x and multiply by ``scale``.
 
-    Llama style (``offset=False``): normalise in float32, round to x's dtype, then multiply by the weight.
-    Gemma style (``offset=True``, ``scale`` = float32 ``1 + weight``): multiply in float32 and round once.
+    Llama style (``offset=False``, ``scale`` = weight in x's dtype): torch's rms_norm, which accumulates in
+    float32 and rounds once (Hugging Face rounds before the weight multiply: within one bf16 ulp).
+    Gemma style (``offset=True``, ``scale`` = float32 ``1 + weight``): float32 throughout, rounded once,
+    exactly as Hugging Face. ``scale`` may have more axes than one (the stacked per-head q/k norms).
     """
-    if not offset and x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), None, eps) * scale
-    h = x.float()
-    h = h * torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
-    return (h * scale).to(x.dtype) if offset else h.to(x.dtype) * scale
+    dim = (x.shape[-1],)
+    h = x.float() if offset else x
+    h = F.rms_norm(h, dim, scale, eps) if scale.ndim == 1 else F.rms_norm(h, dim, None, eps) * scale
+    return h.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -100,22 +101,27 @@ def _yarn(dim: int, base: float, factor: float, s: dict) -> tuple[torch.Tensor, 
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables (positions, head_dim // 2), float32, grown on demand and indexed by position."""
+    """cos/sin tables (positions, head_dim // 2) in the model dtype, grown on demand and indexed by position.
 
-    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict], device) -> None:
+    Entries are computed in float32 and rounded once, as Hugging Face rounds its per-call cos/sin.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict], dtype: torch.dtype, device) -> None:
         super().__init__()
         self.inv_freq, self.attention_scaling = _inv_freq(head_dim, theta, scaling)
         self.inv_freq = self.inv_freq.to(device)
-        self.cos = self.sin = torch.empty(0, head_dim // 2, device=device)
+        self.cos = self.sin = torch.empty(0, head_dim // 2, dtype=dtype, device=device)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions : (T,) int64 -> cos, sin (T, 1, head_dim // 2) in ``dtype`` (broadcast over heads)."""
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions : (T,) int64 -> cos, sin (T, 1, head_dim // 2) (broadcast over heads)."""
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             n = max(need, 2 * self.cos.shape[0], 256)
             freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq
-            self.cos, self.sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-        return self.cos[positions, None].to(dtype), self.sin[positions, None].to(dtype)
+            dtype = self.cos.dtype
+            self.cos = (freqs.cos() * self.attention_scaling).to(dtype)
+            self.sin = (freqs.sin() * self.attention_scaling).to(dtype)
+        return self.cos[positions, None], self.sin[positions, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -84,9 +84,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.embed_scale = None  # multiplier of the embeddings in the model dtype (Gemma)
         # One rotary table per layer type; the same object where the types share parameters.
-        full = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device)
+        full = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, dtype, device)
         local = full if config.rope_local_base_freq is None else \
-            RotaryEmbedding(config.head_dim, config.rope_local_base_freq, None, device)
+            RotaryEmbedding(config.head_dim, config.rope_local_base_freq, None, dtype, device)
         self.rotary = {"full_attention": full, "sliding_attention": local}
 
     def head_weight(self) -> torch.Tensor:
@@ -103,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         for kind in set(self.config.layer_types):
             rope = self.rotary[kind]
             same = next((v for k, v in tables.items() if self.rotary[k] is rope), None)
-            tables[kind] = same or rope(positions, self.dtype)
+            tables[kind] = same or rope(positions)
         for layer, kind, kv in zip(self.model.layers, self.config.layer_types, kv_caches):
             x = layer(x, *tables[kind], kv, meta)
         return self.model.norm(x)

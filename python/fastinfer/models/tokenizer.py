@@ -28,8 +28,8 @@ class Tokenizer:
     backend : the tokenizers.Tokenizer (tokenizer.json)
     bos_token, eos_token : their strings, or None
     eos_token_ids : every id that ends generation (tokenizer's EOS plus generation_config's)
-    add_bos_token, add_eos_token : rebuild the post-processor to add them (transformers does so when
-        tokenizer_config.json sets either); None keeps the backend's post-processor
+    add_bos_token, add_eos_token : rebuild the post-processor to add them or not; None keeps the backend's
+        post-processor (transformers 5 lets tokenizer.json decide and ignores tokenizer_config.json's flags)
     chat_template : Jinja source, or None
     special_tokens : special token name ("bos_token", "pad_token", ...) -> string, visible to templates
     """
@@ -52,7 +52,7 @@ class Tokenizer:
         if add_bos_token is not None or add_eos_token is not None or backend.post_processor is None:
             self._set_post_processor(bool(add_bos_token) and self.bos_token_id is not None,
                                      bool(add_eos_token) and eos_id is not None, eos_id)
-        self.add_bos_token = bool(add_bos_token)
+        self.add_bos_token = self.bos_token_id is not None and self.encode("")[:1] == [self.bos_token_id]
 
     def _set_post_processor(self, bos: bool, eos: bool, eos_id: Optional[int]) -> None:
         single = f"{self.bos_token + ':0 ' if bos else ''}$A:0{' ' + self.eos_token + ':0' if eos else ''}"
@@ -90,8 +90,9 @@ class Tokenizer:
 
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> "Tokenizer":
-        """Read tokenizer.json, tokenizer_config.json (special tokens, add_bos_token, chat_template),
-        chat_template.jinja and generation_config.json (extra EOS ids) from a Hugging Face folder."""
+        """Read tokenizer.json, tokenizer_config.json (special tokens, chat_template), chat_template.jinja and
+        generation_config.json (extra EOS ids) from a Hugging Face folder. As in transformers 5, whether BOS/EOS
+        are added is tokenizer.json's post-processor's decision, not tokenizer_config.json's add_bos_token."""
         folder = Path(path)
         if not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder / 'tokenizer.json'}: file not found")
@@ -108,8 +109,7 @@ class Tokenizer:
         eos = _json(folder / "generation_config.json").get("eos_token_id")
         eos_ids = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         return cls(backend, bos_token=special.get("bos_token"), eos_token=special.get("eos_token"),
-                   eos_token_ids=[int(e) for e in eos_ids], add_bos_token=cfg.get("add_bos_token"),
-                   add_eos_token=cfg.get("add_eos_token"), chat_template=template, special_tokens=special,
+                   eos_token_ids=[int(e) for e in eos_ids], chat_template=template, special_tokens=special,
                    clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)))
 
 
