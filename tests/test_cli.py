@@ -41,8 +41,10 @@ class FakeLLM:
     finishing them in reverse order; a prompt containing TOOLONG is rejected like an over-long prompt.
     ``interrupt_after`` raises KeyboardInterrupt after that many requests finished (a Ctrl-C)."""
 
-    def __init__(self, model=None, chat_template="tagged", interrupt_after=None, **engine_kwargs):
+    def __init__(self, model=None, chat_template="tagged", interrupt_after=None, generation_config=None,
+                 **engine_kwargs):
         self.model = model
+        self.generation_config = generation_config or {}
         self.engine_kwargs = engine_kwargs
         self.tokenizer = FakeTokenizer(chat_template)
         self.config = SimpleNamespace(vocab_size=1000)
@@ -292,6 +294,24 @@ def test_openai_batch_output(tmp_path, capsys):
     assert llm.received[1][0]["prompt"] == "raw"  # completions never get the chat template
     assert recs["bad"]["response"] is None and "n must be" in recs["bad"]["error"]["message"]
     assert recs["long"]["response"] is None and recs["long"]["error"]["message"] == "prompt is too long"
+
+
+def test_model_generation_config_defaults(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "own", "prompt": "a", "temperature": 0.1}\n{"id": "plain", "prompt": "b"}\n')
+    gen = {"temperature": 0.6, "top_k": 20, "max_new_tokens": 5, "top_p": None, "do_sample": True}
+    code, _, err, llm = run(["generate", "-i", src, "--top-k", 3, "--no-progress", "--no-chat"], capsys,
+                            generation_config=gen)
+    assert code == 0 and "generation_config: temperature=0.6, top_k=20, max_tokens=5" in err
+    got = {p["prompt"][-1]: (sp.temperature, sp.top_k, sp.max_tokens, sp.top_p) for p, sp in llm.received}
+    assert got == {"a": (0.1, 3, 5, 1.0), "b": (0.6, 3, 5, 1.0)}  # line > flag > model > SamplingParams
+    code, _, err, llm = run(["generate", "-i", src, "--no-generation-config", "--no-progress"], capsys,
+                            generation_config=gen)
+    assert code == 0 and "generation_config" not in err
+    assert [(sp.temperature, sp.top_k, sp.max_tokens) for _, sp in llm.received] == [(0.1, 0, 256), (1.0, 0, 256)]
+    code, stdout, err, llm = run(["generate", "-i", src, "--no-progress"], capsys, generation_config={"top_p": 2.0})
+    assert code == 0 and not llm.received and "2 requests done (2 failed)" in err
+    assert all("top_p" in r["error"] for r in lines(stdout))
 
 
 def test_single_prompt_prints_text(capsys):

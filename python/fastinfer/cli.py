@@ -142,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--system", metavar="TEXT", help="system message for chat-templated plain prompts")
     io.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
-    s = g.add_argument_group("sampling (defaults for every request; input lines may override them)")
-    s.add_argument("--max-tokens", type=_positive_int, metavar="N", default=DEFAULT_MAX_TOKENS,
+    s = g.add_argument_group(
+        "sampling", "Defaults for every request; input lines may override them. Unset ones come from the\n"
+        "model's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,\n"
+        "max_new_tokens), else they are the defaults shown.")
+    s.add_argument("--max-tokens", type=_positive_int, metavar="N",
                    help=f"most new tokens per completion (default: {DEFAULT_MAX_TOKENS})")
     s.add_argument("--temperature", "-t", type=float, metavar="T", help="0 = greedy (default: 1.0)")
     s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (default: 1.0 = off)")
@@ -159,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--presence-penalty", type=float, metavar="X", help="(default: 0)")
     s.add_argument("--frequency-penalty", type=float, metavar="X", help="(default: 0)")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    s.add_argument("--no-generation-config", action="store_true",
+                   help="ignore the sampling defaults in the model's generation_config.json")
     s.add_argument("--logprobs", type=int, metavar="K", help="record the sampled token's and the top K logprobs")
 
     e = g.add_argument_group("engine")
@@ -222,8 +227,8 @@ def _say(message: str) -> None:
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict:
-    d: dict[str, Any] = {"max_tokens": args.max_tokens}
-    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "repetition_penalty",
+    d: dict[str, Any] = {}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "logprobs"):
         if getattr(args, name) is not None:
             d[name] = getattr(args, name)
@@ -243,13 +248,21 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return d
 
 
-def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[Request], list[BadLine]]:
+def _make_params(model_defaults: dict | None = None) -> Callable[..., Any]:
+    """SamplingParams(**kwargs) over the model's defaults, over max_tokens=DEFAULT_MAX_TOKENS."""
     from fastinfer.engine.sampling_params import SamplingParams
 
+    base = {"max_tokens": DEFAULT_MAX_TOKENS, **(model_defaults or {})}
+    return lambda **kwargs: SamplingParams(**{**base, **kwargs})
+
+
+def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[Request], list[BadLine]]:
+    """The input's format, its requests (checked with the command line's sampling defaults; the model's
+    are added once it is loaded) and its bad lines."""
     if args.prompt is not None:
         req = Request(0, 1, "text", args.prompt, None, dict(defaults))
         try:
-            req.sampling = SamplingParams(**req.params)
+            req.sampling = _make_params()(**req.params)
         except (ValueError, TypeError) as err:
             raise CliError(f"bad sampling setting: {err}", 2) from None
         return "text", [req], []
@@ -263,7 +276,7 @@ def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[
         raise CliError(f"cannot read --input {args.input}: {err.strerror or err}") from None
     lines = cli_io.split_lines(data)
     fmt = args.input_format or cli_io.detect_format(lines)
-    requests, bad = cli_io.parse_input(data, fmt, defaults, SamplingParams)
+    requests, bad = cli_io.parse_input(data, fmt, defaults, _make_params())
     return fmt, requests, bad
 
 
@@ -322,7 +335,7 @@ def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
             cli_io.write_record(out, rec)
         if pending:
             llm = _load(args, llm_factory, stats)
-            pending, prompts = _engine_prompts(args, llm, pending, fmt, out, stats)
+            pending, prompts = _prepare(args, llm, pending, fmt, out, stats)
         if pending and single:
             try:
                 cli_io.print_stream(llm, prompts[0], pending[0], stats)
@@ -375,10 +388,17 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_
     return llm
 
 
-def _engine_prompts(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: str, out: BinaryIO,
-                    stats: cli_io.Stats) -> tuple[list[Request], list[dict]]:
-    """The requests whose prompt could be built and their LLM.stream prompts; the others are written as
-    error lines now."""
+def _prepare(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: str, out: BinaryIO,
+             stats: cli_io.Stats) -> tuple[list[Request], list[dict]]:
+    """The requests whose sampling settings (now over the model's defaults) and prompt could be built, and
+    their LLM.stream prompts; the others are written as error lines now."""
+    model_defaults = {}
+    if not args.no_generation_config:
+        model_defaults = cli_io.model_sampling_defaults(getattr(llm, "generation_config", None) or {})
+    if model_defaults:
+        shown = ", ".join(f"{k}={v}" for k, v in model_defaults.items())
+        _say(f"sampling defaults from the model's generation_config: {shown} (--no-generation-config ignores them)")
+    make_params = _make_params(model_defaults)
     tokenizer = llm.get_tokenizer()
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.chat and not has_template:
@@ -389,6 +409,11 @@ def _engine_prompts(args: argparse.Namespace, llm: Any, pending: list[Request], 
     prompts: list[dict] = []
     for r in pending:
         try:
+            if model_defaults:
+                try:
+                    r.sampling = make_params(**r.params)
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"bad sampling setting: {err}") from None
             prompts.append(cli_io.engine_prompt(r, tokenizer, chat, args.system, vocab_size))
             ok.append(r)
         except ValueError as err:

@@ -277,6 +277,17 @@ def _parse_openai(text: str, index: int, defaults: dict) -> Request:
 
 # ----------------------------------------------------------------------------------------------- prompts
 
+# generation_config.json keys that set a sampling default (as vLLM reads them) -> SamplingParams field.
+GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                          "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def model_sampling_defaults(generation_config: dict) -> dict:
+    """SamplingParams keyword arguments from a model's generation_config.json (its null values skipped)."""
+    return {field: generation_config[key] for key, field in GENERATION_CONFIG_KEYS.items()
+            if generation_config.get(key) is not None}
+
+
 
 def engine_prompt(req: Request, tokenizer: Any, chat: bool, system: str | None, vocab_size: int | None) -> dict:
     """``{"prompt", "prompt_token_ids"}`` for LLM.stream. The chat template and the tokenizer run here, one
