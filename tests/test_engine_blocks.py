@@ -140,3 +140,16 @@ def test_scheduler_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         SchedulerConfig(**{field: value})
     assert SchedulerConfig(max_model_len=100, block_size=4, num_blocks=10).max_seq_len == 40
+
+
+def test_stats_count_admissions_not_retries():
+    bm = BlockManager(2, 2)
+    a = seq([1, 2, 3, 4])
+    admit(bm, a)
+    b = seq([1, 2, 5])
+    cached = bm.find_cached_prefix(b)
+    assert bm.allocate(b, 1, cached) is False  # 1 shared + 1 new block: no room
+    assert bm.stats.queries == 4 and bm.stats.block_queries == 1 and bm.stats.hits == 0
+    bm.free_blocks(a)
+    assert bm.allocate(b, 1, bm.find_cached_prefix(b))
+    assert (bm.stats.queries, bm.stats.hits, bm.stats.block_queries, bm.stats.block_hits) == (7, 2, 2, 1)

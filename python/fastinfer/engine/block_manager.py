@@ -29,9 +29,9 @@ class Block:
 class PrefixCacheStats:
     """Prefix-cache counters since the engine started."""
 
-    queries: int = 0  # tokens of the sequences looked up (vLLM's definition: hit rate = hits / queries)
+    queries: int = 0  # tokens of the sequences admitted (vLLM's definition: hit rate = hits / queries)
     hits: int = 0  # of those, tokens found in the cache
-    block_queries: int = 0  # full blocks looked up
+    block_queries: int = 0  # full blocks the admitted sequences looked up (all but the last token)
     block_hits: int = 0  # full blocks found in the cache
 
 
@@ -68,10 +68,6 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(seq, i):
                 break
             found.append(block_id)
-        self.stats.queries += seq.num_tokens
-        self.stats.hits += len(found) * self.block_size
-        self.stats.block_queries += max_blocks
-        self.stats.block_hits += len(found)
         return found
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
@@ -84,6 +80,11 @@ class BlockManager:
         num_revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # cached blocks that sit in free
         if num_new_blocks + num_revived > len(self.free):
             return False
+        if self.enable_prefix_caching and not seq.block_table:  # an admission: count its lookup once
+            self.stats.queries += seq.num_tokens
+            self.stats.hits += len(cached) * self.block_size
+            self.stats.block_queries += (seq.num_tokens - 1) // self.block_size
+            self.stats.block_hits += len(cached)
         for block_id in cached:
             self._take(block_id)
         seq.block_table.extend(cached)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from .block_manager import PrefixCacheStats
 from .config import SchedulerConfig
 from .detokenizer import Detokenizer
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -173,5 +174,6 @@ class LLMEngine:
         )
 
     @property
-    def prefix_cache_stats(self):
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix-cache hit counters since the engine started."""
         return self.scheduler.block_manager.stats
