@@ -149,14 +149,14 @@ def test_parse_jsonl_overrides_and_bad_lines():
         json.dumps({"id": "a", "prompt": "dup"}),
         json.dumps({"id": "d", "prompt": "x", "max_token": 3}),
         json.dumps({"id": "e", "prompt": "x", "ignore_eos": 1}),
-        json.dumps({"prompt": [5, 6, 7]}),
+        json.dumps({"prompt": [5, 6, 7], "temperature": None, "max_tokens": None}),
     ]).encode()
     reqs, bad = cli_io.parse_input(data, "jsonl", {"max_tokens": 9, "seed": 3}, SamplingParams)
     assert [r.id for r in reqs] == ["a", 2, 9]
     assert reqs[0].sampling.max_tokens == 5 and reqs[0].sampling.temperature == 0 and reqs[0].sampling.seed == 3
     assert reqs[1].messages == [{"role": "user", "content": "yo"}] and reqs[1].sampling.n == 2
     assert reqs[1].sampling.max_tokens == 9
-    assert reqs[2].prompt == [5, 6, 7]
+    assert reqs[2].prompt == [5, 6, 7] and reqs[2].sampling.temperature == 1.0 and reqs[2].sampling.max_tokens is None
     by_line = {b.line: b.message for b in bad}
     assert sorted(by_line) == [4, 5, 6, 7, 8, 9]
     assert "invalid JSON" in by_line[4]

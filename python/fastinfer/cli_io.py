@@ -165,11 +165,15 @@ def _json_object(text: str, line: int) -> dict:
     return obj
 
 
-def _check_sampling(name: str, value: Any, line: int, id: Any) -> None:
+def _set_sampling(params: dict, name: str, value: Any, line: int, id: Any) -> None:
+    """params[name] = value after a type check; null leaves the default of a field that has no null value."""
     types = SAMPLING_FIELDS[name]
+    if value is None and type(None) not in types:
+        return
     # JSON true/false are Python bools, which are ints too: only bool fields take them.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise BadLine(line, f"bad sampling setting: {name} has the wrong type ({value!r})", id)
+    params[name] = value
 
 
 def _prompt(value: Any, line: int, id: Any, where: str = "prompt") -> str | list[int]:
@@ -216,8 +220,7 @@ def _parse_jsonl(text: str, index: int, defaults: dict) -> Request:
             continue
         if name not in SAMPLING_FIELDS:
             raise BadLine(line, f"unknown field {name!r}", rid)
-        _check_sampling(name, value, line, rid)
-        params[name] = value
+        _set_sampling(params, name, value, line, rid)
     if ("prompt" in obj) == ("messages" in obj):
         raise BadLine(line, 'needs exactly one of "prompt" and "messages"', rid)
     if "messages" in obj:
@@ -269,8 +272,7 @@ def _parse_openai(text: str, index: int, defaults: dict) -> Request:
             continue
         if name not in SAMPLING_FIELDS:
             raise BadLine(line, f"unsupported body field {name!r}", rid)
-        _check_sampling(name, value, line, rid)
-        params[name] = value
+        _set_sampling(params, name, value, line, rid)
     req_kind = "messages" if kind == "chat" else "completion"
     return Request(rid, line, req_kind, prompt, messages, params, model=model)
 
@@ -286,7 +288,6 @@ def model_sampling_defaults(generation_config: dict) -> dict:
     """SamplingParams keyword arguments from a model's generation_config.json (its null values skipped)."""
     return {field: generation_config[key] for key, field in GENERATION_CONFIG_KEYS.items()
             if generation_config.get(key) is not None}
-
 
 
 def engine_prompt(req: Request, tokenizer: Any, chat: bool, system: str | None, vocab_size: int | None) -> dict:
