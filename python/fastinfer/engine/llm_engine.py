@@ -100,7 +100,7 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             seq_id = next(self._seq_ids)
-            seqs.append(Sequence(seq_id, request_id, list(ids), len(ids), params, index=i, arrival=seq_id))
+            seqs.append(Sequence(seq_id, request_id, list(ids), len(ids), params, index=i))
         self.requests[request_id] = _Request(request_id, text, ids, seqs, metrics)
         for seq in seqs:
             self.scheduler.add(seq)

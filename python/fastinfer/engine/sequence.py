@@ -32,7 +32,6 @@ class Sequence:
     num_prompt_tokens: int  # length of the prompt prefix of token_ids
     params: SamplingParams  # sampling and stop settings of the request
     index: int = 0  # position among the request's n sequences
-    arrival: int = 0  # engine-wide arrival order (FCFS ties between sequences of one request keep index order)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (prefix-cache hits included)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
     block_table: list[int] = field(default_factory=list)  # cache block of each logical block
