@@ -39,7 +39,9 @@ if os.environ.get("FASTINFER_CPU_ISA"):
 _hf_transformers.install()
 
 _LAZY = {"scaled_dot_product_attention": "fastinfer.sdpa", "sdpa_override": "fastinfer.sdpa",
-         "SDPAFallbackWarning": "fastinfer.sdpa", "torch_ops": None}
+         "SDPAFallbackWarning": "fastinfer.sdpa", "torch_ops": None,
+         "LLM": "fastinfer.llm", "SamplingParams": "fastinfer.engine.sampling_params",
+         "RequestOutput": "fastinfer.engine.outputs", "CompletionOutput": "fastinfer.engine.outputs"}
 
 
 def __getattr__(name: str):
@@ -65,6 +67,10 @@ __all__ = [
     "sdpa_override",
     "SDPAFallbackWarning",
     "torch_ops",
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
     "build_info",
     "cuda_available",
     "set_cpu_isa",
