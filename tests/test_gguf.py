@@ -364,6 +364,18 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path, arch, add_dummy
     assert tokenizer.encode("Hello", add_special_tokens=True) == [sp.bos_id()] + sp.encode("Hello")
 
 
+def test_pre_tokenizer_regexes_match_transformers():
+    """The split regexes per tokenizer.ggml.pre agree with transformers' GGUF tables where both have one."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    from fastinfer.models.gguf_tokenizer import _PRE_TOKENIZERS
+
+    theirs = mapping.GGUF_PRE_TOKENIZER_SPLITS
+    shared = set(theirs) & set(_PRE_TOKENIZERS)
+    assert {"qwen2", "llama-bpe", "tekken", "gpt-4o"} <= shared
+    for name in shared:
+        assert _PRE_TOKENIZERS[name][0] == (theirs[name],), name
+
+
 # ------------------------------------------------------------------------------------------ broken files
 
 

@@ -194,8 +194,7 @@ class _Header:
         if item not in _NUMPY:
             raise GGUFError(f"{self.path}: corrupt GGUF header (array item type {item} at byte {self.pos})")
         dtype = np.dtype(_NUMPY[item])
-        values = np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
-        return [_float32_value(v) for v in values] if item == _FLOAT32 else values
+        return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
 
 
 def _float32_value(value: float) -> float:
@@ -275,8 +274,8 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
         return value
 
     hidden = int(get("embedding_length", required=True))
-    heads = int(get("attention.head_count", required=True))
-    kv_heads = int(get("attention.head_count_kv", heads))
+    heads = _per_model(path, f"{arch}.attention.head_count", get("attention.head_count", required=True))
+    kv_heads = _per_model(path, f"{arch}.attention.head_count_kv", get("attention.head_count_kv", heads))
     head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
@@ -317,6 +316,15 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
     if model_type == "gemma3_text":
         config.update(_gemma3_config(config, get, sliding_window))
     return config
+
+
+def _per_model(path: str, key: str, value: int | list[int]) -> int:
+    """A head count, which newer files may store per layer; the supported architectures use one for all."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise GGUFError(f"{path}: {key} differs between layers ({value}), which is not supported")
+        value = value[0]
+    return int(value)
 
 
 def _gemma3_config(config: dict[str, Any], get: Any, sliding_window: Any) -> dict[str, Any]:
