@@ -272,15 +272,17 @@ def test_k_quants_match_transformers_dequantiser(tmp_path):
     w.add_tokenizer_model("gpt2")
     w.add_token_list(TINY_TOKENS)
     w.add_token_merges(TINY_MERGES)
-    shapes = {"token_embd.weight": (len(TINY_TOKENS), hidden), "blk.0.attn_q.weight": (hidden, hidden),
-              "blk.0.attn_k.weight": (hidden, hidden), "blk.0.attn_v.weight": (hidden, hidden),
-              "blk.0.attn_output.weight": (hidden, hidden), "blk.0.ffn_gate.weight": (inter, hidden),
-              "blk.0.ffn_up.weight": (inter, hidden), "blk.0.ffn_down.weight": (hidden, inter)}
+    layer = "model.layers.0"
+    hf_shapes = {"model.embed_tokens": (len(TINY_TOKENS), hidden), f"{layer}.self_attn.q_proj": (hidden, hidden),
+                 f"{layer}.self_attn.k_proj": (hidden, hidden), f"{layer}.self_attn.v_proj": (hidden, hidden),
+                 f"{layer}.self_attn.o_proj": (hidden, hidden), f"{layer}.mlp.gate_proj": (inter, hidden),
+                 f"{layer}.mlp.up_proj": (inter, hidden), f"{layer}.mlp.down_proj": (hidden, inter)}
     kinds = [Q.Q4_K, Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.Q4_K, Q.Q6_K, Q.Q5_K]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 1)
     raw = {}
-    for (name, shape), kind in zip(shapes.items(), kinds):
-        raw[name] = (_random_blocks(kind, shape[0] * shape[1] // 256, rng).reshape(shape[0], -1), kind)
-        w.add_tensor(name, raw[name][0], raw_dtype=kind)
+    for (hf_name, shape), kind in zip(hf_shapes.items(), kinds):
+        raw[hf_name] = (_random_blocks(kind, shape[0] * shape[1] // 256, rng).reshape(shape[0], -1), kind)
+        w.add_tensor(f"{names.get_name(hf_name)}.weight", raw[hf_name][0], raw_dtype=kind)
     for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
         w.add_tensor(name, rng.standard_normal(hidden).astype(np.float32))
     for name in ("blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"):
@@ -292,18 +294,11 @@ def test_k_quants_match_transformers_dequantiser(tmp_path):
 
     config, weights, _, _ = read_gguf(path)
     weights = dict(weights)
-    hf_names = {"token_embd.weight": "model.embed_tokens.weight", "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
-                "blk.0.attn_k.weight": "model.layers.0.self_attn.k_proj.weight",
-                "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
-                "blk.0.attn_output.weight": "model.layers.0.self_attn.o_proj.weight",
-                "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
-                "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
-                "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight"}
-    for name, (blocks, kind) in raw.items():
-        ref = hf_dequantize(torch.from_numpy(blocks.reshape(-1)), int(kind)).reshape(shapes[name])
-        got = weights[hf_names[name]]
+    for hf_name, (blocks, kind) in raw.items():
+        ref = hf_dequantize(torch.from_numpy(blocks.reshape(-1)), int(kind)).reshape(hf_shapes[hf_name])
         assert torch.isfinite(ref).all()
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6, msg=f"{name} ({kind.name})")
+        got = weights[f"{hf_name}.weight"]
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6, msg=f"{hf_name} ({kind.name})")
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"]
 
 
