@@ -186,6 +186,7 @@ CASES = [
     ("qwen2", "qwen2", Q.F16, 1e-3),
     ("qwen2", "qwen2", Q.Q4_1, 0.15),
     ("qwen3", "qwen3", Q.Q8_0, 0.01),
+    ("qwen3", "qwen3", Q.BF16, 0.0),
     ("gemma3", "gemma3", Q.F32, 0.0),
     ("gemma3", "gemma3", Q.Q4_1, 0.15),
 ]
@@ -208,8 +209,9 @@ def test_tiny_model_roundtrip(tmp_path, arch, gguf_arch, qtype, tol):
         assert got.dtype == torch.float32 and got.shape == ref.shape, name
         if ref.dim() == 1 or qtype == Q.F32:  # stored as F32: exact (Gemma norms: up to float32 rounding of 1 + w)
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 if arch == "gemma3" else 0, msg=name)
-        elif qtype == Q.F16:
-            torch.testing.assert_close(got, ref.half().float(), rtol=0, atol=0, msg=name)
+        elif qtype in (Q.F16, Q.BF16):  # the same round-to-nearest-even as torch's casts
+            half = torch.float16 if qtype == Q.F16 else torch.bfloat16
+            torch.testing.assert_close(got, ref.to(half).float(), rtol=0, atol=0, msg=name)
         else:  # a wrong permutation or shape gives a relative error near 1.4
             err = (got - ref).norm() / ref.norm()
             assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
@@ -219,6 +221,22 @@ def test_tiny_model_roundtrip(tmp_path, arch, gguf_arch, qtype, tol):
     assert tokenizer.encode(" the", add_special_tokens=False) == [TINY_TOKENS.index("Ġth"), _BYTES.index("e")]
     assert tokenizer.decode(tokenizer.encode("héllo <|im_end|>", add_special_tokens=False),
                             skip_special_tokens=False) == "héllo <|im_end|>"
+
+
+def test_end_of_turn_tokens_and_chat_template(tmp_path):
+    """A chat template's end-of-turn token joins EOS in generation_config and the tokenizer's stop ids."""
+    cfg, model = _tiny_model("qwen2")
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    tok = {"model": "gpt2", "pre": "qwen2", "tokens": TINY_TOKENS, "types": TINY_TYPES, "merges": TINY_MERGES,
+           "bos": 258, "eos": 258, "chat_template": template}
+    path = tmp_path / "chat.gguf"
+    write_gguf(path, "qwen2", cfg, model.state_dict(), tokenizer=tok)
+    config, _, tokenizer, generation = read_gguf(path)
+    assert generation["eos_token_id"] == [258, 259] and config["eos_token_id"] == [258, 259]
+    assert tokenizer.eos_token_ids == [258, 259]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "the"}], add_generation_prompt=False)
+    assert text == "user: the<|im_end|>"
+    assert tokenizer.encode(text, add_special_tokens=False)[-1] == 259
 
 
 def _check_config(config: dict, cfg, arch: str) -> None:
