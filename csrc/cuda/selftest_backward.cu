@@ -111,7 +111,7 @@ struct Layout {
   int64_t at(int64_t r, int64_t h, int64_t d) const { return off + r * row_stride() + h * D + d; }
 };
 
-// Returns the worst error relative to the largest reference gradient.
+// Returns the worst error relative to the largest reference gradient (at least 1e-2).
 double run_case(const Case& c, Rng& rng) {
   const int B = static_cast<int>(c.lq.size()), D = c.D, H = c.H, Hk = c.Hk, group = H / Hk;
   std::vector<int> cq(B + 1, 0), ckk(B + 1, 0);
@@ -265,7 +265,7 @@ double run_case(const Case& c, Rng& rng) {
   double worst = 0;
   auto compare = [&](const char* name, const Dev<uint16_t>& got_d, const Layout& L, const std::vector<double>& ref) {
     const std::vector<uint16_t> got = got_d.get();
-    double mx = 1e-3;
+    double mx = 1e-2;  // floor: a gradient that cancels to ~0 (one key: dS = 0) is judged on an absolute scale
     for (double r : ref) mx = std::max(mx, std::abs(r));
     std::vector<bool> inside(got.size(), false);
     for (int64_t r = 0; r < L.rows; ++r)
