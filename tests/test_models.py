@@ -143,6 +143,97 @@ def test_gemma3_config_reads_hf_fields(tmp_path_factory):
     assert cfg.tie_word_embeddings and cfg.qk_norm
 
 
+@pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])
+def test_gemma3_image_text_checkpoint_loads_text_decoder(prefix, tmp_path_factory, tmp_path):
+    """Gemma3ForConditionalGeneration folders (transformers 5 and 4.x tensor names): the text decoder is
+    loaded from text_config, the vision tensors are skipped."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved("gemma3", tmp_path_factory)
+    dest = tmp_path / "mm"
+    dest.mkdir()
+    text = json.loads((folder / "config.json").read_text())
+    dtype = text.pop("dtype")
+    del text["architectures"]
+    (dest / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "dtype": dtype,
+        "text_config": text, "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8}}))
+    state = {prefix + k.removeprefix("model."): v for k, v in load_file(folder / "model.safetensors").items()}
+    state["model.vision_tower.vision_model.post_layernorm.weight" if prefix.startswith("model.")
+          else "vision_tower.vision_model.post_layernorm.weight"] = torch.ones(8)
+    save_file(state, dest / "model.safetensors")
+    ids = prompts(1, (9,))[0]
+    got = PagedDriver(load_model(str(dest)).model).step([(0, ids)])[0]
+    want = PagedDriver(load_model(str(folder)).model).step([(0, ids)])[0]
+    assert torch.equal(got, want)
+
+
+SMOLLM2_CONFIG = {  # HuggingFaceTB/SmolLM2-135M-Instruct config.json (transformers 4.x spelling)
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 576, "intermediate_size": 1536, "max_position_embeddings": 8192,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+    "num_key_value_heads": 3, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 100000,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 49152}
+
+
+def test_config_from_older_spellings():
+    from fastinfer.models import ModelConfig
+
+    c = ModelConfig.from_hf_dict(SMOLLM2_CONFIG)
+    assert (c.architecture, c.head_dim, c.rope_theta, c.rope_scaling, c.tie_word_embeddings) == \
+        ("llama", 64, 100000.0, None, True)
+    assert c.eos_token_id == [2] and c.torch_dtype == "bfloat16" and c.window(0) is None
+    qwen = {**SMOLLM2_CONFIG, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
+            "sliding_window": 32768, "max_window_layers": 21, "eos_token_id": [151645, 151643]}
+    c = ModelConfig.from_hf_dict(qwen)
+    assert c.attention_bias and not c.o_proj_bias and c.sliding_window is None and c.eos_token_id == [151645, 151643]
+    c = ModelConfig.from_hf_dict({**qwen, "use_sliding_window": True})
+    assert c.layer_types[20] == "full_attention" and c.layer_types[21] == "sliding_attention"
+    c = ModelConfig.from_hf_dict({**SMOLLM2_CONFIG, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ConfigError, match="rope scaling 'dynamic' is not supported"):
+        ModelConfig.from_hf_dict({**SMOLLM2_CONFIG, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ConfigError, match="multiple of num_key_value_heads"):
+        ModelConfig.from_hf_dict({**SMOLLM2_CONFIG, "num_key_value_heads": 4})
+    sparse = {"architectures": ["Gemma3ForConditionalGeneration"], "torch_dtype": "bfloat16", "eos_token_id": [1, 106],
+              "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                              "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "sliding_window": 1024}}  # google/gemma-3-4b-it: everything else is a default
+    c = ModelConfig.from_hf_dict(sparse)
+    assert (c.architecture, c.num_attention_heads, c.head_dim, c.vocab_size, c.query_pre_attn_scalar) == \
+        ("gemma3", 8, 256, 262_208, 256.0)
+    assert c.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",) and c.window(0) == 1024
+    assert (c.rope_theta, c.rope_local_base_freq, c.rope_scaling["factor"]) == (1e6, 1e4, 8.0)
+    assert c.eos_token_id == [1, 106] and c.torch_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("scaling", [
+    None, {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16,
+     "mscale": 0.707, "mscale_all_dim": 1.0}], ids=["default", "linear", "llama3", "yarn", "yarn-mscale"])
+def test_rope_frequencies_match_transformers(scaling):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from fastinfer.models import ModelConfig
+    from fastinfer.models.layers import _inv_freq
+
+    hf = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=50_000.0,
+                                  max_position_embeddings=512, rope_scaling=scaling)
+    ours = ModelConfig.from_hf_dict(hf.to_dict())
+    inv, attn = _inv_freq(ours.head_dim, ours.rope_theta, ours.rope_scaling)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        ref, ref_attn = 1.0 / (50_000.0 ** (torch.arange(0, 128, 2).float() / 128)), 1.0
+    else:
+        ref, ref_attn = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    torch.testing.assert_close(inv, ref, rtol=1e-6, atol=0)
+    assert attn == pytest.approx(ref_attn, rel=1e-7)
+
+
 # ---------------------------------------------------------------- loader failures
 
 

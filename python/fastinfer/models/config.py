@@ -16,6 +16,14 @@ ARCHITECTURES: dict[str, str] = {
 # config.json "model_type" -> architecture, used when "architectures" is absent.
 MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                                "gemma3_text": "gemma3"}
+# Image-text checkpoints whose text decoder we run (text_config; the vision tower is not loaded).
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+# transformers' Gemma3TextConfig defaults: Gemma 3 image-text configs write only the non-default text fields.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                            rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                            query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose frequencies do not depend on the input length
 
@@ -93,8 +101,12 @@ class ModelConfig:
 
     @staticmethod
     def from_hf_dict(d: dict) -> "ModelConfig":
-        """Read a Hugging Face config.json dict (transformers 4.x or 5.x spelling)."""
+        """Read a Hugging Face config.json dict (transformers 4.x or 5.x spelling); for an image-text
+        checkpoint (Gemma3ForConditionalGeneration) the text decoder's config."""
+        d = text_config(d)
         arch = _architecture(d)
+        if arch == "gemma3":
+            d = {**GEMMA3_TEXT_DEFAULTS, **d}
         heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         gemma = arch == "gemma3"
@@ -135,6 +147,23 @@ class ModelConfig:
             eos_token_id=[] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])],
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
         )
+
+
+def is_multimodal(d: dict) -> bool:
+    return any(name in MULTIMODAL for name in d.get("architectures") or [])
+
+
+def text_config(d: dict) -> dict:
+    """The text decoder's config: ``d`` itself, or an image-text config's text_config with the top-level
+    dtype and special token ids filled in."""
+    if not is_multimodal(d):
+        return d
+    text = dict(d.get("text_config") or {})
+    text["architectures"] = [MULTIMODAL[next(n for n in d["architectures"] if n in MULTIMODAL)]]
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if d.get(key) is not None and text.get(key) is None:
+            text[key] = d[key]
+    return text
 
 
 def _architecture(d: dict) -> str:

@@ -17,11 +17,15 @@ from typing import Iterator, Optional
 import torch
 
 from fastinfer.models import build_model, load_weights
-from fastinfer.models.config import ConfigError, ModelConfig
+from fastinfer.models.config import ConfigError, ModelConfig, is_multimodal
 from fastinfer.models.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Image-text checkpoints: prefix of the text decoder's tensors -> our name's prefix (transformers 5, then 4.x).
+TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 class LoadError(RuntimeError):
@@ -126,8 +130,9 @@ def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_p
     gen = _read_json(gen_path) if gen_path.exists() else {}
     files = _weight_files(folder, allow_pickle)
     model = build_model(config, _torch_dtype(dtype, config.torch_dtype, torch.float32), device)
+    tensors = _iter_tensors(files, skip=VISION_PREFIXES if is_multimodal(raw) else ())
     try:
-        load_weights(model, _iter_tensors(files))
+        load_weights(model, _text_names(tensors) if is_multimodal(raw) else tensors)
     except ValueError as err:
         raise type(err)(f"{folder}: {err}") from None
     tokenizer = Tokenizer.from_hf_folder(folder) if (folder / "tokenizer.json").exists() else None
@@ -164,8 +169,16 @@ def _check_pickle(files: list[Path], allow_pickle: bool) -> list[Path]:
     return files
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every checkpoint file, one tensor at a time; corrupt files raise LoadError."""
+def _text_names(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """An image-text checkpoint's text-decoder tensors under the text-only model's names."""
+    for name, tensor in tensors:
+        new = next((to + name[len(old):] for old, to in TEXT_PREFIXES if name.startswith(old)), name)
+        yield new, tensor
+
+
+def _iter_tensors(files: list[Path], skip: tuple = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint file, one tensor at a time, except names starting with ``skip``
+    (never read); corrupt files raise LoadError."""
     from safetensors import SafetensorError, safe_open
 
     for file in files:
@@ -174,12 +187,13 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:  # torch raises many types for bad pickles
                 raise LoadError(f"{file}: cannot load PyTorch checkpoint ({type(err).__name__}: {err})") from None
-            yield from state.items()
+            yield from ((k, v) for k, v in state.items() if not k.startswith(skip))
             continue
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if not name.startswith(skip):
+                        yield name, f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as err:
             raise LoadError(f"{file}: corrupt or truncated safetensors file ({err})") from None
 
