@@ -24,7 +24,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+from fastinfer.models.attention_metadata import AttentionMetadata  # noqa: E402
+from fastinfer.models.config import ModelConfig  # noqa: E402
 from fastinfer.models.gguf import GGUFError, read_gguf, read_gguf_metadata  # noqa: E402
+from fastinfer.models.loader import load_model  # noqa: E402
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -251,10 +254,9 @@ def _check_config(config: dict, cfg, arch: str) -> None:
     if arch == "gemma3":
         assert config["layer_types"] == cfg.layer_types
         assert config["query_pre_attn_scalar"] == cfg.query_pre_attn_scalar
-    config_mod = pytest.importorskip("fastinfer.models.config")
-    ours = config_mod.ModelConfig.from_hf_dict(config)
-    theirs = config_mod.ModelConfig.from_hf_dict(cfg.to_dict())
-    for field in dataclasses.fields(config_mod.ModelConfig):
+    ours = ModelConfig.from_hf_dict(config)
+    theirs = ModelConfig.from_hf_dict(cfg.to_dict())
+    for field in dataclasses.fields(ModelConfig):
         if field.name in ("torch_dtype", "pad_token_id"):
             continue
         expected = getattr(theirs, field.name)  # GGUF stores floats as float32
@@ -604,8 +606,6 @@ class _PagedSequence:
 
     def step(self, n_new: int):
         """AttentionMetadata and positions for the next ``n_new`` tokens of the sequence."""
-        from fastinfer.models.attention_metadata import AttentionMetadata
-
         positions = torch.arange(self.length, self.length + n_new, dtype=torch.int64)
         blocks = self.block_table[0].to(torch.int64)[positions // BLOCK_SIZE]
         self.length += n_new
@@ -620,8 +620,7 @@ class _PagedSequence:
 
 @pytest.fixture(scope="module")
 def fastinfer_model():
-    loader = pytest.importorskip("fastinfer.models.loader")
-    return loader.load_model(None, dtype="float32")
+    return load_model(None, dtype="float32")
 
 
 def test_default_model_end_to_end(fastinfer_model, hf_model, smollm):
