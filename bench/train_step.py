@@ -17,6 +17,9 @@ Timing  the three implementations alternate, one step each per round (bench_inte
         Ratio = other implementation's median / fastinfer's (> 1 means fastinfer is faster).
 Check   before timing, fastinfer's loss and gradients must match sdpa's (fp32: 1e-4 relative
         gradient norm difference; bf16: 5e-2), or the run fails (exit 1).
+Attention the attention alone, forward + backward, at the model's shape ((4, 8, 512, 64) in torch's
+        layout, causal): fastinfer.scaled_dot_product_attention vs torch's SDPA vs the eager
+        softmax(QK^T)V, interleaved; it is the part of the step the implementations change.
 Dispatch the custom-op cost: a decode-sized flash_attn_func call (batch 1, 1 query, 8 heads of 64
         against 8 keys) called directly (no grad: the path the engine takes) vs through
         torch.ops.fastinfer.attention_forward, interleaved, microseconds per call.
@@ -89,6 +92,38 @@ def train_case(tag: str, warmup: int, repeat: int) -> dict:
     return row
 
 
+def eager_attention(q, k, v):
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    causal = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+    return torch.softmax(s.masked_fill(~causal, float("-inf")).float(), -1).to(q.dtype) @ v
+
+
+def attention_case(tag: str, warmup: int, repeat: int) -> dict:
+    dtype = DTYPES[tag]
+    heads, dim = MODEL["num_attention_heads"], MODEL["hidden_size"] // MODEL["num_attention_heads"]
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(BATCH, heads, SEQ, dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    dout = torch.randn(BATCH, heads, SEQ, dim, generator=gen).to(dtype)
+    fns = {"fastinfer": lambda: fastinfer.scaled_dot_product_attention(q, k, v, is_causal=True),
+           "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+           "eager": lambda: eager_attention(q, k, v)}
+
+    def fwd_bwd(fn):
+        def run():
+            q.grad = k.grad = v.grad = None
+            fn().backward(dout)
+        return run
+
+    t = bench_interleaved({impl: fwd_bwd(fn) for impl, fn in fns.items()}, warmup=warmup, repeat=repeat)
+    fi = t["fastinfer"].median_s
+    row = {"dtype": tag, "shape_bhsd": [BATCH, heads, SEQ, dim], "timing": t,
+           "ratio_vs_fastinfer": {impl: t[impl].median_s / fi for impl in IMPLS if impl != "fastinfer"}}
+    print(f"{tag} attention fwd+bwd: " + ", ".join(f"{impl} {t[impl].median_s * 1e3:.0f} ms" for impl in IMPLS) +
+          f" | sdpa/fastinfer {row['ratio_vs_fastinfer']['sdpa']:.2f}x, eager/fastinfer "
+          f"{row['ratio_vs_fastinfer']['eager']:.2f}x")
+    return row
+
+
 def dispatch_case(repeat: int) -> dict:
     q = torch.randn(1, 1, 8, 64)
     k = torch.randn(1, 8, 8, 64)
@@ -143,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except AssertionError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
+    attn = [attention_case(tag, 1, 3 if args.quick else 15) for tag in DTYPES]
     disp = dispatch_case(500 if args.quick else 3000)
     passes = {f"{r['dtype']}_sdpa_over_fastinfer": r["ratio_vs_fastinfer"]["sdpa"] >= TARGETS[
         f"{r['dtype']}_sdpa_over_fastinfer"] for r in rows}
@@ -162,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                     "implementations alternate, one step each per round",
             "ratio": "other implementation's median time / fastinfer's (> 1: fastinfer faster)",
             "check": "fastinfer's loss and flattened gradients vs sdpa's before timing",
+            "attention": "attention alone at the model's shape, forward + backward, interleaved",
             "dispatch": "decode-sized call, microseconds: direct kernel call (no grad) vs the custom op",
         },
         "train": rows,
+        "attention": attn,
         "dispatch": disp,
         "targets": TARGETS,
         "targets_met": passes,
