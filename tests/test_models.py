@@ -287,7 +287,8 @@ def test_wrong_shape_and_unexpected_tensor_reported_together(tmp_path_factory, t
     dest = _rewrite_weights(folder, tmp_path / "m", edit)
     with pytest.raises(WeightError) as err:
         load_model(str(dest))
-    assert "model.layers.0.mlp.up_proj.weight: shape (95, 64) in the checkpoint, model expects (96, 64)" in str(err.value)
+    shape = "model.layers.0.mlp.up_proj.weight: shape (95, 64) in the checkpoint, model expects (96, 64)"
+    assert shape in str(err.value)
     assert "unexpected tensor 'model.layers.0.self_attn.extra.weight'" in str(err.value)
     assert str(dest) in str(err.value)
 
@@ -329,7 +330,8 @@ def test_hf_cache_id(tmp_path_factory, tmp_path, monkeypatch):
     _, folder = saved("llama", tmp_path_factory)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    with pytest.raises(LoadError, match="not a folder, a .gguf file, or a model in the local Hugging Face cache") as err:
+    with pytest.raises(LoadError, match="not a folder, a .gguf file, or a model in the local Hugging Face cache") \
+            as err:
         load_model("tiny-org/tiny-llama")
     assert str(tmp_path / "hub" / "models--tiny-org--tiny-llama") in str(err.value)
     assert str(tmp_path / "home" / "hub" / "models--tiny-org--tiny-llama") in str(err.value)
@@ -412,7 +414,8 @@ def tokenizer_folder(tmp_path_factory):
     return folder
 
 
-TEXTS = ["Hello world, how are you?", "  leading spaces and\ttabs\n", "Ünïcödé 🙂 日本語", "<s>literal special</s>", ""]
+TEXTS = ["Hello world, how are you?", "  leading spaces and\ttabs\n", "Ünïcödé 🙂 日本語", "<s>literal special</s>",
+         ""]
 
 
 def test_tokenizer_matches_transformers(tokenizer_folder):

@@ -25,6 +25,8 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_s
                             query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
                             hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Where config "attention_bias" puts biases on q/k/v/o (Qwen2 has them on q/k/v always, Mistral never).
+BIAS_OPTION = ("llama", "qwen3", "gemma3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose frequencies do not depend on the input length
 
 
@@ -86,7 +88,8 @@ class ModelConfig:
             self.layer_types = ("full_attention",) * self.num_hidden_layers
         self.layer_types = tuple(self.layer_types)
         if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
-            raise ConfigError(f"layer_types must list {self.num_hidden_layers} of {LAYER_TYPES}, got {self.layer_types}")
+            raise ConfigError(f"layer_types must list {self.num_hidden_layers} of {LAYER_TYPES}, "
+                              f"got {self.layer_types}")
         if "sliding_attention" in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
             raise ConfigError(f"sliding attention layers need a positive sliding_window, got {self.sliding_window!r}")
         if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
@@ -135,8 +138,8 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             layer_types=_layer_types(d, arch, sliding),
             hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
-            attention_bias=True if arch == "qwen2" else bool(d.get("attention_bias", False)),
-            o_proj_bias=bool(d.get("attention_bias", False)) and arch in ("llama", "qwen3"),
+            attention_bias=arch == "qwen2" or (bool(d.get("attention_bias")) and arch in BIAS_OPTION),
+            o_proj_bias=bool(d.get("attention_bias")) and arch in BIAS_OPTION,
             mlp_bias=bool(d.get("mlp_bias", False)) and arch == "llama",
             qk_norm=arch in ("qwen3", "gemma3"),
             query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)) if gemma else None,

@@ -32,7 +32,7 @@ class Gemma3DecoderLayer(nn.Module):
         # Hugging Face's Gemma 3 ignores attn_logit_softcapping (released configs set none); the original
         # Gemma code applies it when set, and so do we.
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                   qkv_bias=c.attention_bias, o_bias=c.attention_bias, qk_norm=True,
+                                   qkv_bias=c.attention_bias, o_bias=c.o_proj_bias, qk_norm=True,
                                    norm_eps=c.rms_norm_eps, norm_offset=True, scale=c.query_pre_attn_scalar ** -0.5,
                                    window=c.window(layer), softcap=c.attn_logit_softcapping, dtype=dtype,
                                    device=device)

@@ -172,8 +172,10 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qkv_proj = Linear(hidden, (heads + 2 * kv_heads) * head_dim, qkv_bias, dtype, device)
         self.o_proj = Linear(heads * head_dim, hidden, o_bias, dtype, device)
-        self.q_norm = RMSNorm(head_dim, eps=norm_eps, offset=norm_offset, dtype=dtype, device=device) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps=norm_eps, offset=norm_offset, dtype=dtype, device=device) if qk_norm else None
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps=norm_eps, offset=norm_offset, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(head_dim, eps=norm_eps, offset=norm_offset, dtype=dtype, device=device)
         self.qk_scale: Optional[torch.Tensor] = None  # (heads + kv_heads, head_dim): q and k norms in one call
         self.scale = scale
         self.window = (window - 1, 0) if window else (-1, -1)  # HF keeps keys with q_pos - k_pos < window

@@ -89,7 +89,8 @@ def resolve_hf_cache(model_id: str) -> Path:
         ref = root / repo / "refs" / "main"
         if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
             return snapshots / ref.read_text().strip()
-        found = sorted((p for p in snapshots.iterdir() if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime)
+        found = sorted((p for p in snapshots.iterdir() if (p / "config.json").exists()),
+                       key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]
     looked = ", ".join(str(r / repo) for r in roots)
@@ -152,7 +153,10 @@ def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
             if missing:
                 raise LoadError(f"{index}: shard file(s) listed but not present: {', '.join(missing)}")
             return _check_pickle(files, allow_pickle) if pickled else files
-    files = sorted(folder.glob("*.safetensors"))
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    # Mistral repositories also ship consolidated.safetensors, the same weights under mistral-inference names.
+    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("consolidated"))
     if files:
         return files
     bins = sorted(folder.glob("*.bin"))
