@@ -242,6 +242,23 @@ def test_end_of_turn_tokens_and_chat_template(tmp_path):
     assert tokenizer.encode(text, add_special_tokens=False)[-1] == 259
 
 
+@pytest.mark.parametrize("pre", ["llama-bpe", "smollm"])
+def test_llama3_pre_tokenizer_takes_whole_words(tmp_path, pre):
+    """For the Llama 3 family llama.cpp keeps a word that is itself a token whole (no merges), and adds BOS."""
+    cfg, model = _tiny_model("qwen2")
+    tokens = TINY_TOKENS + ["Ġthe"]  # no merge leads to it
+    tok = {"model": "gpt2", "pre": pre, "tokens": tokens, "types": TINY_TYPES + [1], "merges": TINY_MERGES,
+           "bos": 258, "eos": 259}
+    path = tmp_path / "llama3.gguf"
+    write_gguf(path, "qwen2", cfg, {**model.state_dict(), "model.embed_tokens.weight": torch.randn(261, 64)},
+               tokenizer=tok)
+    _, _, tokenizer, _ = read_gguf(path)
+    whole = pre == "llama-bpe"
+    expected = [tokens.index("Ġthe")] if whole else [tokens.index("Ġth"), tokens.index("e")]
+    assert tokenizer.encode(" the", add_special_tokens=False) == expected
+    assert tokenizer.encode(" the")[:1] == ([258] if whole else expected[:1])
+
+
 def _check_config(config: dict, cfg, arch: str) -> None:
     """read_gguf's config.json dict against the original HF config, field by field and through ModelConfig."""
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -388,7 +405,7 @@ def test_pre_tokenizer_regexes_match_transformers():
     shared = set(theirs) & set(_PRE_TOKENIZERS)
     assert {"qwen2", "llama-bpe", "tekken", "gpt-4o"} <= shared
     for name in shared:
-        assert _PRE_TOKENIZERS[name][0] == (theirs[name],), name
+        assert _PRE_TOKENIZERS[name].splits == (theirs[name],), name
 
 
 # ------------------------------------------------------------------------------------------ broken files

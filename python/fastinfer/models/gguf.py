@@ -377,9 +377,11 @@ def _rope_scaling(
 def _llama3_rope_scaling(path: str, meta: dict[str, Any], tensor: _TensorInfo, head_dim: int) -> dict[str, Any]:
     """Recover Llama 3's rope_scaling parameters from the per-frequency factors llama.cpp stores instead.
 
-    The converter writes ``rope_freqs[i] = 1 / scale_i`` with scale_i from ``factor``, ``low_freq_factor``,
-    ``high_freq_factor`` and ``original_max_position_embeddings``; the released models use low 1, high 4 and
-    8192, so those are tried against the stored factors and anything else is an error.
+    The converter writes ``rope_freqs[i]``, the divisor of rotary frequency i (1 for short wavelengths,
+    ``factor`` for long ones, interpolated between), computed from ``factor``, ``low_freq_factor``,
+    ``high_freq_factor`` and ``original_max_position_embeddings``. ``factor`` is the largest divisor; the
+    released models use low 1 and high 4, so those are tried with the usual original lengths against the
+    stored divisors, and anything else is an error.
     """
     from gguf import dequantize
 

@@ -15,7 +15,7 @@ Tokens typed CONTROL become special added tokens, USER_DEFINED ones plain added 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import tokenizers
@@ -47,34 +47,29 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# (regex splits applied in order, each isolating its matches, then byte-level encoding; NFC first or not)
-_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "default": ((_GPT2_SPLIT,), False),
-    "gpt-2": ((_GPT2_SPLIT,), False),
-    "gpt2": ((_GPT2_SPLIT,), False),
-    "olmo": ((_GPT2_SPLIT,), False),
-    "mpt": ((_GPT2_SPLIT,), False),
-    # individual digits first, then GPT-2's regex
-    "smollm": ((r"\p{N}", _GPT2_SPLIT), False),
-    "starcoder": ((r"\p{N}", _GPT2_SPLIT), False),
-    "refact": ((r"\p{N}", _GPT2_SPLIT), False),
-    "command-r": ((r"\p{N}", _GPT2_SPLIT), False),
-    "codeshell": ((r"\p{N}", _GPT2_SPLIT), False),
-    "exaone": ((r"\p{N}", _GPT2_SPLIT), False),
-    "llama-bpe": ((_LLAMA3_SPLIT,), False),
-    "llama3": ((_LLAMA3_SPLIT,), False),
-    "llama-v3": ((_LLAMA3_SPLIT,), False),
-    "smaug-bpe": ((_LLAMA3_SPLIT,), False),
-    "dbrx": ((_LLAMA3_SPLIT,), False),
-    "falcon3": ((_LLAMA3_SPLIT,), False),
-    "pixtral": ((_LLAMA3_SPLIT,), False),
-    "qwen2": ((_QWEN2_SPLIT,), True),
-    "deepseek-r1-qwen": ((_QWEN2_SPLIT,), True),
-    "stablelm2": ((_QWEN2_SPLIT,), False),
-    "megrez": ((_QWEN2_SPLIT,), True),
-    "tekken": ((_TEKKEN_SPLIT,), False),
-    "gpt-4o": ((_GPT4O_SPLIT,), False),
-    "llama4": ((_GPT4O_SPLIT,), False),
+
+
+class _Pre(NamedTuple):
+    """How llama.cpp prepares text for one ``tokenizer.ggml.pre``."""
+
+    splits: tuple[str, ...]  # regexes applied in order, each isolating its matches, before byte-level encoding
+    nfc: bool = False  # NFC-normalise first (as the original Qwen2 tokenizer.json does)
+    llama3: bool = False  # a word that is a whole token is not merged (ignore_merges), and BOS is added
+
+
+_GPT2 = _Pre((_GPT2_SPLIT,))
+_DIGITS = _Pre((r"\p{N}", _GPT2_SPLIT))  # individual digits first, then GPT-2's regex
+_LLAMA3 = _Pre((_LLAMA3_SPLIT,), llama3=True)
+_QWEN2 = _Pre((_QWEN2_SPLIT,), nfc=True)
+_PRE_TOKENIZERS: dict[str, _Pre] = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "olmo", "mpt"), _GPT2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"), _DIGITS),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("smaug-bpe", "dbrx"), _Pre((_LLAMA3_SPLIT,))),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2),
+    "stablelm2": _Pre((_QWEN2_SPLIT,)),
+    "tekken": _Pre((_TEKKEN_SPLIT,)),
+    **dict.fromkeys(("gpt-4o", "llama4"), _Pre((_GPT4O_SPLIT,))),
 }
 
 # Tokens that end a chat turn (llama.cpp's end-of-generation list); one counts as an extra EOS when the chat
@@ -153,11 +148,19 @@ def _special_tokens(meta: dict[str, Any], tokens: list[str], model: str) -> dict
         "unk_token": text(unk),
         "pad_token": text(pad),
         "eos_token_ids": eos_ids,
-        # llama.cpp adds BOS for SentencePiece vocabularies that do not say otherwise
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", _adds_bos(meta, model))),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "chat_template": template,
     }
+
+
+def _adds_bos(meta: dict[str, Any], model: str) -> bool:
+    """llama.cpp's default when the file has no tokenizer.ggml.add_bos_token: BOS for SentencePiece vocabularies
+    and the Llama 3 family of byte-level ones."""
+    if model == "llama":
+        return True
+    rules = _PRE_TOKENIZERS.get(meta.get("tokenizer.ggml.pre") or "default")
+    return bool(rules and rules.llama3)
 
 
 # --------------------------------------------------------------------------------------- byte-level BPE
@@ -176,7 +179,7 @@ def _byte_level_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: l
         raise GGUFError(
             f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {', '.join(_PRE_TOKENIZERS)}"
         )
-    splits, nfc = _PRE_TOKENIZERS[pre]
+    rules = _PRE_TOKENIZERS[pre]
 
     alphabet = _byte_alphabet()
     spelled = set(alphabet.values())
@@ -187,11 +190,11 @@ def _byte_level_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: l
         vocab.setdefault(token, i)
     pairs = [tuple(m.split(" ", 1)) for m in merges]
 
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
-    if nfc:
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=rules.llama3))
+    if rules.nfc:
         backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in rules.splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     backend.decoder = decoders.ByteLevel()
