@@ -651,13 +651,13 @@ def fastinfer_model():
     return load_model(None, dtype="float32")
 
 
-def test_default_model_end_to_end(fastinfer_model, hf_model, smollm):
+def test_default_model_end_to_end(fastinfer_model, hf_model):
     """Prefill logits equal transformers'; 32 greedy tokens decoded through the paged cache are the ones
     transformers picks at every step (checked in one teacher-forced forward over prompt + generated tokens:
     greedy decoding agrees at every step exactly when each generated token is the reference's argmax)."""
     loaded = fastinfer_model
-    _, _, _, tokenizer, _ = smollm
-    assert loaded.path.endswith(DEFAULT_GGUF)
+    tokenizer = loaded.tokenizer
+    assert loaded.path.endswith(DEFAULT_GGUF) and loaded.config.architecture == "llama"
     new_tokens = 32
     worst = 0.0
     for seed, prompt in enumerate(PROMPTS):

@@ -11,6 +11,10 @@ llama.cpp's converter (``convert_hf_to_gguf.py``) changes three things on the wa
   one (``LlamaModel.permute``); Qwen2, Qwen3 and Gemma3 are written as they are;
 - Gemma3 RMSNorm weights are stored as ``1 + w`` (Gemma's norm multiplies by ``1 + w``; ggml's by ``w``).
 
+Llama 3's rope scaling arrives as a ``rope_freqs`` tensor and goes back into ``rope_scaling``. The header is
+parsed here over a memory map (gguf's GGUFReader spends seconds on a 49k-token vocabulary); the ``gguf``
+package (llama.cpp's own) dequantises.
+
 Example::
 
     config, weights, tokenizer, generation_config = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
