@@ -432,6 +432,12 @@ def test_tokenizer_matches_transformers(tokenizer_folder):
     assert tok.encode("hi")[0] == tok.bos_token_id == 1
 
 
+def test_corrupt_tokenizer_json_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: cannot be read by tokenizers"):
+        Tokenizer.from_hf_folder(tmp_path)
+
+
 def test_decode_joins_split_utf8_bytes(tokenizer_folder):
     tok = Tokenizer.from_hf_folder(tokenizer_folder)
     ids = tok.encode("🙂日本", add_special_tokens=False)

@@ -96,7 +96,10 @@ class Tokenizer:
         folder = Path(path)
         if not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder / 'tokenizer.json'}: file not found")
-        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # the Rust side raises plain Exception for malformed files
+            raise ValueError(f"{folder / 'tokenizer.json'}: cannot be read by tokenizers ({err})") from None
         cfg = _json(folder / "tokenizer_config.json")
         special = {**{k: _content(v) for k, v in _json(folder / "special_tokens_map.json").items()
                       if k in SPECIAL_TOKEN_NAMES},
