@@ -83,11 +83,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Module()
             self.lm_head.weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.embed_scale = None  # multiplier of the embeddings in the model dtype (Gemma)
-        # One rotary table per layer type; the same object where the types share parameters.
+        # Rotary tables per layer; sliding layers have their own only where their base differs (Gemma 3).
         full = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, dtype, device)
         local = full if config.rope_local_base_freq is None else \
             RotaryEmbedding(config.head_dim, config.rope_local_base_freq, None, dtype, device)
-        self.rotary = {"full_attention": full, "sliding_attention": local}
+        self.layer_rotary = [full if kind == "full_attention" else local for kind in config.layer_types]
+        self.rotaries = list(dict.fromkeys(self.layer_rotary))
 
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -99,13 +100,11 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.model.embed_tokens.weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for kind in set(self.config.layer_types):
-            rope = self.rotary[kind]
-            same = next((v for k, v in tables.items() if self.rotary[k] is rope), None)
-            tables[kind] = same or rope(positions)
-        for layer, kind, kv in zip(self.model.layers, self.config.layer_types, kv_caches):
-            x = layer(x, *tables[kind], kv, meta)
+        if len(kv_caches) != len(self.model.layers):
+            raise ValueError(f"kv_caches: {len(kv_caches)} (k, v) pairs for {len(self.model.layers)} layers")
+        tables = {rope: rope(positions) for rope in self.rotaries}  # cos/sin once per table, not per layer
+        for layer, rope, kv in zip(self.model.layers, self.layer_rotary, kv_caches):
+            x = layer(x, *tables[rope], kv, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
