@@ -29,8 +29,14 @@ _SAVED: dict = {}
 
 @pytest.fixture(autouse=True)
 def _inference():
-    with torch.inference_mode():
-        yield
+    # Tiny models: one torch thread avoids thread hand-offs that cost more than the arithmetic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def saved(arch: str, tmp_path_factory, sharded: bool = False):
