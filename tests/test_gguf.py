@@ -449,7 +449,7 @@ def test_error_truncated(tmp_path, good_file):
 
 
 def test_error_unsupported_architecture(tmp_path, good_file):
-    _, cfg, model = good_file
+    cfg = good_file[1]
     path = tmp_path / "phi.gguf"
     write_gguf(path, "phi3", cfg, {}, Q.F32)
     assert "unsupported architecture 'phi3'" in _error(path)
