@@ -226,6 +226,23 @@ def test_tiny_model_roundtrip(tmp_path, arch, gguf_arch, qtype, tol):
                             skip_special_tokens=False) == "héllo <|im_end|>"
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_tiny_gguf_runs_like_transformers(tmp_path, arch):
+    """load_model on a GGUF written from a tiny transformers model: same logits over 48 tokens (past the
+    sliding window of mistral and gemma3, through Llama 3 rope scaling, q/k norms and Gemma's norm offset)."""
+    cfg, model = _tiny_model(arch)
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, "llama" if arch == "mistral" else arch, cfg, model.state_dict())
+    loaded = load_model(str(path), dtype="float32")
+    ids = torch.randint(0, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(1))
+    seq = _PagedSequence(loaded.config, torch.float32, len(ids), seed=0)
+    with torch.inference_mode():
+        positions, meta = seq.step(len(ids))
+        ours = loaded.model.compute_logits(loaded.model(ids, positions, seq.kv, meta))
+        ref = model.eval()(ids[None]).logits[0].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_end_of_turn_tokens_and_chat_template(tmp_path):
     """A chat template's end-of-turn token joins EOS in generation_config and the tokenizer's stop ids."""
     cfg, model = _tiny_model("qwen2")
