@@ -34,7 +34,9 @@ def _via_torch_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(q, torch.Tensor):
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    # k, v may be anything here (the kernels' checks reject non-arrays with a clear message)
+    if torch.is_grad_enabled() and (q.requires_grad or getattr(k, "requires_grad", False)
+                                    or getattr(v, "requires_grad", False)):
         return True
     return _is_compiling(torch)
 
