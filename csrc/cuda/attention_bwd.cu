@@ -120,6 +120,8 @@ void attention_backward(const AttentionBackwardParams& bp, const AttentionExtras
   if (workspace_bytes < attention_backward_workspace_bytes(bp, x))
     throw std::invalid_argument("CUDA attention backward: workspace smaller than attention_backward_workspace_bytes");
   if (p.batch <= 0) return;
+  if (p.batch > 65535 || p.num_kv_heads > 65535)
+    throw std::invalid_argument("CUDA attention backward: batch and num_kv_heads must be <= 65535 (grid y/z)");
   BwdArgs a{};
   a.bp = bp;
   a.group = p.num_heads / p.num_kv_heads;
