@@ -1,8 +1,8 @@
 """Load a model from a Hugging Face folder, the local Hugging Face cache, or a GGUF file.
 
-Nothing is fetched from the network. Every problem raises LoadError (or its subclasses' cousins ConfigError /
-WeightError from the model side) naming the file and what is wrong; a model is returned only when every
-parameter was filled from the checkpoint.
+Nothing is fetched from the network. Every problem raises LoadError (files), ConfigError (config.json) or
+WeightError (tensors), naming the file or folder and what is wrong; a model is returned only when every
+parameter was filled from the checkpoint and every checkpoint tensor was used.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "
     ----------
     path_or_id : a Hugging Face folder (config.json + *.safetensors), a ``.gguf`` file, a model id
         ("org/name") already in the local Hugging Face cache, or None for the default GGUF model
-    dtype : "auto" (the checkpoint's dtype; float32 if it names none), "float32", "bfloat16", "float16"
-        or a torch dtype
+    dtype : "auto" (the checkpoint's dtype, float16 included; if it names none, float32 for Hugging Face
+        folders and bfloat16 for GGUF), "float32", "bfloat16", "float16" or a torch dtype
     allow_pickle : also load ``pytorch_model*.bin`` files (torch.load with weights_only=True)
     """
     path = default_model_path() if path_or_id is None else str(path_or_id)
@@ -74,7 +74,8 @@ def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "
 
 
 def resolve_hf_cache(model_id: str) -> Path:
-    """The snapshot folder of ``model_id`` ("org/name") in the local Hugging Face cache."""
+    """The snapshot folder of ``model_id`` ("org/name") in the local Hugging Face cache: $HF_HUB_CACHE, then
+    $HF_HOME/hub, then ~/.cache/huggingface/hub; the revision refs/main names, else the newest snapshot."""
     roots = []
     if os.environ.get("HF_HUB_CACHE"):
         roots.append(Path(os.environ["HF_HUB_CACHE"]))
