@@ -438,6 +438,17 @@ def test_tokenizer_matches_transformers(tokenizer_folder):
     assert tok.encode("hi")[0] == tok.bos_token_id == 1
 
 
+def test_chat_template_globals(tokenizer_folder):
+    """strftime_now, loop controls and {% generation %} (transformers' extensions) are available."""
+    import datetime
+
+    tok = Tokenizer.from_hf_folder(tokenizer_folder)
+    tok.chat_template = ("{{ strftime_now('%Y') }}|{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+                         "{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}|{{ eos_token }}")
+    text = tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert text == f"{datetime.datetime.now():%Y}|a|<|im_end|>"
+
+
 def test_corrupt_tokenizer_json_names_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": ')
     with pytest.raises(ValueError, match=r"tokenizer\.json: cannot be read by tokenizers"):
