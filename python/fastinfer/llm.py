@@ -95,6 +95,9 @@ class LLM:
 
     def _normalise(self, prompt: Prompt, add_generation_prompt: bool = True) -> tuple[str | None, list[int]]:
         """(prompt text or None, prompt token ids) from a string, token ids, or a dict form."""
+        if self.tokenizer is None and (isinstance(prompt, str) or (isinstance(prompt, dict)
+                                                                  and "prompt_token_ids" not in prompt)):
+            raise ValueError(f"{self.model_path} has no tokenizer.json: pass prompts as token ids")
         if isinstance(prompt, dict):
             if "messages" in prompt:
                 text = self.tokenizer.apply_chat_template(prompt["messages"],
