@@ -171,11 +171,15 @@ def fastinfer_attention_forward(module, query, key, value, attention_mask, dropo
 def register() -> None:
     """Register "fastinfer" with transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
     global _registered
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(NAME, fastinfer_attention_forward)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    try:  # transformers >= 4.53; before it, custom implementations get the 4-D mask (handled above)
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError:
+        pass
+    else:
+        AttentionMaskInterface.register(NAME, flash_attention_mask)
     _registered = True
 
 
