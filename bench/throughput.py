@@ -1,0 +1,163 @@
+"""Offline generation throughput: fastinfer's LLM against Hugging Face `generate`, same weights, same run.
+
+    python bench/throughput.py                    # the default model, bf16, 2 threads
+    python bench/throughput.py --batches 1 16 --skip-mixed
+
+Workloads (fixed seed):
+- uniform: B prompts of 64 random tokens, 128 new tokens each, ignore_eos, for each B in --batches;
+- mixed: 32 prompts of 64-512 tokens asking for 64-256 new tokens each.
+Hugging Face runs each workload as one left-padded batch (static batching: in the mixed set every row
+decodes until the longest request is done; only the requested tokens are counted for it).
+Both load the same GGUF (dequantised, then cast to --dtype). Results: bench/results/throughput-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import machine_info, write_result  # noqa: E402
+
+# Ratios the issue asks for: fastinfer / Hugging Face output tokens per second.
+TARGETS = {1: 2.0, 64: 3.0}
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str  # "uniform-B16", "mixed"
+    prompts: list[list[int]]  # prompt token ids
+    max_tokens: list[int]  # new tokens per prompt
+
+
+@dataclass(slots=True)
+class RunResult:
+    system: str  # "fastinfer" or "hf"
+    workload: str
+    wall_s: float  # whole workload, prompts in to last token out
+    output_tokens: int  # tokens asked for (and produced)
+    prompt_tokens: int
+    ttft_s: float  # median time to first token per request
+    tpot_s: float  # median time per output token after the first, per request
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def make_workloads(vocab: int, batches: list[int], mixed: bool, seed: int = 0) -> list[Workload]:
+    rng = np.random.default_rng(seed)
+    low = 100  # keep clear of the special tokens at the start of the vocabulary
+    loads = [Workload(f"uniform-B{b}", [rng.integers(low, vocab, 64).tolist() for _ in range(b)], [128] * b)
+             for b in batches]
+    if mixed:
+        n = 32
+        lens = rng.integers(64, 513, n)
+        loads.append(Workload("mixed", [rng.integers(low, vocab, int(k)).tolist() for k in lens],
+                              rng.integers(64, 257, n).tolist()))
+    return loads
+
+
+def run_fastinfer(llm, load: Workload) -> RunResult:
+    from fastinfer import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in load.max_tokens]
+    t0 = time.perf_counter()
+    outs = llm.generate(load.prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / max(len(o.outputs[0].token_ids) - 1, 1)
+            for o in outs]
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == sum(load.max_tokens), (produced, sum(load.max_tokens))
+    return RunResult("fastinfer", load.name, wall, produced, sum(map(len, load.prompts)),
+                     statistics.median(ttft), statistics.median(tpot))
+
+
+def run_hf(model, load: Workload, pad_id: int) -> RunResult:
+    width = max(map(len, load.prompts))
+    ids = torch.full((len(load.prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(load.prompts):  # left padding, as decoder-only generation needs
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    longest = max(load.max_tokens)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad_id, eos_token_id=None)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=longest, min_new_tokens=longest, **kw)
+        wall = time.perf_counter() - t0
+    return RunResult("hf", load.name, wall, sum(load.max_tokens), sum(map(len, load.prompts)), ttft,
+                     (wall - ttft) / max(longest - 1, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file (default: the built-in SmolLM2-135M)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="fastinfer only (no ratios)")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    import fastinfer
+    from fastinfer import LLM
+    from fastinfer.models.loader import default_model_path
+
+    fastinfer.set_num_threads(args.threads)
+    path = Path(args.model or default_model_path())
+    llm = LLM(str(path), dtype=args.dtype, max_num_seqs=256)
+    vocab = llm.get_tokenizer().vocab_size
+    loads = make_workloads(vocab, args.batches, not args.skip_mixed)
+    warm = loads[0].prompts[:2]
+    run_fastinfer(llm, Workload("warmup", warm, [8] * len(warm)))
+
+    hf = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                  dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+        hf.eval()
+        run_hf(hf, Workload("warmup", loads[0].prompts[:1], [4]), pad_id=0)
+
+    rows = []
+    for load in loads:
+        ours = run_fastinfer(llm, load)
+        theirs = run_hf(hf, load, pad_id=0) if hf is not None else None
+        ratio = ours.tok_per_s / theirs.tok_per_s if theirs else None
+        batch = len(load.prompts) if load.name.startswith("uniform") else None
+        target = TARGETS.get(batch) if batch else None
+        verdict = "" if ratio is None or target is None else (" PASS" if ratio >= target else " MISS")
+        print(f"{load.name:12s} fastinfer {ours.tok_per_s:7.1f} tok/s  ttft {ours.ttft_s * 1e3:7.1f} ms  "
+              f"tpot {ours.tpot_s * 1e3:6.1f} ms", end="")
+        if theirs:
+            print(f" | hf {theirs.tok_per_s:7.1f} tok/s  ttft {theirs.ttft_s * 1e3:7.1f} ms  "
+                  f"tpot {theirs.tpot_s * 1e3:6.1f} ms | x{ratio:.2f}"
+                  + (f" (target x{target:.0f}){verdict}" if target else ""), end="")
+        print(flush=True)
+        rows.append({"workload": load.name, "requests": len(load.prompts),
+                     "fastinfer": asdict(ours) | {"tok_per_s": ours.tok_per_s,
+                                                  "req_per_s": len(load.prompts) / ours.wall_s},
+                     "hf": (asdict(theirs) | {"tok_per_s": theirs.tok_per_s,
+                                              "req_per_s": len(load.prompts) / theirs.wall_s}) if theirs else None,
+                     "ratio_tok_per_s": ratio, "target": target})
+    out = write_result("throughput", {"model": str(path), "dtype": args.dtype, "threads": args.threads,
+                                      "machine": machine_info(), "results": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
