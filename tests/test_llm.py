@@ -158,6 +158,8 @@ def test_default_model_chat_and_greedy_match_transformers(default_llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+    conversation = [{"role": "user", "content": "What is the capital of France?"}]
+    assert out.prompt == llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=True)
     from transformers import AutoModelForCausalLM
 
     path = llm.model_path

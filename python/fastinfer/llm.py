@@ -137,8 +137,7 @@ class LLM:
         for i, ((text, token_ids), sp) in enumerate(zip(normalised, params)):
             rid = str(request_ids[i]) if request_ids is not None else str(self._next_id)
             self._next_id += 1
-            self.engine.add_request(rid, token_ids, sp, arrival_time=now)
-            self.engine.requests[rid].prompt = text  # the text as given, not a decode of the ids
+            self.engine.add_request(rid, token_ids, sp, arrival_time=now, prompt_text=text)
             ids.append(rid)
         return ids
 

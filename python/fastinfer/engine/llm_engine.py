@@ -81,8 +81,10 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        prompt_text: str | None = None,
     ) -> None:
-        """Queue a request: prompt text (encoded with the tokenizer's special tokens) or prompt token ids."""
+        """Queue a request: prompt text (encoded with the tokenizer's special tokens) or prompt token ids.
+        prompt_text: the text to report for a prompt given as token ids (e.g. a rendered chat template)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
         params = params if params is not None else SamplingParams()
@@ -91,7 +93,7 @@ class LLMEngine:
                 raise ValueError("prompt text needs a tokenizer; pass token ids")
             text, ids = prompt, list(self.tokenizer.encode(prompt))
         else:
-            text, ids = None, [int(t) for t in prompt]
+            text, ids = prompt_text, [int(t) for t in prompt]
         if not ids:
             raise ValueError("prompt must have at least one token")
         if params.stop and self.detokenizer is None:
