@@ -129,6 +129,31 @@ __device__ __forceinline__ void frag_b_cols(uint32_t& b0, uint32_t& b1, const T*
   b1 = uint32_t(p[8 * S]) | uint32_t(p[9 * S]) << 16;
 }
 
+// Both products of one tile pass: s = A1 B1 and dp = A2 B2 (16 rows of this warp x NT n-tiles of 8, over
+// KT k-steps of 16), with A from rows m0.. of a row-major tile and B(k, n) = rows n of the other tile.
+template <int S, int NT, int KT, class T>
+__device__ __forceinline__ void two_products(float (&s)[NT][4], float (&dp)[NT][4], const T* A1, const T* B1,
+                                             const T* A2, const T* B2, int m0, int g, int c) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+#pragma unroll
+  for (int kt = 0; kt < KT; ++kt) {
+    uint32_t a1[4], a2[4];
+    frag_a<S>(a1, A1, m0, kt * 16, g, c);
+    frag_a<S>(a2, A2, m0, kt * 16, g, c);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b0, b1;
+      frag_b_rows<S>(b0, b1, B1, nt * 8, kt * 16, g, c);
+      mma_16816<T>(s[nt], a1, b0, b1);
+      frag_b_rows<S>(b0, b1, B2, nt * 8, kt * 16, g, c);
+      mma_16816<T>(dp[nt], a2, b0, b1);
+    }
+  }
+}
+
 // Probability and score gradient of one (row, key) pair from the raw dot products.
 struct RowInfo {
   float lse2, delta, slope;
@@ -288,24 +313,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const BwdArgs a
     __syncthreads();
 
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-#pragma unroll
-    for (int kt = 0; kt < KT; ++kt) {
-      uint32_t ak[4], av[4];
-      frag_a<S>(ak, sK, warp * 16, kt * 16, g, c);
-      frag_a<S>(av, sV, warp * 16, kt * 16, g, c);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t b0, b1;
-        frag_b_rows<S>(b0, b1, sQ, nt * 8, kt * 16, g, c);
-        mma_16816<T>(s[nt], ak, b0, b1);
-        frag_b_rows<S>(b0, b1, sG, nt * 8, kt * 16, g, c);
-        mma_16816<T>(dp[nt], av, b0, b1);
-      }
-    }
+    two_products<S, NT, KT, T>(s, dp, sK, sQ, sV, sG, warp * 16, g, c);  // S^T = K Q^T, dP^T = V dO^T
     // s[nt][e] is (key n0 + 16 warp + g + 8 (e / 2), row r0 + 8 nt + 2c + e % 2).
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -430,24 +438,7 @@ __global__ void __launch_bounds__(32 * W) attention_bwd_dq_kernel(const BwdArgs 
     __syncthreads();
 
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-#pragma unroll
-    for (int kt = 0; kt < KT; ++kt) {
-      uint32_t aq[4], ag[4];
-      frag_a<S>(aq, sQ, warp * 16, kt * 16, g, c);
-      frag_a<S>(ag, sG, warp * 16, kt * 16, g, c);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t b0, b1;
-        frag_b_rows<S>(b0, b1, sK, nt * 8, kt * 16, g, c);
-        mma_16816<T>(s[nt], aq, b0, b1);
-        frag_b_rows<S>(b0, b1, sV, nt * 8, kt * 16, g, c);
-        mma_16816<T>(dp[nt], ag, b0, b1);
-      }
-    }
+    two_products<S, NT, KT, T>(s, dp, sQ, sK, sG, sV, warp * 16, g, c);  // S = Q K^T, dP = dO V^T
     // s[nt][e] is (row r0 + 16 warp + g + 8 (e / 2), key n0 + 8 nt + 2c + e % 2); keys >= n0 + nk are masked
     // (j < hi <= sk, and the window test).
 #pragma unroll
