@@ -201,6 +201,30 @@ __device__ __forceinline__ void bwd_load_row_info(const BwdArgs& a, const BwdSeq
   }
 }
 
+// Q and dO rows r0 .. r0 + n of kv head hk (row r = query t * group + head offset) into sQ / sG, and their
+// LSE, delta, ALiBi slope and position; rows past n and rows outside the sequence load as zeros.
+template <int D, int BM, class T>
+__device__ __forceinline__ void bwd_load_q_rows(T* sQ, T* sG, const BwdArgs& a, const BwdSeq& si, int b, int hk,
+                                                int r0, int n, float* sL, float* sD, float* sSl, int* sPos) {
+  const AttentionParams& p = a.bp.fwd;
+  const int group = a.group;
+  const T* qbase = static_cast<const T*>(p.q);
+  const T* gbase = static_cast<const T*>(a.bp.dout);
+  bwd_load_tile<D, T>(sQ, BM, a.aligned, [&](int i) -> const T* {
+    if (i >= n) return nullptr;
+    const int r = r0 + i, t = r / group, h = hk * group + (r - t * group);
+    const int64_t o = bwd_q_off(a, si, b, t, p.q_batch_stride, p.q_row_stride);
+    return o >= 0 ? qbase + o + int64_t(h) * p.q_head_stride : nullptr;
+  });
+  bwd_load_tile<D, T>(sG, BM, a.aligned, [&](int i) -> const T* {
+    if (i >= n) return nullptr;
+    const int r = r0 + i, t = r / group, h = hk * group + (r - t * group);
+    const int64_t o = bwd_q_off(a, si, b, t, a.bp.do_batch_stride, a.bp.do_row_stride);
+    return o >= 0 ? gbase + o + int64_t(h) * a.bp.do_head_stride : nullptr;
+  });
+  bwd_load_row_info<BM>(a, si, b, hk, r0, n, sL, sD, sSl, sPos);
+}
+
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
@@ -292,24 +316,10 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const BwdArgs a
   const int t_lo = max(0, a.window_right >= 0 ? n0 - a.window_right - shift : 0);
   const int t_hi = min(si.sq - 1, a.window_left >= 0 ? n0 + nk - 1 + a.window_left - shift : si.sq - 1);
   const int r_beg = t_lo * group, r_end = t_hi >= t_lo ? (t_hi + 1) * group : r_beg;
-  const T* qbase = static_cast<const T*>(p.q);
-  const T* gbase = static_cast<const T*>(a.bp.dout);
   for (int r0 = r_beg; r0 < r_end; r0 += BM) {
     const int nr = min(BM, r_end - r0);
     __syncthreads();  // the previous row tile is no longer read
-    bwd_load_tile<D, T>(sQ, BM, a.aligned, [&](int i) -> const T* {
-      if (i >= nr) return nullptr;
-      const int r = r0 + i, t = r / group, h = hk * group + (r - t * group);
-      const int64_t o = bwd_q_off(a, si, b, t, p.q_batch_stride, p.q_row_stride);
-      return o >= 0 ? qbase + o + int64_t(h) * p.q_head_stride : nullptr;
-    });
-    bwd_load_tile<D, T>(sG, BM, a.aligned, [&](int i) -> const T* {
-      if (i >= nr) return nullptr;
-      const int r = r0 + i, t = r / group, h = hk * group + (r - t * group);
-      const int64_t o = bwd_q_off(a, si, b, t, a.bp.do_batch_stride, a.bp.do_row_stride);
-      return o >= 0 ? gbase + o + int64_t(h) * a.bp.do_head_stride : nullptr;
-    });
-    bwd_load_row_info<BM>(a, si, b, hk, r0, nr, sL, sD, sSl, sPos);
+    bwd_load_q_rows<D, BM, T>(sQ, sG, a, si, b, hk, r0, nr, sL, sD, sSl, sPos);
     __syncthreads();
 
     float s[NT][4], dp[NT][4];
@@ -390,21 +400,7 @@ __global__ void __launch_bounds__(32 * W) attention_bwd_dq_kernel(const BwdArgs 
   const int g = lane >> 2, c = lane & 3;
   const int nr = min(BM, rows - r0), shift = si.sk - si.sq;
 
-  const T* qbase = static_cast<const T*>(p.q);
-  const T* gbase = static_cast<const T*>(a.bp.dout);
-  bwd_load_tile<D, T>(sQ, BM, a.aligned, [&](int i) -> const T* {
-    if (i >= nr) return nullptr;
-    const int r = r0 + i, t = r / group, h = hk * group + (r - t * group);
-    const int64_t o = bwd_q_off(a, si, b, t, p.q_batch_stride, p.q_row_stride);
-    return o >= 0 ? qbase + o + int64_t(h) * p.q_head_stride : nullptr;
-  });
-  bwd_load_tile<D, T>(sG, BM, a.aligned, [&](int i) -> const T* {
-    if (i >= nr) return nullptr;
-    const int r = r0 + i, t = r / group, h = hk * group + (r - t * group);
-    const int64_t o = bwd_q_off(a, si, b, t, a.bp.do_batch_stride, a.bp.do_row_stride);
-    return o >= 0 ? gbase + o + int64_t(h) * a.bp.do_head_stride : nullptr;
-  });
-  bwd_load_row_info<BM>(a, si, b, hk, r0, nr, sL, sD, sSl, sPos);
+  bwd_load_q_rows<D, BM, T>(sQ, sG, a, si, b, hk, r0, nr, sL, sD, sSl, sPos);
   __syncthreads();
   RowInfo info[2];
 #pragma unroll
