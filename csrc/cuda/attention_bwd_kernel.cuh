@@ -201,6 +201,21 @@ __device__ __forceinline__ void bwd_load_row_info(const BwdArgs& a, const BwdSeq
   }
 }
 
+// Shared memory of both tile kernels: Q, dO (BM rows each), K, V (BN rows each) of 16-bit elements at row
+// stride S, then per query row the log2 LSE, delta, ALiBi slope and key-coordinate position.
+constexpr int bwd_smem_bytes(int S, int BM, int BN) { return (2 * BM + 2 * BN) * S * 2 + 4 * BM * 4; }
+template <int S, int BM, int BN, class T>
+struct BwdSmem {
+  static_assert(sizeof(T) == 2, "fp16/bf16 tiles");
+  T *q, *g, *k, *v;
+  float *lse2, *delta, *slope;
+  int* pos;
+  __device__ explicit BwdSmem(unsigned char* raw)
+      : q(reinterpret_cast<T*>(raw)), g(q + BM * S), k(g + BM * S), v(k + BN * S),
+        lse2(reinterpret_cast<float*>(v + BN * S)), delta(lse2 + BM), slope(delta + BM),
+        pos(reinterpret_cast<int*>(slope + BM)) {}
+};
+
 // Q and dO rows r0 .. r0 + n of kv head hk (row r = query t * group + head offset) into sQ / sG, and their
 // LSE, delta, ALiBi slope and position; rows past n and rows outside the sequence load as zeros.
 template <int D, int BM, class T>
@@ -268,7 +283,7 @@ __global__ void attention_bwd_delta_kernel(const BwdArgs a) {
 template <int D, int BM>
 struct DkdvConfig {
   static constexpr int S = D + 8, BN = 64, kThreads = 128;
-  static constexpr int kSmemBytes = (2 * BN + 2 * BM) * S * 2 + 4 * BM * 4;
+  static constexpr int kSmemBytes = bwd_smem_bytes(S, BM, BN);
   static_assert(D % 16 == 0 && BM % 16 == 0, "16-element mma steps");
 };
 
@@ -277,14 +292,10 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const BwdArgs a
   using Cfg = DkdvConfig<D, BM>;
   constexpr int S = Cfg::S, BN = Cfg::BN, KT = D / 16, DT = D / 8, NT = BM / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + BN * S;
-  T* sQ = sV + BN * S;
-  T* sG = sQ + BM * S;  // dO
-  float* sL = reinterpret_cast<float*>(sG + BM * S);
-  float* sD = sL + BM;
-  float* sSl = sD + BM;
-  int* sPos = reinterpret_cast<int*>(sSl + BM);
+  const BwdSmem<S, BM, BN, T> sm(smem_raw);
+  T *sQ = sm.q, *sG = sm.g, *sK = sm.k, *sV = sm.v;  // sG: dO
+  float *sL = sm.lse2, *sD = sm.delta, *sSl = sm.slope;
+  int* sPos = sm.pos;
 
   const AttentionParams& p = a.bp.fwd;
   const int kb = static_cast<int>(blockIdx.x), hk = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
@@ -373,7 +384,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const BwdArgs a
 template <int D, int W, int BN>
 struct DqConfig {
   static constexpr int S = D + 8, BM = 16 * W, kThreads = 32 * W;
-  static constexpr int kSmemBytes = (2 * BM + 2 * BN) * S * 2 + 4 * BM * 4;
+  static constexpr int kSmemBytes = bwd_smem_bytes(S, BM, BN);
   static_assert(D % 16 == 0 && BN % 16 == 0, "16-element mma steps");
 };
 
@@ -382,14 +393,10 @@ __global__ void __launch_bounds__(32 * W) attention_bwd_dq_kernel(const BwdArgs 
   using Cfg = DqConfig<D, W, BN>;
   constexpr int S = Cfg::S, BM = Cfg::BM, KT = D / 16, DT = D / 8, NT = BN / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sG = sQ + BM * S;
-  T* sK = sG + BM * S;
-  T* sV = sK + BN * S;
-  float* sL = reinterpret_cast<float*>(sV + BN * S);
-  float* sD = sL + BM;
-  float* sSl = sD + BM;
-  int* sPos = reinterpret_cast<int*>(sSl + BM);
+  const BwdSmem<S, BM, BN, T> sm(smem_raw);
+  T *sQ = sm.q, *sG = sm.g, *sK = sm.k, *sV = sm.v;  // sG: dO
+  float *sL = sm.lse2, *sD = sm.delta, *sSl = sm.slope;
+  int* sPos = sm.pos;
 
   const AttentionParams& p = a.bp.fwd;
   const int mb = static_cast<int>(blockIdx.x), hk = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
