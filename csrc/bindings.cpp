@@ -13,6 +13,8 @@
 #include "cpu/attention_backward.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/cpu_features.h"
+#include "cpu/linear_cpu.h"
+#include "cpu/pointwise_cpu.h"
 #include "cpu/thread_pool.h"
 #include "dlpack_view.h"
 #include "fastinfer/attention.h"
@@ -725,6 +727,164 @@ void attention_with_kvcache(const py::object& q, const py::object& k_cache, cons
   run_attention(p, in.q, launch);
 }
 
+// ---------------------------------------------------------------- CPU linear
+DType linear_dtype(const TensorView& t) {
+  const DType d = float_dtype(t);
+  if (d == DType::kFloat16)
+    throw py::type_error(cat(t.name(), ": the CPU linear takes float32 or bfloat16, got float16"));
+  return d;
+}
+
+void check_cpu(const TensorView& t) {
+  check(t.is_cpu(), t.name(), ": the packed linear runs on the CPU (on a GPU, cuBLAS through torch is used), got a tensor on ",
+        t.device_str());
+}
+
+void check_packed(const TensorView& packed, DType dtype, int64_t n, int64_t k) {
+  check_cpu(packed);
+  if (float_dtype(packed) != dtype)
+    throw py::type_error(cat(packed.name(), ": expected dtype ", dtype_name(dtype), " (same as the weight/input), got ",
+                             packed.dtype_str()));
+  const int64_t want = linear_packed_numel(n, k, dtype);
+  check(packed.dim() == 1 && packed.size(0) == want, packed.name(), ": expected shape (", want, ",) for a packed (", n,
+        ", ", k, ") ", dtype_name(dtype), " weight, got ", packed.shape());
+  check(packed.is_contiguous(), packed.name(), ": must be contiguous");
+}
+
+void linear_pack(const py::object& w_obj, const py::object& packed_obj) {
+  TensorView w(w_obj, "weight"), packed(packed_obj, "packed");
+  check_cpu(w);
+  check_rank(w, 2, "(out_features, in_features)");
+  check_last_contiguous(w);
+  const DType dtype = linear_dtype(w);
+  check_packed(packed, dtype, w.size(0), w.size(1));
+  LinearPackParams p{dtype, w.size(0), w.size(1), w.data<const void>(), w.stride(0), packed.data<void>()};
+  py::gil_scoped_release release;
+  cpu::linear_pack(p);
+}
+
+bool overlaps(const TensorView& a, const TensorView& b, int esz) {
+  // Extents of two row-major 2-D views (rows may be strided); conservative.
+  auto span = [esz](const TensorView& t) {
+    const char* lo = t.data<const char>();
+    const int64_t last = t.numel() == 0 ? 0 : (t.size(0) - 1) * t.stride(0) + t.size(1);
+    return std::make_pair(lo, lo + esz * last);
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+void linear(const py::object& x_obj, const py::object& packed_obj, const py::object& bias_obj, const py::object& out_obj) {
+  TensorView x(x_obj, "x"), packed(packed_obj, "packed_weight"), out(out_obj, "out");
+  const OptTensor bias = view(bias_obj, "bias");
+  check_cpu(x);
+  check_rank(x, 2, "(num_tokens, in_features)");
+  check_last_contiguous(x);
+  const DType dtype = linear_dtype(x);
+  check_cpu(out);
+  check_rank(out, 2, "(num_tokens, out_features)");
+  check_last_contiguous(out);
+  if (float_dtype(out) != dtype)
+    throw py::type_error(cat("out: expected dtype ", dtype_name(dtype), " (same as x), got ", out.dtype_str()));
+  check(out.size(0) == x.size(0), "out: expected ", x.size(0), " rows (as x), got shape ", out.shape());
+  const int64_t n = out.size(1), k = x.size(1);
+  check_packed(packed, dtype, n, k);
+  if (bias) {
+    check_cpu(*bias);
+    if (float_dtype(*bias) != dtype)
+      throw py::type_error(cat("bias: expected dtype ", dtype_name(dtype), " (same as x), got ", bias->dtype_str()));
+    check_shape(*bias, {n});
+    check(n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
+  }
+  check(!overlaps(x, out, dtype_size(dtype)), "out: must not overlap x (the result would overwrite its own input)");
+  LinearParams p{dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
+                 bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0)};
+  py::gil_scoped_release release;
+  cpu::linear_forward(p);
+}
+
+// ---------------------------------------------------------------- CPU pointwise ops
+// x-like 2-D operand: CPU, float32/bfloat16 (= dtype if given), last dimension contiguous.
+DType check_rows(const TensorView& t, int rank, const char* layout, const DType* dtype) {
+  check_cpu(t);
+  check_rank(t, rank, layout);
+  check_last_contiguous(t);
+  const DType d = linear_dtype(t);
+  if (dtype && d != *dtype)
+    throw py::type_error(cat(t.name(), ": expected dtype ", dtype_name(*dtype), " (same as x), got ", t.dtype_str()));
+  return d;
+}
+
+void rms_norm(const py::object& x_obj, const py::object& weight_obj, double eps, const py::object& out_obj,
+              const py::object& residual_obj) {
+  TensorView x(x_obj, "x"), weight(weight_obj, "weight"), out(out_obj, "out");
+  const OptTensor residual = view(residual_obj, "residual");
+  const DType dtype = check_rows(x, 2, "(rows, dim)", nullptr);
+  check_rows(out, 2, "(rows, dim)", &dtype);
+  check_shape(out, {x.size(0), x.size(1)});
+  check_cpu(weight);
+  if (!weight.is(dl::kFloat, 32)) throw py::type_error(cat("weight: expected dtype float32, got ", weight.dtype_str()));
+  check_shape(weight, {x.size(1)});
+  check(x.size(1) <= 1 || weight.stride(0) == 1, "weight: must be contiguous");
+  check(eps >= 0, "eps: must be >= 0, got ", eps);
+  const int esz = dtype_size(dtype);
+  check(!overlaps(x, out, esz), "out: must not overlap x");
+  if (residual) {
+    check_rows(*residual, 2, "(rows, dim)", &dtype);
+    check_shape(*residual, {x.size(0), x.size(1)});
+    check(!overlaps(*residual, out, esz) && !overlaps(*residual, x, esz), "residual: must not overlap x or out");
+  }
+  RmsNormParams p{dtype, x.size(0), x.size(1), x.data<const void>(), x.stride(0),
+                  residual ? residual->data<void>() : nullptr, residual ? residual->stride(0) : 0,
+                  weight.data<const float>(), static_cast<float>(eps), out.data<void>(), out.stride(0)};
+  if (p.rows == 0 || p.dim == 0) return;
+  py::gil_scoped_release release;
+  cpu::rms_norm(p);
+}
+
+void act_and_mul(const py::object& x_obj, const py::object& out_obj, const std::string& act) {
+  TensorView x(x_obj, "x"), out(out_obj, "out");
+  const DType dtype = check_rows(x, 2, "(rows, 2 * dim)", nullptr);
+  check_rows(out, 2, "(rows, dim)", &dtype);
+  check(x.size(1) % 2 == 0, "x: the last dimension holds gate then up, so it must be even, got shape ", x.shape());
+  check_shape(out, {x.size(0), x.size(1) / 2});
+  check(act == "silu" || act == "gelu_tanh", "act: expected 'silu' or 'gelu_tanh', got '", act, "'");
+  check(!overlaps(x, out, dtype_size(dtype)), "out: must not overlap x");
+  ActMulParams p{dtype, act == "silu" ? Activation::kSilu : Activation::kGeluTanh, x.size(0), x.size(1) / 2,
+                 x.data<const void>(), x.stride(0), out.data<void>(), out.stride(0)};
+  if (p.rows == 0 || p.dim == 0) return;
+  py::gil_scoped_release release;
+  cpu::act_mul(p);
+}
+
+void rotary_embedding(const py::object& x_obj, const py::object& cos_obj, const py::object& sin_obj,
+                      const py::object& pos_obj) {
+  TensorView x(x_obj, "x"), cos(cos_obj, "cos"), sin(sin_obj, "sin"), pos(pos_obj, "positions");
+  const DType dtype = check_rows(x, 3, "(tokens, heads, head_dim)", nullptr);
+  check(x.size(2) % 2 == 0, "x: head_dim must be even for rotary, got shape ", x.shape());
+  const int64_t half = x.size(2) / 2;
+  for (TensorView* t : {&cos, &sin}) {
+    check_rows(*t, 2, "(positions, head_dim // 2)", &dtype);
+    check(t->size(1) == half, t->name(), ": expected ", half, " columns (head_dim // 2), got shape ", t->shape());
+    check(t->size(0) <= 1 || t->stride(0) == half, t->name(), ": must be contiguous");
+  }
+  check_shape(sin, {cos.size(0), half});
+  check_cpu(pos);
+  if (!pos.is(dl::kInt, 64)) throw py::type_error(cat("positions: expected dtype int64, got ", pos.dtype_str()));
+  check_shape(pos, {x.size(0)});
+  check(x.size(0) <= 1 || pos.stride(0) == 1, "positions: must be contiguous");
+  const int64_t* position = pos.data<const int64_t>();
+  for (int64_t i = 0; i < x.size(0); ++i)
+    check(position[i] >= 0 && position[i] < cos.size(0), "positions[", i, "] = ", position[i],
+          " is outside the cos/sin tables (", cos.size(0), " rows)");
+  RotaryParams p{dtype, x.size(0), x.size(1), half, x.data<void>(), x.stride(0), x.stride(1),
+                 cos.data<const void>(), sin.data<const void>(), position};
+  if (p.tokens == 0 || p.heads == 0 || half == 0) return;
+  py::gil_scoped_release release;
+  cpu::rotary(p);
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = FASTINFER_VERSION;
@@ -792,6 +952,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("workspace_alloc") = py::none(),
         "flash_attn_with_kvcache: validate everything, append k/v at cache_seqlens, then attend.");
 
+  m.def("linear_pack", &linear_pack, py::arg("weight"), py::arg("packed"),
+        "Pack an (out_features, in_features) float32/bfloat16 weight into `packed` (1-D, linear_packed_numel elements).");
+  m.def("linear_packed_numel", [](int64_t n, int64_t k, const std::string& dtype) {
+    check(n >= 0 && k >= 0, "linear_packed_numel: n and k must be >= 0");
+    check(dtype == "float32" || dtype == "bfloat16", "linear_packed_numel: dtype must be 'float32' or 'bfloat16', got ", dtype);
+    return linear_packed_numel(n, k, dtype == "float32" ? DType::kFloat32 : DType::kBFloat16);
+  }, py::arg("n"), py::arg("k"), py::arg("dtype"));
+  m.def("linear", &linear, py::arg("x"), py::arg("packed_weight"), py::arg("bias"), py::arg("out"),
+        "out = x @ W^T (+ bias) on the CPU with W packed by linear_pack; accumulates in float32.");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+        py::arg("residual") = py::none(),
+        "out = RMSNorm(x) * weight (float32 weight); with residual: residual += x (rounded) first, then normalise it.");
+  m.def("act_and_mul", &act_and_mul, py::arg("x"), py::arg("out"), py::arg("act"),
+        "out = act(x[:, :d]) * x[:, d:], act 'silu' or 'gelu_tanh', with torch's per-op rounding.");
+  m.def("rotary_embedding", &rotary_embedding, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
+        "Rotate-half rotary embedding of x (tokens, heads, head_dim) in place, cos/sin rows picked by positions.");
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &cuda_device_count, "Number of usable CUDA devices (0 without a driver or GPU).");
 #if defined(FASTINFER_WITH_CUDA)

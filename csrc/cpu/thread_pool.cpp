@@ -4,6 +4,7 @@
 #include <sched.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <algorithm>
@@ -54,14 +55,16 @@ class Pool {
       fn_ = &fn;
       num_tasks_ = num_tasks;
       next_.store(0);
-      pending_ = static_cast<int>(workers_.size());
+      pending_.store(static_cast<int>(workers_.size()));
       error_ = nullptr;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    cv_.notify_all();
+    cv_.notify_all();  // no system call when every worker is still spinning
     work(0);  // the calling thread is worker 0
-    std::unique_lock<std::mutex> g(m_);
-    done_cv_.wait(g, [&] { return pending_ == 0; });
+    if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> g(m_);
+      done_cv_.wait(g, [&] { return pending_.load() == 0; });
+    }
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -76,13 +79,17 @@ class Pool {
     if (static_cast<int>(workers_.size()) == n - 1) return;
     stop();
     quit_ = false;
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
+    quit_flag_.store(false);
+    // A new worker waits for the next region, not the last one.
+    const uint64_t current = generation_.load();
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, current] { loop(i, current); });
   }
 
   void stop() {
     {
       std::lock_guard<std::mutex> g(m_);
       quit_ = true;
+      quit_flag_.store(true);
     }
     cv_.notify_all();
     for (auto& w : workers_) w.join();
@@ -102,19 +109,47 @@ class Pool {
     }
   }
 
-  void loop(int worker) {
-    uint64_t seen = 0;
+  void loop(int worker, uint64_t seen) {
     for (;;) {
-      {
+      // Model steps call the pool every few tens of microseconds: a worker that spins briefly
+      // before sleeping starts at once, where a condition-variable wake-up costs ~40 us.
+      if (!spin_until([&] { return quit_flag_.load(std::memory_order_relaxed) ||
+                                   generation_.load(std::memory_order_acquire) != seen; })) {
         std::unique_lock<std::mutex> g(m_);
-        cv_.wait(g, [&] { return quit_ || generation_ != seen; });
+        cv_.wait(g, [&] { return quit_ || generation_.load() != seen; });
+      }
+      {
+        std::lock_guard<std::mutex> g(m_);
         if (quit_) return;
-        seen = generation_;
+        seen = generation_.load();
       }
       work(worker);
-      std::lock_guard<std::mutex> g(m_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> g(m_);
+        done_cv_.notify_one();
+      }
     }
+  }
+
+  // Spins up to spin_ns() for ready(); false if it never became true.
+  template <class Ready>
+  static bool spin_until(Ready ready) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns());
+    for (int i = 0;; ++i) {
+      if (ready()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) return false;
+    }
+  }
+
+  static int64_t spin_ns() {
+    static const int64_t ns = [] {
+      const char* env = std::getenv("FASTINFER_SPIN_US");
+      return env ? std::max<int64_t>(0, std::atoll(env)) * 1000 : int64_t(100) * 1000;
+    }();
+    return ns;
   }
 
   std::mutex call_mutex_;  // one parallel region at a time
@@ -124,9 +159,10 @@ class Pool {
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   std::atomic<int64_t> next_{0};
   int64_t num_tasks_ = 0;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int> pending_{0};           // workers (not counting the caller) still in this region
+  std::atomic<uint64_t> generation_{0};   // bumped per region; written under m_
   bool quit_ = false;
+  std::atomic<bool> quit_flag_{false};    // quit_, readable while spinning
   int requested_ = 0;
   std::exception_ptr error_;
 };

@@ -1,0 +1,97 @@
+// ISA-independent driver of the CPU linear: cuts y = x W^T into (weight panel, row chunk)
+// tasks, runs them on the thread pool, and packs weights into the panel layout.
+#include <algorithm>
+#include <memory>
+#include <new>
+
+#include "cpu/cpu_features.h"
+#include "cpu/linear_cpu.h"
+#include "cpu/thread_pool.h"
+
+namespace fastinfer::cpu {
+
+namespace {
+
+// Below this many multiply-adds a call runs on the calling thread: waking a worker costs more.
+constexpr int64_t kInlineMacs = int64_t(1) << 17;
+// Rows per task once rows are split: 8 tiles of 6 rows keep a panel hot in L1/L2 across them.
+constexpr int64_t kRowChunk = 48;
+constexpr int64_t kTileRows = 6;  // rows a tile kernel keeps in registers at most
+
+LinearTileFn pick_tile() {
+  switch (active_isa()) {
+#if defined(FASTINFER_X86)
+    case Isa::kAmx:
+    case Isa::kAvx512Bf16: return linear_tile_avx512bf16();
+    case Isa::kAvx512: return linear_tile_avx512();
+    case Isa::kAvx2: return linear_tile_avx2();
+#endif
+    default: return linear_tile_scalar();
+  }
+}
+
+struct AlignedDelete {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+
+// Per OS thread, only grown: pool workers are persistent, so this is allocated once per size.
+float* worker_scratch(int64_t floats) {
+  struct Buffer {
+    std::unique_ptr<float[], AlignedDelete> data;
+    int64_t size = 0;
+  };
+  thread_local Buffer buf;
+  if (buf.size < floats) {
+    buf.data.reset(static_cast<float*>(::operator new[](sizeof(float) * floats, std::align_val_t(64))));
+    buf.size = floats;
+  }
+  return buf.data.get();
+}
+
+}  // namespace
+
+void linear_forward(const LinearParams& p) {
+  if (p.m == 0 || p.n == 0) return;
+  const LinearTileFn tile = pick_tile();
+  const int64_t panels = linear_panels(p.n), scratch = linear_scratch_floats(p.k);
+  const int threads = num_threads();
+  // Decode batches read each panel once: all rows in one task. With more rows, or too few
+  // panels to keep every thread busy, rows are split too (in whole 6-row tiles), panel-major,
+  // so a thread's consecutive tasks reuse the panel from cache.
+  int64_t rows = std::min(p.m, kRowChunk);
+  while (rows > kTileRows && panels * ((p.m + rows - 1) / rows) < 8 * threads)
+    rows = std::max(kTileRows, (rows / 2 + kTileRows - 1) / kTileRows * kTileRows);
+  if (p.m <= kRowChunk && panels >= 8 * threads) rows = p.m;
+  const int64_t chunks = (p.m + rows - 1) / rows;
+  auto run = [&](int64_t task, int) {
+    const int64_t panel = task / chunks, row0 = task % chunks * rows;
+    tile(p, panel, row0, std::min(p.m, row0 + rows), worker_scratch(scratch));
+  };
+  if (p.m * p.n * p.k < kInlineMacs || threads == 1) {
+    for (int64_t t = 0; t < panels * chunks; ++t) run(t, 0);
+    return;
+  }
+  parallel_for(panels * chunks, run);
+}
+
+void linear_pack(const LinearPackParams& p) {
+  const int64_t panels = linear_panels(p.n), packed_k = linear_packed_k(p.k, p.dtype);
+  parallel_for(panels, [&](int64_t panel, int) {
+    for (int c = 0; c < kLinearPanel; ++c) {
+      const int64_t row = panel * kLinearPanel + c;
+      const bool real = row < p.n;  // rows past n pad the last panel with zeros
+      if (p.dtype == DType::kFloat32) {
+        float* dst = static_cast<float*>(p.packed) + panel * kLinearPanel * packed_k + c;
+        const float* src = real ? static_cast<const float*>(p.w) + row * p.w_row_stride : nullptr;
+        for (int64_t k = 0; k < packed_k; ++k) dst[k * kLinearPanel] = real ? src[k] : 0.f;
+      } else {
+        uint16_t* dst = static_cast<uint16_t*>(p.packed) + panel * kLinearPanel * packed_k + 2 * c;
+        const uint16_t* src = real ? static_cast<const uint16_t*>(p.w) + row * p.w_row_stride : nullptr;
+        for (int64_t k = 0; k < packed_k; ++k)
+          dst[k / 2 * 2 * kLinearPanel + (k & 1)] = real && k < p.k ? src[k] : uint16_t(0);
+      }
+    }
+  });
+}
+
+}  // namespace fastinfer::cpu

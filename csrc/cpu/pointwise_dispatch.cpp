@@ -1,0 +1,64 @@
+// ISA-independent driver of the CPU pointwise ops: rows run inline when the call is small
+// (a decode step's rows: waking a worker costs more than the work), else on the thread pool.
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/pointwise_cpu.h"
+#include "cpu/thread_pool.h"
+
+namespace fastinfer::cpu {
+
+namespace {
+
+constexpr int64_t kInlineElements = int64_t(1) << 16;
+
+PointwiseKernels pick() {
+  switch (active_isa()) {
+#if defined(FASTINFER_X86)
+    case Isa::kAmx:
+    case Isa::kAvx512Bf16:
+    case Isa::kAvx512: return pointwise_avx512();
+    case Isa::kAvx2: return pointwise_avx2();
+#endif
+    default: return pointwise_scalar();
+  }
+}
+
+template <class Fn>
+void for_rows(int64_t rows, int64_t elements_per_row, Fn fn) {
+  if (rows * elements_per_row <= kInlineElements || rows == 1) {
+    for (int64_t i = 0; i < rows; ++i) fn(i);
+    return;
+  }
+  const int64_t per_task = std::max<int64_t>(1, kInlineElements / 4 / std::max<int64_t>(1, elements_per_row));
+  parallel_for((rows + per_task - 1) / per_task, [&](int64_t task, int) {
+    for (int64_t i = task * per_task; i < std::min(rows, (task + 1) * per_task); ++i) fn(i);
+  });
+}
+
+float* row_scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
+  return buf.data();
+}
+
+}  // namespace
+
+void rms_norm(const RmsNormParams& p) {
+  const auto k = pick().rms_norm_row;
+  for_rows(p.rows, p.dim, [&](int64_t i) { k(p, i, row_scratch(p.dim)); });
+}
+
+void act_mul(const ActMulParams& p) {
+  const auto k = pick().act_mul_row;
+  for_rows(p.rows, p.dim, [&](int64_t i) { k(p, i); });
+}
+
+void rotary(const RotaryParams& p) {
+  const auto k = pick().rotary_token;
+  for_rows(p.tokens, p.heads * 2 * p.half, [&](int64_t i) { k(p, i); });
+}
+
+}  // namespace fastinfer::cpu
