@@ -8,7 +8,8 @@ For each batch size: B prompts of 64 random tokens are prefilled, then decode st
 - engine: scheduler + sampler + detokenizer (step time minus the model runner's time);
 - matmuls: runner time minus the runner time with every linear layer replaced by a preallocated
   output (same shapes, no work), i.e. what the matmuls cost where they run (cold caches included);
-- matmuls alone: the same linears called back to back with the model's weights (the floor torch reaches);
+- matmuls alone: the same linears called back to back with the model's weights and kernels (on CPU:
+  fastinfer's packed linear on its pool, torch at one thread, as in a step);
 - attention: time inside fastinfer's attention and cache-write kernels, in the real step and in the
   step without matmuls (the difference: caches the matmuls evicted);
 - the rest of the runner: norms, rotary, activations, Python (runner time without matmuls minus
@@ -57,7 +58,6 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
     import fastinfer._C as C
     import fastinfer.attention as attention_mod
     import fastinfer.models.layers as layers
-    import fastinfer.models.llama as llama
     import fastinfer.ops as ops_mod
     from fastinfer import SamplingParams
 
@@ -92,14 +92,14 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
 
         outputs: dict = {}
 
-        def no_matmul(x, w, b=None):
-            key = (x.shape[:-1], w.shape[0], x.dtype)
+        def no_matmul(self, x):
+            key = (x.shape[:-1], self.out_features, x.dtype)
             if key not in outputs:
-                outputs[key] = torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+                outputs[key] = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype)
             return outputs[key]
 
-        real = layers.F.linear
-        layers.F.linear = llama.F.linear = no_matmul
+        real = layers.Linear.forward
+        layers.Linear.forward = no_matmul
         try:
             runner_exec.total = 0.0
             for t in kernels.values():
@@ -109,7 +109,7 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
             runner_no_mm = runner_exec.total / steps * 1e3
             attention_no_mm = sum(t.total for t in kernels.values()) / steps * 1e3
         finally:
-            layers.F.linear = llama.F.linear = real
+            layers.Linear.forward = real
     finally:
         eng.runner.execute = runner_exec.fn
         for name, fn in saved_c.items():
@@ -125,14 +125,18 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
 
     def matmuls():
         for layer in model.model.layers:
-            torch.nn.functional.linear(x, layer.self_attn.qkv_proj.weight)
-            torch.nn.functional.linear(x, layer.self_attn.o_proj.weight)
-            torch.nn.functional.linear(x, layer.mlp.gate_up_proj.weight)
-            torch.nn.functional.linear(xi, layer.mlp.down_proj.weight)
-        torch.nn.functional.linear(x, model.head_weight())
+            layer.self_attn.qkv_proj(x)
+            layer.self_attn.o_proj(x)
+            layer.mlp.gate_up_proj(x)
+            layer.mlp.down_proj(xi)
+        model.head_proj(x) if model.head_proj is not None else torch.nn.functional.linear(x, model.head_weight())
 
+    threads = torch.get_num_threads()
+    if eng.runner.single_torch_thread:
+        torch.set_num_threads(1)
     matmuls()
     alone = median_ms(matmuls, steps)
+    torch.set_num_threads(threads)
     row = {"batch": batch, "step_ms": step_ms, "wall_ms_per_step": wall, "runner_ms": runner_ms,
            "engine_ms": wall - runner_ms, "matmul_ms": runner_ms - runner_no_mm, "matmul_alone_ms": alone,
            "attention_and_cache_write_ms": attention_ms,

@@ -6,7 +6,9 @@ import sys
 from typing import Any
 
 from fastinfer import _C
-from fastinfer._arrays import as_index, kernel_view, launch_kwargs
+import numpy as np
+
+from fastinfer._arrays import as_index, is_torch, kernel_view, launch_kwargs, require_array
 
 
 def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -31,3 +33,107 @@ def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_map
     stream = launch_kwargs(key).get("stream", 0)
     _C.reshape_and_cache(kernel_view(key), kernel_view(value), kernel_view(k_cache), kernel_view(v_cache),
                          kernel_view(as_index(slot_mapping, key, "int64", name="slot_mapping")), stream=stream)
+
+
+def _empty(like: Any, shape: tuple[int, ...]) -> Any:
+    if is_torch(like):
+        import torch
+
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return np.empty(shape, dtype=like.dtype)
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def pack_linear_weight(weight: Any) -> Any:
+    """Repack a projection weight for :func:`linear` (done once, at model load).
+
+    Parameters
+    ----------
+    weight : (out_features, in_features) float32 or bfloat16, on the CPU, rows contiguous
+
+    Returns
+    -------
+    packed : 1-D, same dtype and framework, ``_C.linear_packed_numel(out, in, dtype)`` elements:
+        64-output panels, each contiguous, so a decode step streams the weights in memory order.
+    """
+    require_array(weight, "weight")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(weight.shape)}")
+    name = _dtype_name(weight)
+    if name not in ("float32", "bfloat16"):
+        raise TypeError(f"weight: the CPU linear takes float32 or bfloat16, got {name}")
+    n, k = (int(s) for s in weight.shape)
+    packed = _empty(weight, (_C.linear_packed_numel(n, k, name),))
+    _C.linear_pack(kernel_view(weight), kernel_view(packed))
+    return packed
+
+
+def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None) -> Any:
+    """``x @ W.T + bias`` on the CPU with W packed by :func:`pack_linear_weight`; float32 accumulation,
+    rounded once to x's dtype (the same result as torch's bf16 matmul up to summation order).
+
+    Parameters
+    ----------
+    x : (..., in_features) float32 or bfloat16, CPU, last axis contiguous
+    packed_weight : from ``pack_linear_weight`` of an (out_features, in_features) weight of x's dtype
+    out_features : rows of the original weight
+    bias : (out_features,) of x's dtype, or None
+
+    Returns
+    -------
+    (..., out_features), a new array of x's framework and dtype.
+    """
+    require_array(x, "x")
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, x.shape[-1]) if len(x.shape) != 2 else x
+    out = _empty(x, (x2.shape[0], int(out_features)))
+    _C.linear(kernel_view(x2), kernel_view(packed_weight), kernel_view(bias), kernel_view(out))
+    return out.reshape(*lead, int(out_features)) if len(lead) != 1 else out
+
+
+def rms_norm(x: Any, weight: Any, eps: float, residual: Any = None) -> Any:
+    """RMSNorm of the rows of x on the CPU, float32 math rounded once (torch's ``F.rms_norm``).
+
+    Parameters
+    ----------
+    x : (rows, dim) float32 or bfloat16, last axis contiguous
+    weight : (dim,) float32 multiplier (Gemma's ``1 + w`` precomputed)
+    residual : (rows, dim) of x's dtype, or None. When given, ``residual += x`` first (rounded to the
+        dtype, in place: the new residual stream) and the sum is normalised instead of x.
+
+    Returns
+    -------
+    out : (rows, dim), a new array of x's dtype.
+    """
+    require_array(x, "x")
+    out = _empty(x, tuple(x.shape))
+    _C.rms_norm(kernel_view(x), kernel_view(weight), float(eps), kernel_view(out), kernel_view(residual))
+    return out
+
+
+def act_and_mul(x: Any, act: str = "silu") -> Any:
+    """``act(gate) * up`` for x = [gate | up] (rows, 2 * dim), as torch computes it op by op
+    (activation rounded to x's dtype, then the product rounded): one pass instead of three.
+    act : "silu" or "gelu_tanh". Returns (rows, dim)."""
+    require_array(x, "x")
+    out = _empty(x, (x.shape[0], x.shape[-1] // 2) if len(x.shape) == 2 else tuple(x.shape))
+    _C.act_and_mul(kernel_view(x), kernel_view(out), act)
+    return out
+
+
+def rotary_embedding_(x: Any, cos: Any, sin: Any, positions: Any) -> Any:
+    """Rotate-half rotary embedding (Hugging Face layout) of x in place; returns x.
+
+    Parameters
+    ----------
+    x : (tokens, heads, head_dim), last axis contiguous (other strides free: a view into a fused qkv works)
+    cos, sin : (table_rows, head_dim // 2) of x's dtype, contiguous
+    positions : (tokens,) int64, each in [0, table_rows)
+    Each product and the sum are rounded to x's dtype, as the torch expression ``x1 * cos - x2 * sin`` is.
+    """
+    require_array(x, "x")
+    _C.rotary_embedding(kernel_view(x), kernel_view(cos), kernel_view(sin), kernel_view(positions))
+    return x

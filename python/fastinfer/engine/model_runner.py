@@ -50,13 +50,20 @@ class ModelRunner:
     block_size : tokens per cache block (any value >= 1)
     num_blocks : blocks to allocate (the engine sizes this with ``kv_block_bytes``)
     dtype, device : of the cache (the model's)
+    cpu_kernels : on CPU, run the projections with fastinfer's packed linear (``model.pack_for_cpu``)
+        and keep torch to one thread during a step, so the two thread pools never spin against each
+        other; False leaves the model and torch's threads as they are
     """
 
     def __init__(self, model: torch.nn.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+                 block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device,
+                 cpu_kernels: bool = True) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks: the KV cache needs at least 1 block, got {num_blocks}")
         self.model = model
+        self.single_torch_thread = False
+        if cpu_kernels and device.type == "cpu" and hasattr(model, "pack_for_cpu"):
+            self.single_torch_thread = model.pack_for_cpu()
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device
@@ -110,5 +117,12 @@ class ModelRunner:
         if not chunks:
             return torch.empty((0, 0), dtype=torch.float32, device=self.device)
         step = self.prepare(chunks)
-        hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
-        return self.model.compute_logits(hidden[step.sample_rows])
+        threads = torch.get_num_threads()
+        if self.single_torch_thread:
+            # The heavy work runs on fastinfer's pool; torch's remaining small ops stay on this thread.
+            torch.set_num_threads(1)
+        try:
+            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+            return self.model.compute_logits(hidden[step.sample_rows])
+        finally:
+            torch.set_num_threads(threads)

@@ -23,6 +23,23 @@ def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> 
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def use_cpu_kernels(x: torch.Tensor) -> bool:
+    """fastinfer's fused CPU ops replace torch's (same roundings) for inference on CPU tensors."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not x.requires_grad \
+        and not torch.compiler.is_compiling()
+
+
+_rows_cache = torch.arange(0)
+
+
+def token_rows(t: int) -> torch.Tensor:
+    """arange(t) int64 (cached): rotary tables gathered per token are indexed by row."""
+    global _rows_cache
+    if _rows_cache.numel() < t:
+        _rows_cache = torch.arange(max(t, 2 * _rows_cache.numel(), 256))
+    return _rows_cache[:t]
+
+
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
     """RMS-normalise the last axis of x and multiply by ``scale``.
 
@@ -45,13 +62,25 @@ class RMSNorm(nn.Module):
         self.weight = empty_param(dim, dtype=dtype, device=device)
         self.eps, self.offset = eps, offset
         self.scale: torch.Tensor = self.weight.data  # a plain tensor: a Parameter here would register twice
+        self.scale32: Optional[torch.Tensor] = None  # float32 multiplier for the CPU kernel
 
     def post_load(self) -> None:
         """Precompute the multiplier once the weight is loaded."""
         self.scale = (1.0 + self.weight.float()) if self.offset else self.weight.data
+        self.scale32 = self.scale.float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale32 is not None and x.ndim == 2 and use_cpu_kernels(x):
+            return fastinfer.ops.rms_norm(x, self.scale32, self.eps)
         return rms_norm(x, self.scale, self.eps, self.offset)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x). On the CPU kernel path the sum is written into
+        ``residual`` in place (one pass, no new tensor); elsewhere a new tensor is returned."""
+        if self.scale32 is not None and x.ndim == 2 and use_cpu_kernels(x) and residual.dtype == x.dtype:
+            return fastinfer.ops.rms_norm(x, self.scale32, self.eps, residual=residual), residual
+        residual = residual + x
+        return self(residual), residual
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> tuple[torch.Tensor, float]:
@@ -141,20 +170,54 @@ class GatedMLP(nn.Module):
         self.gelu = act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.ndim == 2 and use_cpu_kernels(gate_up):
+            return self.down_proj(fastinfer.ops.act_and_mul(gate_up, "gelu_tanh" if self.gelu else "silu"))
+        gate, up = gate_up.split(self.inter, dim=-1)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(gate * up)
 
 
 class Linear(nn.Module):
-    """y = x @ weight.T (+ bias), weight (out, in) as in torch.nn.Linear, allocated uninitialised."""
+    """y = x @ weight.T (+ bias), weight (out, in) as in torch.nn.Linear, allocated uninitialised.
+
+    ``pack()`` (the engine calls it on CPU) moves the weight into fastinfer's panel layout and runs
+    the projection with fastinfer's CPU kernel: a decode step then streams the weights once, in
+    memory order, on fastinfer's thread pool.
+    """
 
     def __init__(self, n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device) -> None:
         super().__init__()
         self.weight = empty_param(n_out, n_in, dtype=dtype, device=device)
         self.bias = empty_param(n_out, dtype=dtype, device=device) if bias else None
+        self.out_features = n_out
+        self.packed: Optional[torch.Tensor] = None  # 1-D panel layout, set by pack()
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "Linear":
+        """A bias-free projection sharing ``weight`` (the tied output head)."""
+        m = cls(0, 0, False, weight.dtype, weight.device)
+        m.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        m.out_features = weight.shape[0]
+        return m
+
+    def pack(self, free_weight: bool = True) -> bool:
+        """Pack for the CPU kernel; returns False (and changes nothing) where it does not apply.
+        With ``free_weight`` the unpacked weight's storage is released (it is not used again)."""
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.ndim != 2:
+            return False
+        self.packed = fastinfer.ops.pack_linear_weight(w.data.contiguous())
+        if free_weight:
+            self.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dtype == self.packed.dtype and not x.requires_grad:
+            return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias)
+        if self.packed is not None:
+            raise RuntimeError(f"this projection was packed for the CPU kernel ({self.packed.dtype}); it cannot run "
+                               f"on {x.dtype} input{' that requires grad' if x.requires_grad else ''}")
         return F.linear(x, self.weight, self.bias)
 
 
@@ -199,7 +262,10 @@ class Attention(nn.Module):
         v = qkv[:, n_qk * d:].view(t, self.kv_heads, d)
         if self.qk_scale is not None:
             qk = rms_norm(qk, self.qk_scale, self.q_norm.eps, self.q_norm.offset)
-        qk = apply_rotary(qk, cos, sin)
+        if use_cpu_kernels(qk):  # in place, into qkv
+            qk = fastinfer.ops.rotary_embedding_(qk, cos.view(t, -1), sin.view(t, -1), token_rows(t))
+        else:
+            qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads:]
         k_cache, v_cache = kv_cache
         fastinfer.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)

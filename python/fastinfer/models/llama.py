@@ -15,7 +15,7 @@ from torch import nn
 
 from fastinfer.models.attention_metadata import AttentionMetadata
 from fastinfer.models.config import ModelConfig
-from fastinfer.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, empty_param
+from fastinfer.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param
 
 # Hugging Face tensor name piece -> (our fused parameter's name piece, shard index).
 FUSED = {
@@ -49,8 +49,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        h, x = self.post_attention_layernorm.add_and_norm(h, x)  # may update x in place
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -82,6 +83,7 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Module()
             self.lm_head.weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.head_proj = None  # the output head as a packed Linear, once pack_for_cpu() ran
         self.embed_scale = None  # multiplier of the embeddings in the model dtype (Gemma)
         # Rotary tables per layer; sliding layers have their own only where their base differs (Gemma 3).
         full = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, dtype, device)
@@ -89,6 +91,17 @@ class LlamaForCausalLM(nn.Module):
             RotaryEmbedding(config.head_dim, config.rope_local_base_freq, None, dtype, device)
         self.layer_rotary = [full if kind == "full_attention" else local for kind in config.layer_types]
         self.rotaries = list(dict.fromkeys(self.layer_rotary))
+
+    def pack_for_cpu(self) -> bool:
+        """Move every projection, the output head included, to fastinfer's CPU linear (see
+        ``Linear.pack``). The tied head keeps the embedding table and packs a copy of it."""
+        if not all(m.pack() for m in self.modules() if isinstance(m, Linear)):
+            return False
+        self.head_proj = Linear.from_weight(self.head_weight())
+        self.head_proj.pack(free_weight=False)
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype)
+        return True
 
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -109,7 +122,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab) float32, final softcapping applied if configured."""
-        logits = F.linear(hidden, self.head_weight()).float()
+        head = self.head_proj
+        logits = (head(hidden) if head is not None else F.linear(hidden, self.head_weight())).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
