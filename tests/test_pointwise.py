@@ -70,6 +70,16 @@ def _poison_pointwise_outputs(monkeypatch):
     monkeypatch.setattr(ops, "_empty", _poisoned_empty)
 
 
+@pytest.fixture(autouse=True)
+def _torch_one_thread():
+    """The torch references run single-threaded: small elementwise ops gain nothing from torch's
+    intra-op threads, and on a loaded machine their barriers cost seconds per test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def set_threads(n: int) -> None:
     fastinfer.set_num_threads(n)
     assert fastinfer.get_num_threads() == n
