@@ -731,7 +731,7 @@ void attention_with_kvcache(const py::object& q, const py::object& k_cache, cons
 DType linear_dtype(const TensorView& t) {
   const DType d = float_dtype(t);
   if (d == DType::kFloat16)
-    throw py::type_error(cat(t.name(), ": the CPU linear takes float32 or bfloat16, got float16"));
+    throw py::type_error(cat(t.name(), ": expected dtype float32 or bfloat16 (this CPU op has no float16 path), got float16"));
   return d;
 }
 

@@ -167,7 +167,8 @@ inline VecF vselect_range(VecF a, VecF x, VecF lo, VecF hi, float fill) {
   return {select8(a.lo, x.lo, lo.lo, hi.lo, f), select8(a.hi, x.hi, lo.hi, hi.hi, f)};
 }
 inline __m256 exp2_8(__m256 x) {
-  const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(-150.f));
+  // Clamped above too: 2^128 builds the exponent field of infinity; larger n would wrap.
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-150.f)), _mm256_set1_ps(128.f));
   const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(xc, n);
   __m256 p = _mm256_set1_ps(kC6);

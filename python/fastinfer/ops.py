@@ -119,6 +119,8 @@ def act_and_mul(x: Any, act: str = "silu") -> Any:
     (activation rounded to x's dtype, then the product rounded): one pass instead of three.
     act : "silu" or "gelu_tanh". Returns (rows, dim)."""
     require_array(x, "x")
+    if not isinstance(act, str):
+        raise TypeError(f"act: expected 'silu' or 'gelu_tanh', got {type(act).__name__}")
     out = _empty(x, (x.shape[0], x.shape[-1] // 2) if len(x.shape) == 2 else tuple(x.shape))
     _C.act_and_mul(kernel_view(x), kernel_view(out), act)
     return out
