@@ -763,9 +763,10 @@ void linear_pack(const py::object& w_obj, const py::object& packed_obj) {
   cpu::linear_pack(p);
 }
 
-bool overlaps(const TensorView& a, const TensorView& b, int esz) {
-  // Extents of two row-major 2-D views (rows may be strided); conservative.
-  auto span = [esz](const TensorView& t) {
+bool overlaps(const TensorView& a, const TensorView& b) {
+  // Extents of two row-major 2-D float views (rows may be strided); conservative.
+  auto span = [](const TensorView& t) {
+    const int esz = dtype_size(float_dtype(t));
     const char* lo = t.data<const char>();
     const int64_t last = t.numel() == 0 ? 0 : (t.size(0) - 1) * t.stride(0) + t.size(1);
     return std::make_pair(lo, lo + esz * last);
@@ -785,8 +786,10 @@ void linear(const py::object& x_obj, const py::object& packed_obj, const py::obj
   check_cpu(out);
   check_rank(out, 2, "(num_tokens, out_features)");
   check_last_contiguous(out);
-  if (float_dtype(out) != dtype)
-    throw py::type_error(cat("out: expected dtype ", dtype_name(dtype), " (same as x), got ", out.dtype_str()));
+  const DType out_dtype = float_dtype(out);
+  if (out_dtype != dtype && out_dtype != DType::kFloat32)
+    throw py::type_error(cat("out: expected dtype ", dtype_name(dtype), " (same as x)",
+                             dtype == DType::kFloat32 ? "" : " or float32", ", got ", out.dtype_str()));
   check(out.size(0) == x.size(0), "out: expected ", x.size(0), " rows (as x), got shape ", out.shape());
   const int64_t n = out.size(1), k = x.size(1);
   check_packed(packed, dtype, n, k);
@@ -797,8 +800,9 @@ void linear(const py::object& x_obj, const py::object& packed_obj, const py::obj
     check_shape(*bias, {n});
     check(n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
   }
-  check(!overlaps(x, out, dtype_size(dtype)), "out: must not overlap x (the result would overwrite its own input)");
-  LinearParams p{dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
+  check(!overlaps(x, out),
+        "out: must not overlap x (the result would overwrite its own input)");
+  LinearParams p{dtype, out_dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
                  bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0)};
   py::gil_scoped_release release;
   cpu::linear_forward(p);
@@ -828,12 +832,11 @@ void rms_norm(const py::object& x_obj, const py::object& weight_obj, double eps,
   check_shape(weight, {x.size(1)});
   check(x.size(1) <= 1 || weight.stride(0) == 1, "weight: must be contiguous");
   check(eps >= 0, "eps: must be >= 0, got ", eps);
-  const int esz = dtype_size(dtype);
-  check(!overlaps(x, out, esz), "out: must not overlap x");
+  check(!overlaps(x, out), "out: must not overlap x");
   if (residual) {
     check_rows(*residual, 2, "(rows, dim)", &dtype);
     check_shape(*residual, {x.size(0), x.size(1)});
-    check(!overlaps(*residual, out, esz) && !overlaps(*residual, x, esz), "residual: must not overlap x or out");
+    check(!overlaps(*residual, out) && !overlaps(*residual, x), "residual: must not overlap x or out");
   }
   RmsNormParams p{dtype, x.size(0), x.size(1), x.data<const void>(), x.stride(0),
                   residual ? residual->data<void>() : nullptr, residual ? residual->stride(0) : 0,
@@ -850,7 +853,7 @@ void act_and_mul(const py::object& x_obj, const py::object& out_obj, const std::
   check(x.size(1) % 2 == 0, "x: the last dimension holds gate then up, so it must be even, got shape ", x.shape());
   check_shape(out, {x.size(0), x.size(1) / 2});
   check(act == "silu" || act == "gelu_tanh", "act: expected 'silu' or 'gelu_tanh', got '", act, "'");
-  check(!overlaps(x, out, dtype_size(dtype)), "out: must not overlap x");
+  check(!overlaps(x, out), "out: must not overlap x");
   ActMulParams p{dtype, act == "silu" ? Activation::kSilu : Activation::kGeluTanh, x.size(0), x.size(1) / 2,
                  x.data<const void>(), x.stride(0), out.data<void>(), out.stride(0)};
   if (p.rows == 0 || p.dim == 0) return;

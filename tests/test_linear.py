@@ -124,6 +124,22 @@ def test_linear(cpu_isa, gen, dtype, m, bias, x_layout, threads):
         check_linear(out, x, w, b, what=f"out (n={n}, k={k})")
 
 
+@pytest.mark.parametrize("m", [1, 7, 64])
+@linear_dtypes
+def test_out_float32(cpu_isa, gen, dtype, m):
+    """out_float32 returns the float32 sums unrounded: rounding them gives the dtype result bit for bit,
+    and against float64 they are as close as float32 accumulation allows."""
+    for n, k in ((130, 577), (1000, 64)):
+        w, b, x = randn((n, k), dtype, gen), randn((n,), dtype, gen), randn((m, k), dtype, gen)
+        packed = ops.pack_linear_weight(w)
+        wide = ops.linear(x, packed, n, b, out_float32=True)
+        assert wide.dtype == torch.float32 and wide.shape == (m, n)
+        assert torch.equal(wide.to(dtype), ops.linear(x, packed, n, b))
+        ref = x.double() @ w.double().T + b.double()
+        scale = (x.double().abs() @ w.double().abs().T).max().item()
+        assert (wide.double() - ref).abs().max().item() <= 8 * 2.0 ** -24 * scale + 1e-6
+
+
 # (m, n, k): shapes where 2 threads take the parallel path (m*n*k >= 2^17), one per way the
 # driver cuts the work: all rows in one task per panel (decode, >= 8 panels per thread), row
 # chunks of 48, and chunks shrunk to single 6-row tiles because there are few panels.

@@ -63,11 +63,15 @@ void linear_forward(const LinearParams& p) {
     rows = std::max(kTileRows, (rows / 2 + kTileRows - 1) / kTileRows * kTileRows);
   if (p.m <= kRowChunk && panels >= 8 * threads) rows = p.m;
   const int64_t chunks = (p.m + rows - 1) / rows;
+  const bool inline_call = p.m * p.n * p.k < kInlineMacs || threads == 1;
+  // Tasks are taken in order, so a worker's next panel is about `threads` further on.
+  const int64_t stride = inline_call ? 1 : threads;
   auto run = [&](int64_t task, int) {
     const int64_t panel = task / chunks, row0 = task % chunks * rows;
-    tile(p, panel, row0, std::min(p.m, row0 + rows), worker_scratch(scratch));
+    const int64_t next = chunks == 1 && panel + stride < panels ? panel + stride : -1;
+    tile(p, panel, row0, std::min(p.m, row0 + rows), next, worker_scratch(scratch));
   };
-  if (p.m * p.n * p.k < kInlineMacs || threads == 1) {
+  if (inline_call) {
     for (int64_t t = 0; t < panels * chunks; ++t) run(t, 0);
     return;
   }

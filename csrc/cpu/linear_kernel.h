@@ -20,6 +20,12 @@ inline uint32_t load_u32(const uint16_t* p) {
   return v;
 }
 
+// One K step of the next panel (256 bytes, what a step of this one reads): while this panel's
+// rows are computed from cache, the next one streams in, so no tile starts on a cold panel.
+inline void prefetch_step(const char* p) {
+  for (int b = 0; b < 4 * kLinearPanel; b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
 // 16 interleaved (k, k+1) bf16 weight pairs -> the k weights and the k+1 weights as floats.
 inline void load_pairs(const uint16_t* p, VecF& even, VecF& odd) {
 #if defined(__AVX512F__)
@@ -67,10 +73,10 @@ inline void store_row(const float* src, DType dtype, void* dst, int n) {
 template <int R>
 void store_tile(const LinearParams& p, const VecF (&acc)[R][kVecs], int64_t row0, int64_t col0, int valid,
                 const float* bias, float* tmp) {
-  const int esz = dtype_size(p.dtype);
+  const int esz = dtype_size(p.out_dtype);
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < kVecs; ++j) vstore(tmp + j * kLanes, bias ? vadd(acc[r][j], vload(bias + j * kLanes)) : acc[r][j]);
-    store_row(tmp, p.dtype, static_cast<char*>(p.out) + esz * ((row0 + r) * p.out_row_stride + col0), valid);
+    store_row(tmp, p.out_dtype, static_cast<char*>(p.out) + esz * ((row0 + r) * p.out_row_stride + col0), valid);
   }
 }
 
@@ -79,7 +85,8 @@ constexpr int kRowsNative = 6;  // 24 accumulators + 4 weight vectors + 1 broadc
 
 // bf16 x bf16 pair dots (vdpbf16ps), reading x's (k, k+1) pairs straight from the row.
 template <int R>
-void tile_bf16_native(const LinearParams& p, const uint16_t* panel, int64_t row0, VecF (&acc)[R][kVecs]) {
+void tile_bf16_native(const LinearParams& p, const uint16_t* panel, int64_t row0, const char* prefetch,
+                      VecF (&acc)[R][kVecs]) {
   const uint16_t* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = static_cast<const uint16_t*>(p.x) + (row0 + r) * p.x_row_stride;
   __m512 a[R][kVecs];
@@ -97,6 +104,7 @@ void tile_bf16_native(const LinearParams& p, const uint16_t* panel, int64_t row0
   for (int64_t i = 0; i < pairs; ++i) {
     uint32_t xp[R];
     for (int r = 0; r < R; ++r) xp[r] = load_u32(xr[r] + 2 * i);
+    if (prefetch) prefetch_step(prefetch + 4 * kLinearPanel * i);
     step(panel + 2 * kLinearPanel * i, xp);
   }
   if (p.k & 1) {  // the packed pair's second weight is zero; x's partner must be a finite 0 too
@@ -131,10 +139,11 @@ void tile_bf16_widened(const LinearParams& p, const uint16_t* panel, const float
 }
 
 template <int R>
-void tile_f32(const LinearParams& p, const float* panel, int64_t row0, VecF (&acc)[R][kVecs]) {
+void tile_f32(const LinearParams& p, const float* panel, int64_t row0, const char* prefetch, VecF (&acc)[R][kVecs]) {
   const float* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = static_cast<const float*>(p.x) + (row0 + r) * p.x_row_stride;
   for (int64_t kk = 0; kk < p.k; ++kk) {
+    if (prefetch) prefetch_step(prefetch + 4 * kLinearPanel * kk);
     VecF w[kVecs];
     for (int j = 0; j < kVecs; ++j) w[j] = vload(panel + kLinearPanel * kk + kLanes * j);
     for (int r = 0; r < R; ++r) {
@@ -146,17 +155,18 @@ void tile_f32(const LinearParams& p, const float* panel, int64_t row0, VecF (&ac
 
 // Rows [row0, row0 + R) against one panel; scratch: staged x rows, then bias and a store buffer.
 template <int R>
-void rows_against_panel(const LinearParams& p, int64_t panel_idx, int64_t row0, const float* bias, float* scratch) {
+void rows_against_panel(const LinearParams& p, int64_t panel_idx, int64_t row0, const float* bias, float* scratch,
+                        const char* prefetch) {
   VecF acc[R][kVecs];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kVecs; ++j) acc[r][j] = vzero();
   const int64_t packed_k = linear_packed_k(p.k, p.dtype);
   if (p.dtype == DType::kFloat32) {
-    tile_f32<R>(p, static_cast<const float*>(p.w_packed) + panel_idx * kLinearPanel * packed_k, row0, acc);
+    tile_f32<R>(p, static_cast<const float*>(p.w_packed) + panel_idx * kLinearPanel * packed_k, row0, prefetch, acc);
   } else {
     const uint16_t* panel = static_cast<const uint16_t*>(p.w_packed) + panel_idx * kLinearPanel * packed_k;
 #if defined(__AVX512BF16__)
-    tile_bf16_native<R>(p, panel, row0, acc);
+    tile_bf16_native<R>(p, panel, row0, prefetch, acc);
 #else
     for (int r = 0; r < R; ++r)
       row_to_f32(static_cast<const uint16_t*>(p.x) + (row0 + r) * p.x_row_stride, 2, scratch + r * p.k, int(p.k));
@@ -176,7 +186,8 @@ constexpr int kRows = 4;  // the widened bf16 path also holds 8 weight vectors
 constexpr int kRows = 2;  // 16 ymm registers: more rows only spill
 #endif
 
-void linear_tile(const LinearParams& p, int64_t panel_idx, int64_t row_begin, int64_t row_end, float* scratch) {
+void linear_tile(const LinearParams& p, int64_t panel_idx, int64_t row_begin, int64_t row_end, int64_t prefetch_panel,
+                 float* scratch) {
   const float* bias = nullptr;
   if (p.bias) {  // the panel's bias as floats, zero past n
     float* b = scratch + 8 * (p.k + 1);
@@ -186,14 +197,18 @@ void linear_tile(const LinearParams& p, int64_t panel_idx, int64_t row_begin, in
     row_to_f32(static_cast<const char*>(p.bias) + dtype_size(p.dtype) * col0, p.dtype == DType::kFloat32 ? 0 : 2, b, valid);
     bias = b;
   }
+  // The next panel is fetched during the first row block only (it is the one reading memory).
+  const int64_t panel_bytes = int64_t(dtype_size(p.dtype)) * kLinearPanel * linear_packed_k(p.k, p.dtype);
+  const char* prefetch = prefetch_panel >= 0 ? static_cast<const char*>(p.w_packed) + prefetch_panel * panel_bytes : nullptr;
   int64_t row = row_begin;
-  for (; row + kRows <= row_end; row += kRows) rows_against_panel<kRows>(p, panel_idx, row, bias, scratch);
+  for (; row + kRows <= row_end; row += kRows, prefetch = nullptr)
+    rows_against_panel<kRows>(p, panel_idx, row, bias, scratch, prefetch);
   switch (row_end - row) {
-    case 5: if constexpr (kRows > 5) rows_against_panel<5>(p, panel_idx, row, bias, scratch); break;
-    case 4: if constexpr (kRows > 4) rows_against_panel<4>(p, panel_idx, row, bias, scratch); break;
-    case 3: if constexpr (kRows > 3) rows_against_panel<3>(p, panel_idx, row, bias, scratch); break;
-    case 2: if constexpr (kRows > 2) rows_against_panel<2>(p, panel_idx, row, bias, scratch); break;
-    case 1: rows_against_panel<1>(p, panel_idx, row, bias, scratch); break;
+    case 5: if constexpr (kRows > 5) rows_against_panel<5>(p, panel_idx, row, bias, scratch, prefetch); break;
+    case 4: if constexpr (kRows > 4) rows_against_panel<4>(p, panel_idx, row, bias, scratch, prefetch); break;
+    case 3: if constexpr (kRows > 3) rows_against_panel<3>(p, panel_idx, row, bias, scratch, prefetch); break;
+    case 2: if constexpr (kRows > 2) rows_against_panel<2>(p, panel_idx, row, bias, scratch, prefetch); break;
+    case 1: rows_against_panel<1>(p, panel_idx, row, bias, scratch, prefetch); break;
     default: break;
   }
 }

@@ -71,7 +71,7 @@ def pack_linear_weight(weight: Any) -> Any:
     return packed
 
 
-def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None) -> Any:
+def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_float32: bool = False) -> Any:
     """``x @ W.T + bias`` on the CPU with W packed by :func:`pack_linear_weight`; float32 accumulation,
     rounded once to x's dtype (the same result as torch's bf16 matmul up to summation order).
 
@@ -81,15 +81,25 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None) -> A
     packed_weight : from ``pack_linear_weight`` of an (out_features, in_features) weight of x's dtype
     out_features : rows of the original weight
     bias : (out_features,) of x's dtype, or None
+    out_float32 : return float32 whatever x's dtype: the float32 sums unrounded (logits from a bf16
+        head, without a second pass to convert them)
 
     Returns
     -------
-    (..., out_features), a new array of x's framework and dtype.
+    (..., out_features), a new array of x's framework, of x's dtype (float32 with ``out_float32``).
     """
     require_array(x, "x")
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1]) if len(x.shape) != 2 else x
-    out = _empty(x, (x2.shape[0], int(out_features)))
+    shape = (x2.shape[0], int(out_features))
+    if out_float32 and is_torch(x):
+        import torch
+
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    elif out_float32:
+        out = np.empty(shape, dtype=np.float32)
+    else:
+        out = _empty(x, shape)
     _C.linear(kernel_view(x2), kernel_view(packed_weight), kernel_view(bias), kernel_view(out))
     return out.reshape(*lead, int(out_features)) if len(lead) != 1 else out
 

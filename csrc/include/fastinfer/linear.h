@@ -24,7 +24,8 @@ FI_ALWAYS_INLINE int64_t linear_packed_numel(int64_t n, int64_t k, DType t) {
 }
 
 struct LinearParams {
-  DType dtype;          // of x, w_packed, bias and out (float32 or bfloat16); accumulation is float32
+  DType dtype;          // of x, w_packed and bias (float32 or bfloat16); accumulation is float32
+  DType out_dtype;      // of out: dtype, or float32 (logits straight from a bf16 head, no extra pass)
   int64_t m, n, k;      // x (m, k), W (n, k), out (m, n)
   const void* x;        // row i at x + i * x_row_stride, elements contiguous
   int64_t x_row_stride;

@@ -212,13 +212,15 @@ class Linear(nn.Module):
             self.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_float32: bool = False) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype, or float32 with ``out_float32`` (unrounded on the packed path)."""
         if self.packed is not None and x.dtype == self.packed.dtype and not x.requires_grad:
-            return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias)
+            return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias, out_float32)
         if self.packed is not None:
             raise RuntimeError(f"this projection was packed for the CPU kernel ({self.packed.dtype}); it cannot run "
                                f"on {x.dtype} input{' that requires grad' if x.requires_grad else ''}")
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y.float() if out_float32 else y
 
 
 class Attention(nn.Module):

@@ -123,7 +123,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab) float32, final softcapping applied if configured."""
         head = self.head_proj
-        logits = (head(hidden) if head is not None else F.linear(hidden, self.head_weight())).float()
+        # The packed head writes float32 directly: the unrounded sums (transformers rounds logits to
+        # the model dtype first; greedy picks can differ only where two logits tie after rounding).
+        logits = head(hidden, out_float32=True) if head is not None else F.linear(hidden, self.head_weight()).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
