@@ -92,10 +92,11 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
 
         outputs: dict = {}
 
-        def no_matmul(self, x):
-            key = (x.shape[:-1], self.out_features, x.dtype)
+        def no_matmul(self, x, out_float32=False):
+            dtype = torch.float32 if out_float32 else x.dtype
+            key = (x.shape[:-1], self.out_features, dtype)
             if key not in outputs:
-                outputs[key] = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype)
+                outputs[key] = torch.zeros(*x.shape[:-1], self.out_features, dtype=dtype)
             return outputs[key]
 
         real = layers.Linear.forward
