@@ -17,14 +17,27 @@ def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+_torch_tensor: Any = None  # torch.Tensor and torch's C DLPack exporter, once torch is imported
+_to_dlpack: Any = None
+
+
 def kernel_view(x: Any) -> Any:
     """What the kernels receive. torch tensors go as DLPack capsules: torch's C exporter costs
     about 0.2 us where Tensor.__dlpack__ (Python code) costs about 2 us, per tensor per call;
-    detached first, as DLPack refuses tensors that track gradients."""
-    if x is not None and is_torch(x):
+    detached first, as DLPack refuses tensors that track gradients. (A model step converts about
+    a thousand tensors, so this function is kept to a type check and the export.)"""
+    global _torch_tensor, _to_dlpack
+    if x is None:
+        return x
+    if _torch_tensor is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return x
         from torch.utils.dlpack import to_dlpack
 
-        return to_dlpack(x.detach() if x.requires_grad else x)
+        _torch_tensor, _to_dlpack = torch.Tensor, to_dlpack
+    if isinstance(x, _torch_tensor):
+        return _to_dlpack(x.detach() if x.requires_grad else x)
     return x
 
 
