@@ -18,7 +18,6 @@ from .outputs import Logprob
 from .sequence import Sequence
 
 
-@dataclass(slots=True)
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax (first index of the maximum, NaN counting as the maximum, as torch's). On CPU
     through numpy: measured 0.57 ms for 64 x 49152 float32 logits where torch.argmax took 3.5 ms."""
@@ -27,6 +26,7 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
+@dataclass(slots=True)
 class SamplerOutput:
     """One token per input row."""
 
