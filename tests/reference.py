@@ -267,3 +267,28 @@ def alibi_slopes(nheads: int, batch: Optional[int] = None, gen: Optional[torch.G
     if batch is None:
         return torch.tensor([2.0 ** (-8.0 * (h + 1) / nheads) for h in range(nheads)], dtype=torch.float32)
     return torch.rand(batch, nheads, generator=gen, dtype=torch.float32) * 0.5 + 0.01
+
+
+def snapshot(ns) -> dict:
+    """Copies of every tensor attribute of a namespace (see assert_unchanged)."""
+    return {name: val.clone() for name, val in vars(ns).items() if isinstance(val, torch.Tensor)}
+
+
+def assert_unchanged(ns, before: dict) -> None:
+    """Every tensor of ns is bit for bit as in `before` (NaN poison included)."""
+    for name, old in before.items():
+        new = getattr(ns, name)
+        same = new.shape == old.shape and torch.equal(torch.isnan(new), torch.isnan(old)) and \
+            torch.equal(new.nan_to_num(), old.nan_to_num())
+        assert same, f"{name} was modified by a rejected call"
+
+
+def check_rejected(ns, call: Callable, exc: type, match: str) -> None:
+    """call(ns) must raise exc with a message matching `match` and leave every tensor of ns as it
+    was: a bad call loses nothing."""
+    import pytest
+
+    before = snapshot(ns)
+    with pytest.raises(exc, match=match):
+        call(ns)
+    assert_unchanged(ns, before)

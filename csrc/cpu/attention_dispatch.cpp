@@ -9,6 +9,7 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/cpu_features.h"
+#include "cpu/scratch.h"
 #include "cpu/thread_pool.h"
 #include "cpu/vec.h"
 
@@ -34,31 +35,14 @@ IsaKernels pick_kernels() {
 
 constexpr int64_t kMaxStagedBytes = int64_t(256) << 20;
 
-struct AlignedDelete {
-  template <class T>
-  void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
-};
+struct StagingTag;  // tags of this driver's per-thread buffers
+struct WorkerTag;
 
-// Staging memory, kept per calling thread and only grown: a fresh buffer per call would
-// pay page faults on every byte (measured: a 35 MB buffer cost about 20% of a prefill).
-char* staging_buffer(int64_t bytes) {
-  struct Buffer {
-    std::unique_ptr<char[], AlignedDelete> data;
-    int64_t size = 0;
-  };
-  thread_local Buffer buf;
-  if (buf.size < bytes) {
-    buf.data.reset(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
-    buf.size = bytes;
-  }
-  return buf.data.get();
-}
+// Staging memory for keys/values shared by several query tiles, kept per calling thread.
+char* staging_buffer(int64_t bytes) { return thread_scratch<StagingTag>(bytes); }
 
 float* worker_scratch() {
-  // One buffer per OS thread; pool workers are persistent, so this is allocated once.
-  thread_local std::unique_ptr<float[], AlignedDelete> buf;
-  if (!buf) buf.reset(static_cast<float*>(::operator new[](sizeof(float) * ScratchLayout::kTotal, std::align_val_t(64))));
-  return buf.get();
+  return reinterpret_cast<float*>(thread_scratch<WorkerTag>(sizeof(float) * ScratchLayout::kTotal));
 }
 
 void write_row(const AttentionParams& p, int b, int t, int h, const float* vals, float lse_log2) {

@@ -1,11 +1,10 @@
 // ISA-independent driver of the CPU linear: cuts y = x W^T into (weight panel, row chunk)
 // tasks, runs them on the thread pool, and packs weights into the panel layout.
 #include <algorithm>
-#include <memory>
-#include <new>
 
 #include "cpu/cpu_features.h"
 #include "cpu/linear_cpu.h"
+#include "cpu/scratch.h"
 #include "cpu/thread_pool.h"
 
 namespace fastinfer::cpu {
@@ -30,22 +29,10 @@ LinearTileFn pick_tile() {
   }
 }
 
-struct AlignedDelete {
-  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
-};
+struct LinearScratch;  // tag of this driver's per-thread buffer
 
-// Per OS thread, only grown: pool workers are persistent, so this is allocated once per size.
 float* worker_scratch(int64_t floats) {
-  struct Buffer {
-    std::unique_ptr<float[], AlignedDelete> data;
-    int64_t size = 0;
-  };
-  thread_local Buffer buf;
-  if (buf.size < floats) {
-    buf.data.reset(static_cast<float*>(::operator new[](sizeof(float) * floats, std::align_val_t(64))));
-    buf.size = floats;
-  }
-  return buf.data.get();
+  return reinterpret_cast<float*>(thread_scratch<LinearScratch>(sizeof(float) * floats));
 }
 
 }  // namespace
