@@ -1,11 +1,10 @@
 // ISA-independent driver of the CPU pointwise ops: rows run inline when the call is small
 // (a decode step's rows: waking a worker costs more than the work), else on the thread pool.
 #include <algorithm>
-#include <memory>
-#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/pointwise_cpu.h"
+#include "cpu/scratch.h"
 #include "cpu/thread_pool.h"
 
 namespace fastinfer::cpu {
@@ -38,11 +37,9 @@ void for_rows(int64_t rows, int64_t elements_per_row, Fn fn) {
   });
 }
 
-float* row_scratch(int64_t floats) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
-  return buf.data();
-}
+struct RowTag;  // tag of this driver's per-thread buffer
+
+float* row_scratch(int64_t floats) { return reinterpret_cast<float*>(thread_scratch<RowTag>(sizeof(float) * floats)); }
 
 }  // namespace
 
