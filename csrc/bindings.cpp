@@ -13,12 +13,14 @@
 #include "cpu/attention_backward.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/cpu_features.h"
+#include "cpu/decoder_cpu.h"
 #include "cpu/linear_cpu.h"
 #include "cpu/pointwise_cpu.h"
 #include "cpu/thread_pool.h"
 #include "dlpack_view.h"
 #include "fastinfer/attention.h"
 #include "fastinfer/attention_backward.h"
+#include "fastinfer/decoder.h"
 
 #if defined(FASTINFER_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -155,6 +157,17 @@ void check_cu_seqlens(const TensorView& t, const int32_t* cu, int64_t batch, int
   check(cu[batch] <= total, t.name(), "[-1] = ", cu[batch], " exceeds the ", total, " ", total_what);
 }
 
+// Sequence b's `len` keys fit its block_table row, and the blocks they use exist.
+void check_block_row(const TensorView& table, int b, int64_t len, int block_size, int64_t num_blocks) {
+  const int64_t capacity = table.size(1) * block_size;
+  check(len <= capacity, "sequence ", b, " has ", len, " keys but its block_table row holds only ", capacity, " (",
+        table.size(1), " blocks of ", block_size, ")");
+  const int32_t* row = table.data<const int32_t>() + b * table.stride(0);
+  for (int64_t i = 0; i < (len + block_size - 1) / block_size; ++i)
+    check(row[i] >= 0 && row[i] < num_blocks, "block_table[", b, ", ", i, "] = ", row[i], " is out of range [0, ",
+          num_blocks, ")");
+}
+
 // ---------------------------------------------------------------- attention
 struct AttentionOptions {
   float softmax_scale = 0.f;
@@ -273,16 +286,7 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
     check(p.block_size >= 1, k.name(), ": block_size must be >= 1");
     capacity = block_table->size(1) * p.block_size;
     launch.block_table_cols = block_table->size(1);
-    const int64_t num_blocks = k.size(0);
-    for (int b = 0; host && b < p.batch; ++b) {
-      const int len = p.k_len(b);
-      check(len <= capacity, "sequence ", b, " has ", len, " keys but its block_table row holds only ", capacity,
-            " (", block_table->size(1), " blocks of ", p.block_size, ")");
-      for (int i = 0; i < (len + p.block_size - 1) / p.block_size; ++i) {
-        const int32_t blk = p.block_table[b * p.block_table_stride + i];
-        check(blk >= 0 && blk < num_blocks, "block_table[", b, ", ", i, "] = ", blk, " is out of range [0, ", num_blocks, ")");
-      }
-    }
+    for (int b = 0; host && b < p.batch; ++b) check_block_row(*block_table, b, p.k_len(b), p.block_size, k.size(0));
   } else if (varlen_k) {
     capacity = k.size(0);
   } else {
@@ -888,6 +892,198 @@ void rotary_embedding(const py::object& x_obj, const py::object& cos_obj, const 
   cpu::rotary(p);
 }
 
+
+// ---------------------------------------------------------------- CPU decoder stack
+// Holds the weights (and, once bound, the caches) of a Llama-style stack, checked once here,
+// so that a step is one call: fastinfer.models.cpu_decoder builds it from a packed model.
+class CpuDecoder {
+ public:
+  CpuDecoder(int64_t hidden, int64_t intermediate, int heads, int kv_heads, int head_dim, double norm_eps,
+             double softmax_scale, const std::string& act, const py::object& final_norm, const py::list& layers) {
+    check(hidden > 0 && intermediate > 0 && heads > 0 && kv_heads > 0 && head_dim > 0,
+          "hidden, intermediate, heads, kv_heads and head_dim must be positive");
+    check(heads % kv_heads == 0, "heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ")");
+    check(head_dim % 8 == 0 && head_dim <= cpu::kMaxHeadDim, "head_dim must be a multiple of 8 up to ", cpu::kMaxHeadDim,
+          ", got ", head_dim);
+    check(act == "silu" || act == "gelu_tanh", "act: expected 'silu' or 'gelu_tanh', got '", act, "'");
+    check(norm_eps >= 0 && std::isfinite(softmax_scale), "norm_eps must be >= 0 and softmax_scale finite");
+    check(py::len(layers) > 0, "layers: expected at least one layer");
+    DecoderConfig& c = config_;
+    c.hidden = hidden;
+    c.intermediate = intermediate;
+    c.heads = heads;
+    c.kv_heads = kv_heads;
+    c.head_dim = head_dim;
+    c.norm_eps = static_cast<float>(norm_eps);
+    c.softmax_scale = static_cast<float>(softmax_scale);
+    c.act = act == "silu" ? Activation::kSilu : Activation::kGeluTanh;
+    c.final_norm = norm_weight(final_norm, "final_norm");  // hidden is set: the norms' length
+    const int64_t qkv = static_cast<int64_t>(heads + 2 * kv_heads) * head_dim, attn = static_cast<int64_t>(heads) * head_dim;
+    for (size_t i = 0; i < py::len(layers); ++i) {
+      const py::dict d = layers[i].cast<py::dict>();
+      auto get = [&](const char* key) -> py::object {
+        check(d.contains(key), "layers[", i, "]: missing '", key, "'");
+        return d[key];
+      };
+      DecoderLayerWeights w{};
+      const std::string at = cat("layers[", i, "].");
+      w.input_norm = norm_weight(get("input_norm"), at + "input_norm");
+      w.post_norm = norm_weight(get("post_norm"), at + "post_norm");
+      w.qkv = projection(get("qkv"), get("qkv_bias"), qkv, hidden, i == 0, at + "qkv");
+      w.o = projection(get("o"), get("o_bias"), hidden, attn, false, at + "o");
+      w.gate_up = projection(get("gate_up"), get("gate_up_bias"), 2 * intermediate, hidden, false, at + "gate_up");
+      w.down = projection(get("down"), get("down_bias"), hidden, intermediate, false, at + "down");
+      w.window_left = get("window_left").cast<int>();
+      check(w.window_left >= -1, "layers[", i, "].window_left must be >= -1, got ", w.window_left);
+      c.layers.push_back(w);
+    }
+  }
+
+  // The paged caches of every layer: (k, v) pairs, each (num_blocks, block_size, kv_heads, head_dim),
+  // one dtype and one set of strides for all layers (views into one allocation, as the engine makes).
+  void bind_caches(const py::list& kv_caches) {
+    DecoderConfig& c = config_;
+    check(py::len(kv_caches) == c.layers.size(), "kv_caches: ", py::len(kv_caches), " (k, v) pairs for ", c.layers.size(),
+          " layers");
+    caches_ = py::list();
+    for (size_t i = 0; i < c.layers.size(); ++i) {
+      const py::tuple pair = kv_caches[i].cast<py::tuple>();
+      check(pair.size() == 2, "kv_caches[", i, "]: expected a (k, v) pair");
+      const std::string k_name = cat("kv_caches[", i, "].k"), v_name = cat("kv_caches[", i, "].v");
+      TensorView k(pair[0], k_name.c_str()), v(pair[1], v_name.c_str());
+      for (const TensorView* t : {&k, &v}) {
+        check_cpu(*t);
+        check_rank(*t, 4, "(num_blocks, block_size, kv_heads, head_dim)");
+        check_last_contiguous(*t);
+        if (float_dtype(*t) != c.dtype)
+          throw py::type_error(cat(t->name(), ": expected dtype ", dtype_name(c.dtype), " (as the weights), got ", t->dtype_str()));
+        check(t->size(2) == c.kv_heads && t->size(3) == c.head_dim, t->name(), ": expected (num_blocks, block_size, ",
+              c.kv_heads, ", ", c.head_dim, "), got ", t->shape());
+        check(t->size(0) == k.size(0) && t->size(1) == k.size(1), t->name(), ": expected the shape of ", k.name(), " ",
+              k.shape(), ", got ", t->shape());
+      }
+      const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+      if (i == 0) {
+        num_blocks_ = k.size(0);
+        c.block_size = static_cast<int>(k.size(1));
+        check(c.block_size >= 1 && num_blocks_ >= 1, "kv_caches[0]: needs at least one block of at least one slot");
+        c.k_block_stride = ks[0], c.k_row_stride = ks[1], c.k_head_stride = ks[2];
+        c.v_block_stride = vs[0], c.v_row_stride = vs[1], c.v_head_stride = vs[2];
+      }
+      check(k.size(0) == num_blocks_ && k.size(1) == c.block_size, "kv_caches[", i, "]: expected the shape of kv_caches[0], got ",
+            k.shape());
+      check(ks[0] == c.k_block_stride && ks[1] == c.k_row_stride && ks[2] == c.k_head_stride && vs[0] == c.v_block_stride &&
+                vs[1] == c.v_row_stride && vs[2] == c.v_head_stride,
+            "kv_caches[", i, "]: every layer's cache must have the strides of layer 0's");
+      c.layers[i].k_cache = k.data();
+      c.layers[i].v_cache = v.data();
+      caches_.append(pair);
+    }
+  }
+
+  int64_t workspace_bytes(int64_t tokens) const { return decoder_workspace_bytes(config_, tokens); }
+
+  void forward(const py::object& x_obj, const py::object& out_obj, const py::object& cos_obj, const py::object& sin_obj,
+               const py::object& rows_obj, const py::object& cu_q_obj, const py::object& cu_k_obj,
+               const py::object& table_obj, const py::object& slots_obj, const py::object& workspace_obj) {
+    const DecoderConfig& c = config_;
+    check(py::len(caches_) == c.layers.size(), "bind_caches(kv_caches) must be called before forward");
+    TensorView x(x_obj, "x"), out(out_obj, "out"), cos(cos_obj, "cos"), sin(sin_obj, "sin"), rows(rows_obj, "rows"),
+        cu_q(cu_q_obj, "cu_seqlens_q"), cu_k(cu_k_obj, "cu_seqlens_k"), table(table_obj, "block_table"),
+        slots(slots_obj, "slot_mapping"), ws(workspace_obj, "workspace");
+    for (const TensorView* t : {&x, &out, &cos, &sin, &rows, &cu_q, &cu_k, &table, &slots, &ws}) check_cpu(*t);
+    const int64_t T = x.size(0);
+    for (TensorView* t : {&x, &out}) {
+      check_rows(*t, 2, "(tokens, hidden)", &c.dtype);
+      check_shape(*t, {T, c.hidden});
+      check(t->is_contiguous(), t->name(), ": must be contiguous");
+    }
+    check(!overlaps(x, out), "out: must not overlap x");
+    for (TensorView* t : {&cos, &sin}) {
+      check_rows(*t, 2, "(tokens, head_dim // 2)", &c.dtype);
+      check_shape(*t, {T, c.head_dim / 2});
+      check(t->is_contiguous(), t->name(), ": must be contiguous");
+    }
+    if (!rows.is(dl::kInt, 64)) throw py::type_error(cat("rows: expected dtype int64, got ", rows.dtype_str()));
+    check_shape(rows, {T});
+    check(T <= 1 || rows.stride(0) == 1, "rows: must be contiguous");
+    for (int64_t i = 0; i < T; ++i)
+      check(rows.data<const int64_t>()[i] >= 0 && rows.data<const int64_t>()[i] < T, "rows[", i, "] = ",
+            rows.data<const int64_t>()[i], " is outside [0, ", T, ")");
+
+    check(cu_q.dim() == 1 && cu_q.size(0) >= 1, "cu_seqlens_q: expected shape (batch + 1,), got ", cu_q.shape());
+    const int batch = static_cast<int>(cu_q.size(0) - 1);
+    const int32_t* cq = index_vector(cu_q, batch + 1);
+    const int32_t* ck = index_vector(cu_k, batch + 1);
+    check_cu_seqlens(cu_q, cq, batch, T, "tokens of x");
+    check(cq[batch] == T, "cu_seqlens_q[-1] = ", cq[batch], " must equal the ", T, " tokens of x");
+    check(ck[0] >= 0, "cu_seqlens_k[0] must be >= 0, got ", ck[0]);
+    if (!table.is(dl::kInt, 32)) throw py::type_error(cat("block_table: expected dtype int32, got ", table.dtype_str()));
+    check(table.dim() == 2 && table.size(0) == batch, "block_table: expected shape (batch=", batch,
+          ", max_blocks_per_seq), got ", table.shape());
+    check(table.size(1) <= 1 || table.stride(1) == 1, "block_table: rows must be contiguous");
+    for (int b = 0; b < batch; ++b) {
+      const int64_t q_len = cq[b + 1] - cq[b], k_len = static_cast<int64_t>(ck[b + 1]) - ck[b];
+      check(k_len >= q_len, "sequence ", b, " has ", q_len, " new tokens but only ", k_len,
+            " keys (cu_seqlens_k counts the new tokens too)");
+      check_block_row(table, b, k_len, c.block_size, num_blocks_);
+    }
+    if (!slots.is(dl::kInt, 64)) throw py::type_error(cat("slot_mapping: expected dtype int64, got ", slots.dtype_str()));
+    check_shape(slots, {T});
+    check(T <= 1 || slots.stride(0) == 1, "slot_mapping: must be contiguous");
+    const int64_t num_slots = num_blocks_ * c.block_size;
+    for (int64_t i = 0; i < T; ++i)
+      check(slots.data<const int64_t>()[i] < num_slots, "slot_mapping[", i, "] = ", slots.data<const int64_t>()[i],
+            " is out of range: the cache has ", num_slots, " slots");
+    check(ws.is_contiguous(), "workspace: must be contiguous");
+    const int64_t have = ws.numel() * (ws.is(dl::kUInt, 8) || ws.is(dl::kInt, 8) ? 1 : dtype_size(float_dtype(ws)));
+    check(have >= workspace_bytes(T), "workspace: ", have, " bytes, ", workspace_bytes(T), " needed for ", T, " tokens");
+
+    DecoderStep s{T, batch, x.data(), out.data(), cos.data<const void>(), sin.data<const void>(), rows.data<const int64_t>(),
+                  cq, ck, table.data<const int32_t>(), table.stride(0), slots.data<const int64_t>(), ws.data()};
+    py::gil_scoped_release release;
+    cpu::decoder_forward(c, s);
+  }
+
+ private:
+  const float* norm_weight(const py::object& obj, const std::string& name) {
+    TensorView w(obj, name.c_str());
+    check_cpu(w);
+    if (!w.is(dl::kFloat, 32)) throw py::type_error(cat(name, ": expected dtype float32, got ", w.dtype_str()));
+    check_shape(w, {config_.hidden});
+    check(w.is_contiguous(), name, ": must be contiguous");
+    keep_.append(obj);
+    return w.data<const float>();
+  }
+
+  PackedProjection projection(const py::object& w_obj, const py::object& bias_obj, int64_t n, int64_t k, bool first,
+                              const std::string& name) {
+    TensorView w(w_obj, name.c_str());
+    check_cpu(w);
+    if (first) config_.dtype = linear_dtype(w);
+    check_packed(w, config_.dtype, n, k);
+    PackedProjection p{w.data<const void>(), nullptr};
+    if (!bias_obj.is_none()) {
+      const std::string bias_name = name + "_bias";
+      TensorView b(bias_obj, bias_name.c_str());
+      check_cpu(b);
+      if (float_dtype(b) != config_.dtype)
+        throw py::type_error(cat(bias_name, ": expected dtype ", dtype_name(config_.dtype), ", got ", b.dtype_str()));
+      check_shape(b, {n});
+      check(n <= 1 || b.stride(0) == 1, bias_name, ": must be contiguous");
+      p.bias = b.data<const void>();
+      keep_.append(bias_obj);
+    }
+    keep_.append(w_obj);
+    return p;
+  }
+
+  DecoderConfig config_{};
+  int64_t num_blocks_ = 0;
+  py::list keep_;    // the weight tensors: alive as long as this object
+  py::list caches_;  // the bound (k, v) pairs
+};
+
 py::dict build_info() {
   py::dict d;
   d["version"] = FASTINFER_VERSION;
@@ -971,6 +1167,16 @@ PYBIND11_MODULE(_C, m) {
         "out = act(x[:, :d]) * x[:, d:], act 'silu' or 'gelu_tanh', with torch's per-op rounding.");
   m.def("rotary_embedding", &rotary_embedding, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
         "Rotate-half rotary embedding of x (tokens, heads, head_dim) in place, cos/sin rows picked by positions.");
+  py::class_<CpuDecoder>(m, "CpuDecoder",
+                         "A Llama-style decoder stack on the CPU, one call per step (see fastinfer.models.cpu_decoder).")
+      .def(py::init<int64_t, int64_t, int, int, int, double, double, const std::string&, const py::object&, const py::list&>(),
+           py::arg("hidden"), py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("norm_eps"), py::arg("softmax_scale"), py::arg("act"), py::arg("final_norm"), py::arg("layers"))
+      .def("bind_caches", &CpuDecoder::bind_caches, py::arg("kv_caches"))
+      .def("workspace_bytes", &CpuDecoder::workspace_bytes, py::arg("tokens"))
+      .def("forward", &CpuDecoder::forward, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"), py::arg("rows"),
+           py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"), py::arg("slot_mapping"),
+           py::arg("workspace"));
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &cuda_device_count, "Number of usable CUDA devices (0 without a driver or GPU).");
 #if defined(FASTINFER_WITH_CUDA)

@@ -15,7 +15,9 @@ from torch import nn
 
 from fastinfer.models.attention_metadata import AttentionMetadata
 from fastinfer.models.config import ModelConfig
-from fastinfer.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param
+from fastinfer.models.cpu_decoder import CpuDecoder
+from fastinfer.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param, \
+    use_cpu_kernels
 
 # Hugging Face tensor name piece -> (our fused parameter's name piece, shard index).
 FUSED = {
@@ -84,6 +86,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Module()
             self.lm_head.weight = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.head_proj = None  # the output head as a packed Linear, once pack_for_cpu() ran
+        self.cpu_decoder = None  # the layers as one native call per step (CpuDecoder), once pack_for_cpu() ran
         self.embed_scale = None  # multiplier of the embeddings in the model dtype (Gemma)
         # Rotary tables per layer; sliding layers have their own only where their base differs (Gemma 3).
         full = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, dtype, device)
@@ -101,6 +104,7 @@ class LlamaForCausalLM(nn.Module):
         self.head_proj.pack(free_weight=False)
         if not self.config.tie_word_embeddings:
             self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype)
+        self.cpu_decoder = CpuDecoder.build(self)
         return True
 
     def head_weight(self) -> torch.Tensor:
@@ -115,6 +119,8 @@ class LlamaForCausalLM(nn.Module):
             x = x * self.embed_scale
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"kv_caches: {len(kv_caches)} (k, v) pairs for {len(self.model.layers)} layers")
+        if self.cpu_decoder is not None and use_cpu_kernels(x) and x.dtype == self.cpu_decoder.dtype:
+            return self.cpu_decoder(x, positions, kv_caches, meta)
         tables = {rope: rope(positions) for rope in self.rotaries}  # cos/sin once per table, not per layer
         for layer, rope, kv in zip(self.model.layers, self.layer_rotary, kv_caches):
             x = layer(x, *tables[rope], kv, meta)
