@@ -172,6 +172,34 @@ def test_varlen_paged(gen, dtype, block_size, causal):
     check(out, lse, lambda upcast: attention_ref_paged(q, kc, vc, cu_q, lk, table, causal=causal, upcast=upcast))
 
 
+@dtypes
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("window", [-1, 40], ids=["full", "window40"])
+def test_large_decode_batch(cpu_isa, gen, dtype, block_size, window):
+    # Enough decode work for the pool: runs of jobs per task with KV prefetching. The cache is the
+    # engine's CPU layout (per block and head: keys then values), handed over as strided views.
+    lk = [1, 0, 300, 77, 129, 64, 5, 250] * 5
+    H, Hk, D = 6, 2, 64
+    nblk = [max(1, -(-n // block_size)) for n in lk]
+    num_blocks = sum(nblk) + 2
+    kv = randn((num_blocks, Hk, 2, block_size, D), dtype, gen)
+    kc, vc = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    table = torch.full((len(lk), max(nblk)), -1, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(nblk):
+        table[b, :n] = perm[at:at + n]
+        at += n
+    lq = [1 if n else 0 for n in lk]
+    q = randn((sum(lq), H, D), dtype, gen)
+    cu_q, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+    out, lse, _ = fastinfer.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 1, max(lk), causal=True,
+                                                   window_size=(window, 0), block_table=table,
+                                                   return_attn_probs=True)
+    check(out, lse, lambda upcast: attention_ref_paged(q, kc, vc, cu_q, lk, table, causal=True,
+                                                       window_size=(window, 0), upcast=upcast))
+
+
 # ----------------------------------------------------------------------------- reshape_and_cache
 
 

@@ -12,6 +12,8 @@ constexpr int kMaxRows = 32;  // query rows per tile (two 16-lane vectors)
 // puts keys, not rows, in the vector lanes, so no lanes idle when there are only 1-8 rows.
 constexpr int kFewRows = 8;
 
+class KvPrefetcher;
+
 // One unit of parallel work: a tile of query rows of sequence b that share one
 // KV head, over a range of keys. Rows of (b, kv_head) are numbered t*group + g:
 // query position t, query head kv_head*group + g (GQA heads become extra rows,
@@ -27,6 +29,25 @@ struct TileJob {
   // then the tile reads the cache directly and copies/packs each key tile itself.
   const void* k_staged;
   const void* v_staged;
+  KvPrefetcher* prefetch = nullptr;  // few-rows jobs read straight from the cache: pulls later keys in early
+};
+
+// Decode reads each sequence's keys once, from blocks scattered through a cache far larger
+// than L3, in runs (one block of one head) too short for the hardware prefetcher to ramp up.
+// A worker runs a batch of jobs in order; this walks the keys/values those jobs will read
+// and keeps prefetches a fixed distance ahead of the kernel, a few lines at a time.
+class KvPrefetcher {
+ public:
+  KvPrefetcher(const AttentionParams& p, const TileJob* jobs, int count, int distance_keys);
+  // The kernel starts on `keys` more keys: prefetch that many keys further along.
+  void advance(int keys);
+
+ private:
+  void prefetch_rows(const char* first, int64_t stride_bytes, int rows) const;
+  const AttentionParams& p_;
+  const TileJob* jobs_;
+  int count_, job_ = 0, key_ = 0;
+  int64_t row_bytes_;
 };
 
 // Per-worker scratch, in floats.

@@ -102,7 +102,48 @@ void merge_splits(const AttentionParams& p, const SplitGroup& g) {
   }
 }
 
+// Keys a worker's prefetches run ahead of its decode kernel (64 keys of one head: 16 KB in bf16 at
+// head_dim 64); measured on a 2-core EPYC, 16 to 256 keys all cut cold-cache decode time by about 15%.
+constexpr int kPrefetchKeys = 64;
+
 }  // namespace
+
+KvPrefetcher::KvPrefetcher(const AttentionParams& p, const TileJob* jobs, int count, int distance_keys)
+    : p_(p), jobs_(jobs), count_(count), row_bytes_(static_cast<int64_t>(p.head_dim) * dtype_size(p.dtype)) {
+  if (count_ > 0) key_ = jobs_[0].kv_begin;
+  advance(distance_keys);
+}
+
+void KvPrefetcher::advance(int keys) {
+  const int esz = dtype_size(p_.dtype);
+  while (keys > 0 && job_ < count_) {
+    const TileJob& job = jobs_[job_];
+    if (key_ >= job.kv_end) {
+      if (++job_ < count_) key_ = jobs_[job_].kv_begin;
+      continue;
+    }
+    // A run of keys adjacent in the cache: the rest of this block, of this job, of the budget.
+    const int bs = p_.block_table ? p_.block_size : job.kv_end;
+    const int run = std::min({bs - key_ % bs, job.kv_end - key_, keys});
+    const char* k = static_cast<const char*>(p_.k) +
+                    esz * (job.kv_head * p_.k_head_stride + p_.kv_row_offset(job.b, key_, p_.k_batch_stride, p_.k_row_stride));
+    const char* v = static_cast<const char*>(p_.v) +
+                    esz * (job.kv_head * p_.v_head_stride + p_.kv_row_offset(job.b, key_, p_.v_batch_stride, p_.v_row_stride));
+    prefetch_rows(k, esz * p_.k_row_stride, run);
+    prefetch_rows(v, esz * p_.v_row_stride, run);
+    key_ += run;
+    keys -= run;
+  }
+}
+
+void KvPrefetcher::prefetch_rows(const char* first, int64_t stride_bytes, int rows) const {
+  if (stride_bytes == row_bytes_) {  // one contiguous range
+    for (int64_t off = 0; off < rows * row_bytes_; off += 64) __builtin_prefetch(first + off, 0, 2);
+    return;
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int64_t off = 0; off < row_bytes_; off += 64) __builtin_prefetch(first + r * stride_bytes + off, 0, 2);
+}
 
 void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, int rs, int ds, const float* m,
                 const float* l) {
@@ -235,10 +276,28 @@ void attention_forward(const AttentionParams& p) {
   int64_t work = 0;  // query rows x keys x head dim, summed over jobs
   for (const TileJob& j : jobs) work += int64_t(j.row_end - j.row_begin) * (j.kv_end - j.kv_begin) * p.head_dim;
   auto run_job = [&](int64_t i, int) { kernels.tile(p, jobs[i], worker_scratch()); };
+  const bool all_decode = staged.empty() && std::all_of(jobs.begin(), jobs.end(), [](const TileJob& j) {
+    return j.rows_per_tile == kFewRows;
+  });
+  const int64_t njobs = static_cast<int64_t>(jobs.size());
   if (work < kInlineWork) {
-    for (int64_t i = 0; i < static_cast<int64_t>(jobs.size()); ++i) run_job(i, 0);
+    for (int64_t i = 0; i < njobs; ++i) run_job(i, 0);
+  } else if (all_decode) {
+    // Runs of consecutive jobs per task, so each worker knows what it reads next (up to 8, while
+    // leaving at least 4 tasks per thread for the dynamic balance).
+    const int64_t per = std::max<int64_t>(1, std::min<int64_t>(8, njobs / (4 * threads)));
+    parallel_for((njobs + per - 1) / per, [&](int64_t t, int) {
+      const int64_t lo = t * per, hi = std::min(njobs, lo + per);
+      KvPrefetcher pf(p, jobs.data() + lo, static_cast<int>(hi - lo), kPrefetchKeys);
+      float* scratch = worker_scratch();
+      for (int64_t i = lo; i < hi; ++i) {
+        TileJob job = jobs[i];
+        job.prefetch = &pf;
+        kernels.tile(p, job, scratch);
+      }
+    });
   } else {
-    parallel_for(static_cast<int64_t>(jobs.size()), run_job);
+    parallel_for(njobs, run_job);
   }
   if (!groups.empty())
     parallel_for(static_cast<int64_t>(groups.size()), [&](int64_t i, int) { merge_splits(p, groups[i]); });

@@ -94,6 +94,7 @@ void run_few_rows(const AttentionParams& p, const TileJob& job, float* scratch) 
     const void* const* kr;
     const void* const* vr;
     tiles.start(j0, &kr, &vr);
+    if (job.prefetch) job.prefetch->advance(n);
     for (int jj = 0; jj < npad; ++jj) row_to_f32(kr[jj], jj < n ? dt : 0, kbuf + jj * D, D);
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
@@ -145,6 +146,7 @@ void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scra
     const void* const* kr;
     const void* const* vr;
     tiles.start(j0, &kr, &vr);
+    if (job.prefetch) job.prefetch->advance(n);
     for (int jj = 0; jj < npad; ++jj) copy_row(kt + jj * D, kr[jj], 2 * D);
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
