@@ -48,7 +48,7 @@ void linear_forward(const LinearParams& p) {
   int64_t rows = std::min(p.m, kRowChunk);
   while (rows > kTileRows && panels * ((p.m + rows - 1) / rows) < 8 * threads)
     rows = std::max(kTileRows, (rows / 2 + kTileRows - 1) / kTileRows * kTileRows);
-  if (p.m <= kRowChunk && panels >= 8 * threads) rows = p.m;
+  if (p.m <= 2 * kRowChunk && panels >= 8 * threads) rows = p.m;
   const int64_t chunks = (p.m + rows - 1) / rows;
   const bool inline_call = p.m * p.n * p.k < kInlineMacs || threads == 1;
   // Tasks are taken in order, so a worker's next panel is about `threads` further on.
