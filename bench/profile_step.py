@@ -4,7 +4,9 @@
     python bench/profile_step.py --batches 16
 
 For each batch size: B prompts of 64 random tokens are prefilled, then decode steps are timed
-(medians of --steps). Components:
+(medians of --steps). Where the model runs its layers as one native call (the CPU decoder stack,
+fastinfer.models.cpu_decoder), that step is timed first: the call, the output head, the engine. The
+components below are then measured on the per-op path (the same kernels called one by one from Python):
 - engine: scheduler + sampler + detokenizer (step time minus the model runner's time);
 - matmuls: runner time minus the runner time with every linear layer replaced by a preallocated
   output (same shapes, no work), i.e. what the matmuls cost where they run (cold caches included);
@@ -69,6 +71,30 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
         eng.step()
     eng.step()
 
+    # As the engine runs: the decoder stack as one native call where the model has one (CPU).
+    model = eng.runner.model
+    native = getattr(model, "cpu_decoder", None)
+    native_row: dict = {}
+    if native is not None:
+        runner_exec, head = Timed(eng.runner.execute), Timed(C.linear)
+        eng.runner.execute, C.linear = runner_exec, head
+        try:
+            median_ms(eng.step, 2)
+            runner_exec.total = head.total = 0.0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            wall = (time.perf_counter() - t0) / steps * 1e3
+        finally:
+            eng.runner.execute, C.linear = runner_exec.fn, head.fn
+        native_row = {"native_step_ms": wall, "native_layers_ms": (runner_exec.total - head.total) / steps * 1e3,
+                      "native_head_ms": head.total / steps * 1e3,
+                      "native_engine_ms": wall - runner_exec.total / steps * 1e3}
+        print(f"B={batch:3d}: native stack: step {wall:6.1f} ms ({batch / wall * 1e3:.0f} tok/s) | layers (one call) "
+              f"{native_row['native_layers_ms']:5.1f} ms | head {native_row['native_head_ms']:5.1f} | engine "
+              f"{native_row['native_engine_ms']:4.1f}", flush=True)
+        model.cpu_decoder = None  # the breakdown below times the same kernels called one by one from Python
+
     runner_exec = Timed(eng.runner.execute)
     eng.runner.execute = runner_exec
     kernels = {name: Timed(getattr(mod._C, name)) for mod, name in
@@ -112,6 +138,7 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
         finally:
             layers.Linear.forward = real
     finally:
+        model.cpu_decoder = native
         eng.runner.execute = runner_exec.fn
         for name, fn in saved_c.items():
             for mod in (attention_mod, ops_mod):
@@ -120,7 +147,6 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
             eng.abort(rid)
         eng.step()
 
-    model = llm.engine.runner.model
     x = torch.randn(batch, model.config.hidden_size, dtype=model.dtype)
     xi = torch.randn(batch, model.config.intermediate_size, dtype=model.dtype)
 
@@ -142,8 +168,8 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
            "engine_ms": wall - runner_ms, "matmul_ms": runner_ms - runner_no_mm, "matmul_alone_ms": alone,
            "attention_and_cache_write_ms": attention_ms,
            "attention_without_matmuls_ms": attention_no_mm,
-           "rest_of_runner_ms": runner_no_mm - attention_no_mm, "tok_per_s": batch / step_ms * 1e3}
-    print(f"B={batch:3d}: step {step_ms:6.1f} ms ({row['tok_per_s']:.0f} tok/s) | matmuls {row['matmul_ms']:5.1f} ms "
+           "rest_of_runner_ms": runner_no_mm - attention_no_mm, "tok_per_s": batch / step_ms * 1e3, **native_row}
+    print(f"B={batch:3d}: {'per-op path: ' if native else ''}step {step_ms:6.1f} ms ({row['tok_per_s']:.0f} tok/s) | matmuls {row['matmul_ms']:5.1f} ms "
           f"(alone {alone:5.1f}) | attention+cache write {attention_ms:4.1f} (without matmuls {attention_no_mm:4.1f}) | "
           f"other ops + Python "
           f"{row['rest_of_runner_ms']:4.1f} | engine (schedule, sample, detokenize) {row['engine_ms']:4.1f}",
