@@ -45,11 +45,13 @@ void linear_forward(const LinearParams& p) {
   // Decode batches read each panel once: all rows in one task. With more rows, or too few
   // panels to keep every thread busy, rows are split too (in whole 6-row tiles), panel-major,
   // so a thread's consecutive tasks reuse the panel from cache.
-  int64_t rows = std::min(p.m, kRowChunk);
-  while (rows > kTileRows && panels * ((p.m + rows - 1) / rows) < 8 * threads)
-    rows = std::max(kTileRows, (rows / 2 + kTileRows - 1) / kTileRows * kTileRows);
+  // Chunks of equal size (whole tiles), so no thread is left waiting on one long last task.
+  int64_t chunks = (p.m + kRowChunk - 1) / kRowChunk;
+  auto even_rows = [&](int64_t c) { return std::max(kTileRows, ((p.m + c - 1) / c + kTileRows - 1) / kTileRows * kTileRows); };
+  while (even_rows(chunks) > kTileRows && panels * chunks < 8 * threads) ++chunks;
+  int64_t rows = even_rows(chunks);
   if (p.m <= 2 * kRowChunk && panels >= 8 * threads) rows = p.m;
-  const int64_t chunks = (p.m + rows - 1) / rows;
+  chunks = (p.m + rows - 1) / rows;
   const bool inline_call = p.m * p.n * p.k < kInlineMacs || threads == 1;
   // Tasks are taken in order, so a worker's next panel is about `threads` further on.
   const int64_t stride = inline_call ? 1 : threads;
