@@ -132,14 +132,13 @@ void run_few_rows(const AttentionParams& p, const TileJob& job, float* scratch) 
 }
 
 #if defined(__AVX512BF16__)
-// bf16 few rows with vdpbf16ps on raw bf16 keys and pair-packed values. Needs head_dim % 32 == 0.
+// bf16 few rows with vdpbf16ps on the keys where they lie and pair-packed values. Needs head_dim % 32 == 0.
 void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scratch) {
   const int D = p.head_dim, C32 = D / 32, C16 = D / 16;
   uint16_t* q = reinterpret_cast<uint16_t*>(scratch);
   FewRows f = few_rows_setup(p, job, scratch, nullptr, q);
-  uint16_t* kt = reinterpret_cast<uint16_t*>(f.o + ScratchLayout::kO);
+  uint16_t* pb = reinterpret_cast<uint16_t*>(f.o + ScratchLayout::kO);  // bf16 probabilities, nrows x kBlockN
   uint32_t* vp = reinterpret_cast<uint32_t*>(f.o + ScratchLayout::kO + ScratchLayout::kKV);
-  uint16_t* pb = kt + kBlockN * D;  // bf16 probabilities, nrows x kBlockN (the kKV region holds 2x the keys)
   KeyTiles tiles(p, job);
   for (int j0 = job.kv_begin; j0 < job.kv_end; j0 += kBlockN) {
     const int n = std::min(kBlockN, job.kv_end - j0), npad = (n + 15) & ~15;
@@ -147,7 +146,8 @@ void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scra
     const void* const* vr;
     tiles.start(j0, &kr, &vr);
     if (job.prefetch) job.prefetch->advance(n);
-    for (int jj = 0; jj < npad; ++jj) copy_row(kt + jj * D, kr[jj], 2 * D);
+    // Keys are read where they are (kZeroRow past the end reads as bf16 zeros).
+    const uint16_t* const* krow = reinterpret_cast<const uint16_t* const*>(kr);
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
         VecF acc[16];
@@ -157,7 +157,7 @@ void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scra
           const __m512i qv = _mm512_loadu_si512(q + r * D + c * 32);
 #pragma GCC unroll 16
           for (int jj = 0; jj < 16; ++jj)
-            acc[jj].v = _mm512_dpbf16_ps(acc[jj].v, (__m512bh)_mm512_loadu_si512(kt + (jb + jj) * D + c * 32), (__m512bh)qv);
+            acc[jj].v = _mm512_dpbf16_ps(acc[jj].v, (__m512bh)_mm512_loadu_si512(krow[jb + jj] + c * 32), (__m512bh)qv);
         }
         few_rows_scores(p, f, r, j0, jb, n, vtranspose_reduce16(acc), f.s + r * kBlockN);
       }
