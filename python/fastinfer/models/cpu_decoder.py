@@ -12,7 +12,7 @@ then keeps its per-op forward.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -20,6 +20,9 @@ from fastinfer import _C
 from fastinfer._arrays import kernel_view
 from fastinfer.models.attention_metadata import AttentionMetadata
 from fastinfer.models.layers import token_rows
+
+if TYPE_CHECKING:
+    from fastinfer.models.llama import LlamaForCausalLM
 
 
 class CpuDecoder:
@@ -29,7 +32,7 @@ class CpuDecoder:
     ``x`` is used as the residual stream (overwritten).
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: "LlamaForCausalLM") -> None:
         c = model.config
         layers = []
         for layer in model.model.layers:
@@ -50,7 +53,7 @@ class CpuDecoder:
         self._workspace = torch.empty(0, dtype=torch.uint8)
 
     @staticmethod
-    def unsupported(model) -> Optional[str]:
+    def unsupported(model: "LlamaForCausalLM") -> Optional[str]:
         """Why the native loop cannot run ``model`` (None if it can)."""
         from fastinfer.models.llama import LlamaDecoderLayer
 
@@ -73,7 +76,8 @@ class CpuDecoder:
         return None
 
     @classmethod
-    def build(cls, model) -> Optional["CpuDecoder"]:
+    def build(cls, model: "LlamaForCausalLM") -> Optional["CpuDecoder"]:
+        """The native stack for ``model``, or None where it does not apply (see ``unsupported``)."""
         return None if cls.unsupported(model) is not None else cls(model)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
