@@ -198,6 +198,12 @@ def test_large_decode_batch(cpu_isa, gen, dtype, block_size, window):
                                                    return_attn_probs=True)
     check(out, lse, lambda upcast: attention_ref_paged(q, kc, vc, cu_q, lk, table, causal=True,
                                                        window_size=(window, 0), upcast=upcast))
+    # The same keys packed along the first axis (varlen, no table): the prefetcher's strided branch.
+    k = torch.cat([gather_paged(kc, table[b], n) for b, n in enumerate(lk)])
+    v = torch.cat([gather_paged(vc, table[b], n) for b, n in enumerate(lk)])
+    dense, dense_lse, _ = fastinfer.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lk), causal=True,
+                                                           window_size=(window, 0), return_attn_probs=True)
+    assert torch.equal(dense, out) and torch.equal(dense_lse, lse)
 
 
 # ----------------------------------------------------------------------------- reshape_and_cache

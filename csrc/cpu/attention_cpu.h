@@ -26,7 +26,7 @@ struct TileJob {
   int kv_begin, kv_end;    // keys visited (already clipped by causal/window limits)
   float* partial;          // split-KV: partial result (rows_per_tile*head_dim outputs, then rows_per_tile lse); else null
   // Keys/values of (b, kv_head) staged by IsaKernels::stage (key j at row j), or null:
-  // then the tile reads the cache directly and copies/packs each key tile itself.
+  // then the tile reads the cache directly (copying or packing a key tile where its kernel needs it).
   const void* k_staged;
   const void* v_staged;
   KvPrefetcher* prefetch = nullptr;  // few-rows jobs read straight from the cache: pulls later keys in early
@@ -35,7 +35,7 @@ struct TileJob {
 // Decode reads each sequence's keys once, from blocks scattered through a cache far larger
 // than L3, in runs (one block of one head) too short for the hardware prefetcher to ramp up.
 // A worker runs a batch of jobs in order; this walks the keys/values those jobs will read
-// and keeps prefetches a fixed distance ahead of the kernel, a few lines at a time.
+// and keeps prefetches a fixed distance ahead of the kernel, one key tile at a time.
 class KvPrefetcher {
  public:
   KvPrefetcher(const AttentionParams& p, const TileJob* jobs, int count, int distance_keys);

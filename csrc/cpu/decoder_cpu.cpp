@@ -137,8 +137,7 @@ void decoder_forward(const DecoderConfig& c, const DecoderStep& s) {
     norm(c, s.tokens, b.y, s.x, w.post_norm, b.h);
     mlp_block(c, s, w, b);
   }
-  if (c.layers.empty()) norm(c, s.tokens, s.x, nullptr, c.final_norm, s.out);
-  else norm(c, s.tokens, b.y, s.x, c.final_norm, s.out);
+  norm(c, s.tokens, b.y, s.x, c.final_norm, s.out);  // the last MLP output joins the residual here
 }
 
 }  // namespace fastinfer::cpu

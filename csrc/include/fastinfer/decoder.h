@@ -40,7 +40,7 @@ struct DecoderConfig {
   int64_t k_block_stride, k_row_stride, k_head_stride;  // cache strides, elements, same for every layer
   int64_t v_block_stride, v_row_stride, v_head_stride;
   const float* final_norm;  // (hidden,)
-  std::vector<DecoderLayerWeights> layers;
+  std::vector<DecoderLayerWeights> layers;  // at least one
 };
 
 // One step's flattened batch: sequence b's new tokens are rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
