@@ -94,10 +94,10 @@ void run_few_rows(const AttentionParams& p, const TileJob& job, float* scratch) 
     const void* const* kr;
     const void* const* vr;
     tiles.start(j0, &kr, &vr);
-    if (job.prefetch) job.prefetch->advance(n);
     for (int jj = 0; jj < npad; ++jj) row_to_f32(kr[jj], jj < n ? dt : 0, kbuf + jj * D, D);
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
+        if (job.prefetch && r == 0) job.prefetch->advance(std::min(16, n - jb));  // small steps, as below
         VecF acc[16];
 #pragma GCC unroll 16
         for (int jj = 0; jj < 16; ++jj) acc[jj] = vzero();
@@ -145,11 +145,13 @@ void run_few_rows_bf16(const AttentionParams& p, const TileJob& job, float* scra
     const void* const* kr;
     const void* const* vr;
     tiles.start(j0, &kr, &vr);
-    if (job.prefetch) job.prefetch->advance(n);
     // Keys are read where they are (kZeroRow past the end reads as bf16 zeros).
     const uint16_t* const* krow = reinterpret_cast<const uint16_t* const*>(kr);
     for (int r = 0; r < f.nrows; ++r) {
       for (int jb = 0; jb < npad; jb += 16) {
+        // Prefetches in small steps between dot products: a whole tile's at once fills the
+        // miss queue and stalls the core on the prefetch instructions themselves.
+        if (job.prefetch && r == 0) job.prefetch->advance(std::min(16, n - jb));
         VecF acc[16];
 #pragma GCC unroll 16
         for (int jj = 0; jj < 16; ++jj) acc[jj].v = _mm512_setzero_ps();
