@@ -19,6 +19,31 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 WINDOW = 5  # smaller than the test sequences, so sliding layers really drop keys
 
 
+def hf_model_from_gguf(path: str, dtype: torch.dtype = torch.float32):
+    """transformers' causal LM from a GGUF file (its own reader, dequantiser and q/k un-permute), in eval mode.
+
+    ``from_pretrained(gguf_file=...)`` insists on accelerate; without it, the same loading steps minus
+    accelerate's empty-weights initialisation.
+    """
+    import importlib.util
+    import os
+
+    import transformers
+
+    if importlib.util.find_spec("accelerate") is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).eval()
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(path)["config"])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.eval()
+
+
 def hf_model(arch: str, seed: int = 0):
     """A transformers causal LM of architecture ``arch`` with weights large enough for peaked logits."""
     import transformers as tf

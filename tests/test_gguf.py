@@ -28,6 +28,7 @@ from fastinfer.models.attention_metadata import AttentionMetadata  # noqa: E402
 from fastinfer.models.config import ModelConfig  # noqa: E402
 from fastinfer.models.gguf import GGUFError, read_gguf, read_gguf_metadata  # noqa: E402
 from fastinfer.models.loader import load_model  # noqa: E402
+from model_fixtures import hf_model_from_gguf  # noqa: E402
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -551,20 +552,7 @@ def hf_tokenizer():
 def hf_model():
     """transformers' model from the default GGUF (its own reader, dequantiser and q/k un-permute)."""
     transformers = pytest.importorskip("transformers")
-    path = _default_gguf()
-    if importlib.util.find_spec("accelerate") is not None:  # from_pretrained insists on it for GGUF files
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    # the same loading steps from_pretrained takes, minus accelerate's empty-weights initialisation
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(path)["config"])
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model.eval()
+    return hf_model_from_gguf(_default_gguf())
 
 
 def test_default_model_config(smollm, hf_model):

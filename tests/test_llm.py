@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
-from model_fixtures import hf_model  # noqa: E402
+from model_fixtures import hf_model, hf_model_from_gguf  # noqa: E402
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 PROMPTS = [[5, 17, 99, 3, 42, 8, 120, 7, 64], [11, 12, 13], [200, 150, 100, 50, 25, 12, 6, 3, 1, 77, 88, 99, 111]]
@@ -160,13 +160,7 @@ def test_default_model_chat_and_greedy_match_transformers(default_llm):
     assert "Paris" in out.outputs[0].text
     conversation = [{"role": "user", "content": "What is the capital of France?"}]
     assert out.prompt == llm.get_tokenizer().apply_chat_template(conversation, add_generation_prompt=True)
-    from transformers import AutoModelForCausalLM
-
-    path = llm.model_path
-    import os
-
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32)
+    hf = hf_model_from_gguf(llm.model_path)
     prompts = ["The quick brown fox", "def fibonacci(n):", "Once upon a time, in a land far away,"]
     outs = llm.generate(prompts, greedy(32), use_tqdm=False)
     for p, o in zip(prompts, outs):
