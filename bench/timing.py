@@ -111,7 +111,7 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict:
-    """What the numbers were measured on: CPU, cores, fastinfer build, torch, python."""
+    """What the numbers were measured on: CPU, cores, fastinfer build, torch, transformers (if loaded), python."""
     info: dict[str, Any] = {
         "host": socket.gethostname(),
         "cpu_model": cpu_model(),
@@ -136,6 +136,9 @@ def machine_info() -> dict:
     info["torch"] = torch.__version__ if torch is not None else None
     if torch is not None:
         info["torch_num_threads"] = torch.get_num_threads()
+    # the peer's version matters as much as ours (transformers changed its GGUF loading in 5.x)
+    transformers = sys.modules.get("transformers")
+    info["transformers"] = getattr(transformers, "__version__", None)
     info["load_avg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     info["git"] = git_state()
     return info
