@@ -551,7 +551,7 @@ def hf_tokenizer():
 @pytest.fixture(scope="module")
 def hf_model():
     """transformers' model from the default GGUF (its own reader, dequantiser and q/k un-permute)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     return hf_model_from_gguf(_default_gguf())
 
 
