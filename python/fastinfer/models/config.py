@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,6 +29,18 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # Where config "attention_bias" puts biases on q/k/v/o (Qwen2 has them on q/k/v always, Mistral never).
 BIAS_OPTION = ("llama", "qwen3", "gemma3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose frequencies do not depend on the input length
+# Upper bounds on the sizes a config may declare, checked before anything is built from them: far above any
+# released model (126 layers, hidden 16384, 262k-token vocabulary, 10M-token context), far below what would
+# overflow a size computation. The loaders also bound them by what the checkpoint holds.
+MAX_LAYERS = 1024
+MAX_HIDDEN = 1 << 17  # hidden_size and intermediate_size
+MAX_HEADS = 1 << 12
+MAX_HEAD_DIM = 1 << 12
+MAX_VOCAB = 1 << 24
+MAX_POSITIONS = 1 << 30  # max_position_embeddings, sliding_window, rope original_max_position_embeddings
+SIZE_LIMITS = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "intermediate_size": MAX_HIDDEN,
+               "num_hidden_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS,
+               "head_dim": MAX_HEAD_DIM, "max_position_embeddings": MAX_POSITIONS}
 
 
 class ConfigError(ValueError):
@@ -75,10 +88,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in MODEL_TYPES.values():
             raise ConfigError(f"architecture {self.architecture!r} is not one of {sorted(set(MODEL_TYPES.values()))}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, limit in SIZE_LIMITS.items():
+            check_int(name, getattr(self, name), 1, limit)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_key_value_heads})")
@@ -89,14 +100,27 @@ class ModelConfig:
         self.layer_types = tuple(self.layer_types)
         if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
             raise ConfigError(f"layer_types must list {self.num_hidden_layers} of {LAYER_TYPES}, "
-                              f"got {self.layer_types}")
-        if "sliding_attention" in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
+                              f"got {_show(self.layer_types)}")
+        if self.sliding_window is not None:
+            check_int("sliding_window", self.sliding_window, 1, MAX_POSITIONS)
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ConfigError(f"sliding attention layers need a positive sliding_window, got {self.sliding_window!r}")
+        check_float("rms_norm_eps", self.rms_norm_eps, 0.0)
+        check_float("rope_theta", self.rope_theta, 1.0, inclusive=False)
+        if self.rope_local_base_freq is not None:
+            check_float("rope_local_base_freq", self.rope_local_base_freq, 1.0, inclusive=False)
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), 0.0, inclusive=False)
+        for name in ("bos_token_id", "pad_token_id"):  # -1: none, in some older configs
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), -1, MAX_VOCAB)
+        for i in self.eos_token_id:
+            check_int("eos_token_id", i, 0, MAX_VOCAB)
         if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
             raise ConfigError(f"hidden activation {self.hidden_act!r} is not supported (silu, gelu_pytorch_tanh)")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_TYPES:
-            raise ConfigError(f"rope scaling {self.rope_scaling.get('rope_type')!r} is not supported "
-                              f"(supported: {', '.join(ROPE_TYPES)})")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
 
     def window(self, layer: int) -> Optional[int]:
         """Sliding window of layer ``layer`` (keys with q_pos - k_pos < window are seen), None = full attention."""
@@ -105,55 +129,65 @@ class ModelConfig:
     @staticmethod
     def from_hf_dict(d: dict) -> "ModelConfig":
         """Read a Hugging Face config.json dict (transformers 4.x or 5.x spelling); for an image-text
-        checkpoint (Gemma3ForConditionalGeneration) the text decoder's config."""
+        checkpoint (Gemma3ForConditionalGeneration) the text decoder's config. Every size is type-checked and
+        bounded (SIZE_LIMITS) before anything is built from it; errors name the key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"must be a JSON object, got {_show(d)}")
         d = text_config(d)
         arch = _architecture(d)
         if arch == "gemma3":
             d = {**GEMMA3_TEXT_DEFAULTS, **d}
-        heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
+        heads = _int(d, "num_attention_heads")
+        hidden = _int(d, "hidden_size")
         gemma = arch == "gemma3"
         rope_full, rope_local = _rope(d, arch)
         eos = d.get("eos_token_id")
-        sliding = d.get("sliding_window")
+        sliding = _int(d, "sliding_window", None, lo=0, hi=MAX_POSITIONS)
         if arch in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             sliding = None  # Qwen configs carry a window that is off unless use_sliding_window
         if arch == "llama":
             sliding = None
         return ModelConfig(
             architecture=arch,
-            vocab_size=int(d["vocab_size"]),
+            vocab_size=_int(d, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            intermediate_size=_int(d, "intermediate_size"),
+            num_hidden_layers=_int(d, "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_full.pop("rope_theta")),
+            num_key_value_heads=_int(d, "num_key_value_heads", None) or heads,
+            head_dim=_int(d, "head_dim", None) or hidden // heads,
+            max_position_embeddings=_int(d, "max_position_embeddings", 2048),
+            rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
+            rope_theta=_number("rope_theta", rope_full.pop("rope_theta")),
             rope_scaling=None if rope_full.get("rope_type", "default") == "default" else rope_full,
-            rope_local_base_freq=float(rope_local["rope_theta"]) if rope_local else None,
+            rope_local_base_freq=_number("rope_local_base_freq", rope_local["rope_theta"]) if rope_local else None,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding or None,
             layer_types=_layer_types(d, arch, sliding),
             hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
             attention_bias=arch == "qwen2" or (bool(d.get("attention_bias")) and arch in BIAS_OPTION),
             o_proj_bias=bool(d.get("attention_bias")) and arch in BIAS_OPTION,
             mlp_bias=bool(d.get("mlp_bias", False)) and arch == "llama",
             qk_norm=arch in ("qwen3", "gemma3"),
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)) if gemma else None,
-            attn_logit_softcapping=d.get("attn_logit_softcapping") if gemma else None,
-            final_logit_softcapping=d.get("final_logit_softcapping") if gemma else None,
+            query_pre_attn_scalar=_float(d, "query_pre_attn_scalar", 256) if gemma else None,
+            attn_logit_softcapping=_float(d, "attn_logit_softcapping", None) if gemma else None,
+            final_logit_softcapping=_float(d, "final_logit_softcapping", None) if gemma else None,
             bos_token_id=d.get("bos_token_id"),
             pad_token_id=d.get("pad_token_id"),
-            eos_token_id=[] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])],
+            eos_token_id=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
         )
 
 
 def is_multimodal(d: dict) -> bool:
-    return any(name in MULTIMODAL for name in d.get("architectures") or [])
+    return any(name in MULTIMODAL for name in _architectures(d))
+
+
+def _architectures(d: dict) -> list:
+    names = d.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"architectures must be a list of class names, got {_show(names)}")
+    return names
 
 
 def text_config(d: dict) -> dict:
@@ -161,7 +195,7 @@ def text_config(d: dict) -> dict:
     dtype and special token ids filled in."""
     if not is_multimodal(d):
         return d
-    text = dict(d.get("text_config") or {})
+    text = dict(_dict(d, "text_config"))
     text["architectures"] = [MULTIMODAL[next(n for n in d["architectures"] if n in MULTIMODAL)]]
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
         if d.get(key) is not None and text.get(key) is None:
@@ -170,7 +204,7 @@ def text_config(d: dict) -> dict:
 
 
 def _architecture(d: dict) -> str:
-    names = d.get("architectures") or []
+    names = _architectures(d)
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -186,12 +220,12 @@ def _rope(d: dict, arch: str) -> tuple[dict, Optional[dict]]:
     transformers 5 writes ``rope_parameters`` (nested per layer type for Gemma 3); 4.x wrote ``rope_theta``,
     ``rope_scaling`` (with "type" in old files) and Gemma 3's ``rope_local_base_freq``.
     """
-    params: dict[str, Any] = dict(d.get("rope_parameters") or {})
+    params: dict[str, Any] = dict(_dict(d, "rope_parameters"))
     local = None
     if "full_attention" in params or "sliding_attention" in params:
-        local = dict(params.get("sliding_attention") or {})
-        params = dict(params.get("full_attention") or {})
-    scaling = d.get("rope_scaling")
+        local = dict(_dict(params, "sliding_attention", "rope_parameters.sliding_attention"))
+        params = dict(_dict(params, "full_attention", "rope_parameters.full_attention"))
+    scaling = _dict(d, "rope_scaling")
     if scaling:
         params.update(scaling)
     if "type" in params and "rope_type" not in params:
@@ -210,15 +244,111 @@ def _rope(d: dict, arch: str) -> tuple[dict, Optional[dict]]:
 
 
 def _layer_types(d: dict, arch: str, sliding: Optional[int]) -> tuple:
-    n = int(d["num_hidden_layers"])
+    n = _int(d, "num_hidden_layers", hi=MAX_LAYERS)  # bounded before a tuple of n entries is built
     if arch == "llama" or not sliding:
         return ("full_attention",) * n
     if d.get("layer_types"):
+        if not isinstance(d["layer_types"], list) or len(d["layer_types"]) != n:
+            raise ConfigError(f"layer_types must list {n} of {LAYER_TYPES}, got {_show(d['layer_types'])}")
         return tuple(d["layer_types"])
     if arch == "mistral":
         return ("sliding_attention",) * n
     if arch == "gemma3":
-        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+        pattern = _int(d, "sliding_window_pattern", None) or _int(d, "_sliding_window_pattern", None) or 6
         return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
-    first = int(d.get("max_window_layers", n))  # Qwen: layers from max_window_layers on slide
+    first = _int(d, "max_window_layers", n, lo=0)  # Qwen: layers from max_window_layers on slide
     return tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _show(value: Any, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters (a bad value may be a megabyte-long list)."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` if it is an int (not a bool or a float such as 1e7) in [lo, hi], else ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {_show(value)}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, lo: float, inclusive: bool = True) -> float:
+    """``value`` as a float if it is a finite number (not a bool) above ``lo``, else ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {_show(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
+        raise ConfigError(f"{name} must be a finite number {'>=' if inclusive else '>'} {lo}, got {value}")
+    return value
+
+
+_REQUIRED = object()
+
+
+def _int(d: dict, key: str, default: Any = _REQUIRED, *, lo: int = 1, hi: Optional[int] = None) -> Any:
+    """Integer entry ``key`` of ``d`` (``default`` when absent or null), type-checked and bounded (SIZE_LIMITS)."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"missing key {key!r}")
+        return default
+    return check_int(key, value, lo, SIZE_LIMITS.get(key, MAX_POSITIONS) if hi is None else hi)
+
+
+def _float(d: dict, key: str, default: Any = _REQUIRED) -> Any:
+    """Number entry ``key`` of ``d`` as a float (``default`` when absent or null); range checks are __post_init__'s."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"missing key {key!r}")
+        return default
+    return _number(key, value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {_show(value)}")
+    return float(value)
+
+
+def _dict(d: dict, key: str, where: Optional[str] = None) -> dict:
+    """Object entry ``key`` of ``d`` ({} when absent or null)."""
+    value = d.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where or key} must be an object, got {_show(value)}")
+    return value
+
+
+def _check_rope_scaling(s: Any) -> None:
+    """The parameters rotary frequencies are computed from: present, numbers, and in a range they can be used in."""
+    if not isinstance(s, dict):
+        raise ConfigError(f"rope_scaling must be an object, got {_show(s)}")
+    kind = s.get("rope_type")
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return
+    check_float("rope_scaling.factor", s.get("factor"), 0.0, inclusive=False)
+    if kind in ("llama3", "yarn"):
+        check_int("rope_scaling.original_max_position_embeddings", s.get("original_max_position_embeddings"), 1,
+                  MAX_POSITIONS)
+    if kind == "llama3":
+        low = check_float("rope_scaling.low_freq_factor", s.get("low_freq_factor"), 0.0, inclusive=False)
+        high = check_float("rope_scaling.high_freq_factor", s.get("high_freq_factor"), 0.0, inclusive=False)
+        if high <= low:
+            raise ConfigError(f"rope_scaling.high_freq_factor ({high}) must be above low_freq_factor ({low})")
+    if kind == "yarn":
+        for key in ("beta_fast", "beta_slow"):
+            if s.get(key) is not None:
+                check_float(f"rope_scaling.{key}", s[key], 0.0, inclusive=False)
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if s.get(key) is not None:
+                check_float(f"rope_scaling.{key}", s[key], 0.0)
