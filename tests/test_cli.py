@@ -246,7 +246,8 @@ def test_jsonl_input_records(tmp_path, capsys):
     code, stdout, err, llm = run(["generate", "--input", src, "--no-chat", "--no-progress",
                                   "--dtype", "float32", "--max-num-seqs", 4, "--no-prefix-caching"], capsys)
     assert code == 0
-    assert llm.engine_kwargs == {"dtype": "float32", "max_num_seqs": 4, "enable_prefix_caching": False}
+    assert llm.engine_kwargs == {"dtype": "float32", "max_num_seqs": 4, "enable_prefix_caching": False,
+                                 "max_logprobs": 20}
     recs = {r["id"]: r for r in lines(stdout)}
     assert set(recs) == {"x", "y", "z", "t"}
     assert recs["x"]["outputs"] == [{"index": 0, "text": "re:p1#0", "finish_reason": "stop"},
@@ -337,7 +338,7 @@ def test_module_factory_is_used(tmp_path, capsys, monkeypatch):
     made = []
     monkeypatch.setattr(cli, "make_llm", lambda model, **kw: made.append(FakeLLM(model, **kw)) or made[-1])
     assert cli.main(["generate", "x", "--model", "m", "--kv-cache-memory-bytes", "1MiB"]) == 0
-    assert made[0].model == "m" and made[0].engine_kwargs == {"kv_cache_memory_bytes": 1 << 20}
+    assert made[0].model == "m" and made[0].engine_kwargs == {"kv_cache_memory_bytes": 1 << 20, "max_logprobs": 20}
 
 
 def test_bad_lines_skip_or_fail(tmp_path, capsys):

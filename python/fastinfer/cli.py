@@ -9,15 +9,17 @@ records, resume bookkeeping and the streaming loops are in cli_io.py.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 from fastinfer import cli_io
-from fastinfer.cli_io import BadLine, Request
+from fastinfer.cli_io import BadLine, Output, Request
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -59,11 +61,12 @@ resume:
   With --resume, requests whose id is already in --output are skipped and new lines are appended; a
   half-written last line left by a killed run is cut off first. A request recorded with an error
   counts as done, unless --retry-failed (e.g. after fixing its input line). Without --resume an
-  existing, non-empty --output is an error unless --overwrite.
+  existing, non-empty --output is an error unless --overwrite. A run locks its --output file: a
+  second run on the same file is refused (one line, the file untouched) until the first ends.
 
 exit status:
   0    done (a request the engine rejected is recorded in the output, not a failure)
-  1    usage or load error (missing file, bad model)
+  1    usage, load or output error (missing file, bad model, --output busy or not writable)
   2    bad command line, or bad input lines with --on-bad-line fail (nothing is generated then)
   130  interrupted (Ctrl-C), 143 terminated (SIGTERM); the lines written so far are kept
 
@@ -87,6 +90,8 @@ def make_llm(model: str | None, **engine_kwargs: Any) -> Any:
     """The LLM a run uses (tests replace this, or pass ``llm_factory`` to ``main``)."""
     from fastinfer.llm import LLM
 
+    if "max_logprobs" not in inspect.signature(LLM).parameters:  # an LLM from before the cap: the CLI's check holds
+        engine_kwargs.pop("max_logprobs", None)
     return LLM(model, **engine_kwargs)
 
 
@@ -104,14 +109,34 @@ def _byte_size(text: str) -> int:
     return int(value)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}: {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_THREADS_MAX = 1 << 16  # torch takes a C int; more threads than this is a typo
+
+
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    if value > _THREADS_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= {_THREADS_MAX}: {text!r}")
     return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,10 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-generation-config", action="store_true",
                    help="ignore the sampling defaults in the model's generation_config.json")
     s.add_argument("--logprobs", type=int, metavar="K", help="record the sampled token's and the top K logprobs")
+    s.add_argument("--max-logprobs", type=_int_at_least(0), default=cli_io.MAX_LOGPROBS, metavar="K",
+                   help="most logprobs a request may ask for; input lines above it are bad lines "
+                        "(default: %(default)s)")
 
     e = g.add_argument_group("engine")
-    e.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
-    e.add_argument("--device", help="auto, cpu or cuda[:i] (default: auto)")
+    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="(default: auto)")
+    e.add_argument("--device", type=_device, help="auto, cpu or cuda[:i] (default: auto)")
     e.add_argument("--max-model-len", type=_positive_int, metavar="N",
                    help="longest prompt + output (default: the model's)")
     e.add_argument("--block-size", type=_positive_int, metavar="N", help="tokens per KV cache block (default: 16)")
@@ -176,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N", help="most tokens per step")
     e.add_argument("--kv-cache-memory-bytes", type=_byte_size, metavar="SIZE", help="KV cache size, e.g. 2GiB")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
-    e.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all this process may use)")
+    e.add_argument("--threads", type=_threads, metavar="N", help="CPU threads (default: all this process may use)")
     return parser
 
 
@@ -200,11 +228,14 @@ def main(argv: list[str] | None = None, *, llm_factory: Callable[..., Any] | Non
     old_term = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
         return _generate(args, llm_factory or make_llm)
-    except CliError as err:
-        _say(f"error: {err}")
-        return err.code
+    except (CliError, cli_io.OutputError) as err:
+        _say(f"error: {_one_line(err)}")
+        return getattr(err, "code", 1)
     except KeyboardInterrupt as err:
-        _say("interrupted; the lines written so far are kept (run again with --resume to finish)")
+        if args.output:
+            _say(f"interrupted; the lines written so far are kept in {args.output} (run again with --resume to finish)")
+        else:
+            _say("interrupted")
         return 143 if isinstance(err, _Terminated) else 130
     except BrokenPipeError:  # stdout closed early (`| head`): not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -226,6 +257,18 @@ def _say(message: str) -> None:
     print(f"fastinfer: {message}", file=sys.stderr, flush=True)
 
 
+def _one_line(err: BaseException | str, limit: int = 500) -> str:
+    """The first line of an error's text, cut to ``limit`` characters: some (torch's, a chat template's) span
+    pages, and the CLI reports a mistake in one line."""
+    lines = str(err).strip().splitlines() or [""]
+    text = lines[0] + (" ..." if len(lines) > 1 else "")
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _sampling_defaults(args: argparse.Namespace) -> dict:
     d: dict[str, Any] = {}
     for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "repetition_penalty",
@@ -237,6 +280,23 @@ def _sampling_defaults(args: argparse.Namespace) -> dict:
     return d
 
 
+def _check_sampling_flags(args: argparse.Namespace, defaults: dict) -> None:
+    """The command line's sampling settings, each checked once, before any input is read or model loaded: a bad
+    one is one error naming its flag (not a bad-line report on every line)."""
+    make_params = _make_params()
+    for name, value in defaults.items():
+        try:
+            make_params(**{name: value})
+        except (ValueError, TypeError) as err:
+            raise CliError(f"{_flag(name)}: {_one_line(err)}", 2) from None
+    try:
+        make_params(**defaults)
+    except (ValueError, TypeError) as err:
+        raise CliError(f"bad sampling setting: {_one_line(err)}", 2) from None
+    if args.logprobs is not None and args.logprobs > args.max_logprobs:
+        raise CliError(f"--logprobs must be <= {args.max_logprobs} (--max-logprobs), got {args.logprobs}", 2)
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     d: dict[str, Any] = {}
     for name in ("dtype", "device", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
@@ -245,6 +305,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
             d[name] = getattr(args, name)
     if args.no_prefix_caching:
         d["enable_prefix_caching"] = False
+    d["max_logprobs"] = args.max_logprobs
     return d
 
 
@@ -257,14 +318,11 @@ def _make_params(model_defaults: dict | None = None) -> Callable[..., Any]:
 
 
 def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[Request], list[BadLine]]:
-    """The input's format, its requests (checked with the command line's sampling defaults; the model's
-    are added once it is loaded) and its bad lines."""
+    """The input's format, its requests (each one's SamplingParams built now, with the command line's sampling
+    defaults; the model's are added once it is loaded) and its bad lines."""
     if args.prompt is not None:
         req = Request(0, 1, "text", args.prompt, None, dict(defaults))
-        try:
-            req.sampling = _make_params()(**req.params)
-        except (ValueError, TypeError) as err:
-            raise CliError(f"bad sampling setting: {err}", 2) from None
+        req.sampling = _make_params()(**req.params)  # checked by _check_sampling_flags
         return "text", [req], []
     try:
         if args.input == "-":
@@ -276,7 +334,7 @@ def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[
         raise CliError(f"cannot read --input {args.input}: {err.strerror or err}") from None
     lines = cli_io.split_lines(data)
     fmt = args.input_format or cli_io.detect_format(lines)
-    requests, bad = cli_io.parse_input(data, fmt, defaults, _make_params())
+    requests, bad = cli_io.parse_input(data, fmt, defaults, _make_params(), args.max_logprobs)
     return fmt, requests, bad
 
 
@@ -289,56 +347,46 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError("--retry-failed needs --resume", 2)
     if args.resume and args.overwrite:
         raise CliError("--resume and --overwrite contradict each other", 2)
+    if args.output and os.path.isdir(args.output):
+        raise CliError(f"--output {args.output} is a directory; give a file in it", 2)
     if args.output and args.input not in (None, "-") and os.path.exists(args.output) and os.path.exists(args.input):
         if os.path.samefile(args.input, args.output):
             raise CliError("--output is the --input file", 2)
-    if args.output and not args.resume and not args.overwrite:
-        if os.path.exists(args.output) and os.path.getsize(args.output) > 0:
-            raise CliError(f"{args.output} exists; add --resume to continue it or --overwrite to replace it")
+
+
+def _exists(path: str) -> str:
+    return f"{path} exists; add --resume to continue it or --overwrite to replace it"
 
 
 def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     _check_args(args)
+    defaults = _sampling_defaults(args)
+    _check_sampling_flags(args, defaults)
     stats = cli_io.Stats()
-    fmt, requests, bad = _read_requests(args, _sampling_defaults(args))
+    fmt, requests, bad = _read_requests(args, defaults)
     for b in bad:
         _say(f"{'bad' if args.on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
     stats.bad_lines = len(bad)
     if bad and args.on_bad_line == "fail":
         raise CliError(f"{len(bad)} bad input line(s); nothing generated (--on-bad-line fail)", 2)
 
-    done: set[str] = set()
-    if args.resume:
-        try:
-            done, cut, dropped = cli_io.read_done_ids(args.output, fmt, args.retry_failed)
-        except cli_io.ResumeError as err:
-            raise CliError(str(err)) from None
-        except OSError as err:
-            raise CliError(f"cannot read --output {args.output}: {err.strerror or err}") from None
-        if cut:
-            _say(f"cut a partial last line ({cut} bytes) from {args.output}")
-        if dropped:
-            _say(f"removed {dropped} error line(s) from {args.output} to retry them")
-    pending = [r for r in requests if cli_io.id_key(r.id) not in done]
-    stats.resumed = len(requests) - len(pending)
-    # An OpenAI batch records its bad lines as error lines (when they have a custom_id to match them by).
-    bad_records = [
-        cli_io.openai_error(b.id, "invalid_request", b.message)
-        for b in bad
-        if fmt == "openai" and b.id is not None and cli_io.id_key(b.id) not in done
-    ]
-
     single = args.prompt is not None and not args.output
+    # Locked before anything in it is read, cut or replaced, and before the model loads; held until the end.
     out = _open_output(args)
     try:
-        for rec in bad_records:
-            cli_io.write_record(out, rec)
+        done = _resume(args, out, fmt) if args.resume else set()
+        pending = [r for r in requests if cli_io.id_key(r.id) not in done]
+        stats.resumed = len(requests) - len(pending)
+        # An OpenAI batch records its bad lines as error lines (when they have a custom_id to match them by).
+        for b in bad:
+            if fmt == "openai" and b.id is not None and cli_io.id_key(b.id) not in done:
+                out.write(cli_io.openai_error(b.id, "invalid_request", b.message))
         if pending:
             llm = _load(args, llm_factory, stats)
             pending, prompts = _prepare(args, llm, pending, fmt, out, stats)
         if pending and single:
             try:
-                cli_io.print_stream(llm, prompts[0], pending[0], stats)
+                cli_io.print_stream(llm, prompts[0], pending[0], stats, out)
             except cli_io.RequestFailed as err:
                 raise CliError(str(err)) from None
         elif pending:
@@ -346,10 +394,7 @@ def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
             cli_io.run_batch(llm, fmt, pending, prompts, out, stats, model_name=model_name,
                              progress=not args.no_progress)
     finally:
-        if out is not sys.stdout.buffer:
-            out.close()
-        else:
-            out.flush()
+        out.close()
     if not single:
         _say(stats.summary())
     elif not args.no_progress:
@@ -357,13 +402,38 @@ def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     return 0
 
 
-def _open_output(args: argparse.Namespace) -> BinaryIO:
+def _open_output(args: argparse.Namespace) -> Output:
+    """stdout, or --output opened and locked (refused while another run holds it), then emptied (--overwrite)
+    or checked to be empty (a run without --resume must not add to an earlier run's file)."""
     if not args.output:
-        return sys.stdout.buffer
+        return Output.stdout()
+    out = Output.open_locked(args.output, readable=args.resume)
     try:
-        return open(args.output, "ab" if args.resume else "wb")
-    except OSError as err:
-        raise CliError(f"cannot write --output {args.output}: {err.strerror or err}") from None
+        if args.overwrite:
+            out.truncate(0)
+        elif not args.resume and out.size() > 0:
+            raise CliError(_exists(args.output))
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def _resume(args: argparse.Namespace, out: Output, fmt: str) -> set[str]:
+    """The ids already in the (locked) output, after reporting what reading it changed or found."""
+    try:
+        found = cli_io.read_done(out, fmt, args.retry_failed)
+    except cli_io.ResumeError as err:
+        raise CliError(str(err)) from None
+    if found.cut:
+        _say(f"cut a partial last line ({found.cut} bytes) from {args.output}")
+    if found.dropped:
+        _say(f"removed {found.dropped} error line(s) from {args.output} to retry them")
+    if found.duplicates:
+        example = cli_io.short(found.duplicate_example)
+        _say(f"{args.output} holds {found.duplicates} id(s) more than once (e.g. {example}), written by two runs "
+             f"at once; they are skipped, not written again")
+    return found.done
 
 
 def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_io.Stats) -> Any:
@@ -372,23 +442,33 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_
 
         import fastinfer
 
-        torch.set_num_threads(args.threads)
-        fastinfer.set_num_threads(args.threads)
+        try:
+            torch.set_num_threads(args.threads)
+            fastinfer.set_num_threads(args.threads)
+        except (ValueError, RuntimeError) as err:
+            raise CliError(f"--threads: {_one_line(err)}", 2) from None
     t0 = time.perf_counter()
+    engine_kwargs = _engine_kwargs(args)
     try:
-        llm = llm_factory(args.model, **_engine_kwargs(args))
+        llm = llm_factory(args.model, **engine_kwargs)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # any load failure is reported as one line, not a traceback
         if os.environ.get("FASTINFER_DEBUG"):
             raise
+        message = _one_line(err)
+        # An engine setting the model cannot run with is the setting's error, not the model's: the engine's
+        # errors name their field first ("kv_cache_memory_bytes: ...", "max_model_len must be ...").
+        field = next((k for k in engine_kwargs if re.match(rf"{k}\b", message)), None)
+        if field is not None:
+            raise CliError(f"{_flag(field)}: {message}") from None
         name = args.model or "the default model"
-        raise CliError(f"cannot load {name}: {err} (FASTINFER_DEBUG=1 shows the traceback)") from None
+        raise CliError(f"cannot load {name}: {message} (FASTINFER_DEBUG=1 shows the traceback)") from None
     stats.load_s = time.perf_counter() - t0
     return llm
 
 
-def _prepare(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: str, out: BinaryIO,
+def _prepare(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: str, out: Output,
              stats: cli_io.Stats) -> tuple[list[Request], list[dict]]:
     """The requests whose sampling settings (now over the model's defaults) and prompt could be built, and
     their LLM.stream prompts; the others are written as error lines now."""
@@ -419,10 +499,10 @@ def _prepare(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: st
         except ValueError as err:
             if args.prompt is not None and not args.output:
                 raise CliError(str(err)) from None
-            _say(f"line {r.line}: {err}")
+            _say(f"line {r.line}: {_one_line(err)}")
             record = (cli_io.openai_error(r.id, "invalid_request", str(err)) if fmt == "openai"
                       else cli_io.jsonl_error(r, str(err)))
-            cli_io.write_record(out, record)
+            out.write(record)
             stats.requests += 1
             stats.failed += 1
     return ok, prompts
