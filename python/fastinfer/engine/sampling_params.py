@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 _EPS = 1e-5  # temperatures below this are greedy
+# Bounds on what one request may ask for. The engine is one loop serving every request, so a request's own cost must
+# stay bounded: each of its n sequences is built (prompt copy, generator) when it is queued, and every stop string and
+# stop token id is checked after each of its tokens.
+MAX_N = 1024  # sequences per request
+MAX_STOP = 256  # stop strings per request
+MAX_STOP_TOKEN_IDS = 1024  # stop token ids per request
+# torch.Generator.manual_seed takes any int in [-2**63, 2**64): sequence i of a request is seeded with seed + i.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(slots=True)
@@ -31,23 +40,38 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
-            raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+            value = repr(getattr(self, name))
+            raise ValueError(f"{name} {rule}, got {value if len(value) <= 80 else value[:77] + '...'}")
 
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not is_int(self.n) or self.n < 1:
-            fail("n", "must be an int >= 1")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0.0:
+        def real(name: str) -> float:
+            """The field as a finite float (ints too big for a float fail here, not later inside torch)."""
+            v = getattr(self, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                try:
+                    v = float(v)
+                except OverflowError:
+                    pass
+                else:
+                    if math.isfinite(v):
+                        setattr(self, name, v)
+                        return v
+            fail(name, "must be a finite number")
+
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            fail("n", f"must be an int in [1, {MAX_N}]")
+        if not real("temperature") >= 0.0:
             fail("temperature", "must be >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < real("top_p") <= 1.0:
             fail("top_p", "must be in (0, 1]")
         if not is_int(self.top_k) or self.top_k < -1:
             fail("top_k", "must be -1, 0 (off) or >= 1")
-        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+        if not 0.0 <= real("min_p") <= 1.0:
             fail("min_p", "must be in [0, 1]")
-        if self.seed is not None and not is_int(self.seed):
-            fail("seed", "must be an int or None")
+        if self.seed is not None and (not is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1)):
+            fail("seed", f"must be None or an int in [-2**63, 2**64 - n] (n={self.n}: sequence i uses seed + i)")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             fail("max_tokens", "must be an int >= 1 or None")
         if not is_int(self.min_tokens) or self.min_tokens < 0:
@@ -57,11 +81,13 @@ class SamplingParams:
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             fail("logprobs", "must be an int >= 0 or None")
         for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+            if not -2.0 <= real(name) <= 2.0:
                 fail(name, "must be in [-2, 2]")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 1e6:
-            fail("repetition_penalty", "must be > 0")
+        if not 0.0 < real("repetition_penalty") <= 1e6:
+            fail("repetition_penalty", "must be in (0, 1e6]")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be a bool")
         if self.stop is None:
             stops: list[str] = []
         elif isinstance(self.stop, str):
@@ -72,6 +98,8 @@ class SamplingParams:
             fail("stop", "must be a str, a list of str or None")
         if any(not s for s in stops):
             fail("stop", "must not contain empty strings")
+        if len(stops) > MAX_STOP:
+            fail("stop", f"must hold at most {MAX_STOP} strings")
         self.stop = stops
         if self.stop_token_ids is None:
             self.stop_token_ids = []
@@ -79,6 +107,8 @@ class SamplingParams:
             is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             fail("stop_token_ids", "must be a list of non-negative ints")
+        elif len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            fail("stop_token_ids", f"must hold at most {MAX_STOP_TOKEN_IDS} ids")
         else:
             self.stop_token_ids = list(self.stop_token_ids)
         if self.top_k == -1:
