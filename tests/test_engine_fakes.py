@@ -27,6 +27,7 @@ class FakeRunner:
 
     def __init__(self, num_blocks: int, block_size: int, vocab: int = 64, peaked: bool = True) -> None:
         self.num_blocks, self.block_size, self.vocab, self.peaked = num_blocks, block_size, vocab, peaked
+        self.vocab_size = vocab  # the engine checks prompt token ids against it
         self.kv: list[tuple[int, int] | None] = [None] * (num_blocks * block_size)
         self.steps = 0
         self.max_batch_tokens = 0

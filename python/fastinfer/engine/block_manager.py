@@ -110,6 +110,11 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_registered_blocks = 0
 
+    def forget(self, block_ids: list[int]) -> None:
+        """Drop blocks from the prefix cache (their KV is not trustworthy); their users keep them."""
+        for block_id in block_ids:
+            self._forget(block_id)
+
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,7 +16,7 @@ from .config import SchedulerConfig
 from .detokenizer import Detokenizer
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler
-from .sampling_params import SamplingParams
+from .sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 
@@ -24,6 +26,7 @@ class Runner(Protocol):
 
     num_blocks: int  # KV-cache blocks it allocated
     block_size: int  # tokens per block
+    vocab_size: int  # rows of the embedding = width of the logits (optional: without it ids are not range-checked)
 
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Compute the scheduled chunks (writing their KV); float32 logits [len(sched.sampled), vocab]."""
@@ -52,20 +55,34 @@ class LLMEngine:
         *,
         eos_token_ids: list[int] | None = None,
         seed: int | None = None,
+        vocab_size: int | None = None,
+        max_logprobs: int = 20,
     ) -> None:
         """tokenizer: anything with encode(text) and decode(ids, skip_special_tokens); None = token ids only, no text.
-        eos_token_ids: default tokenizer.eos_token_ids. seed: seeds the generator of unseeded random sampling."""
+        eos_token_ids: default tokenizer.eos_token_ids. seed: seeds the generator of unseeded random sampling.
+        vocab_size: token ids a prompt may use are [0, vocab_size); default runner.vocab_size.
+        max_logprobs: the most logprobs a request may ask for (vLLM's name and default)."""
         for name in ("num_blocks", "block_size"):
             if getattr(runner, name) != getattr(scheduler_config, name):
                 raise ValueError(
                     f"scheduler_config.{name}={getattr(scheduler_config, name)} differs from the runner's "
                     f"{getattr(runner, name)}"
                 )
+        if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
+        if not _is_int(max_logprobs) or max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {max_logprobs!r}")
+        if vocab_size is None:
+            vocab_size = getattr(runner, "vocab_size", None)
+        if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 1):
+            raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
         if eos_token_ids is None:
             eos_token_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = scheduler_config
+        self.vocab_size = vocab_size
+        self.max_logprobs = max_logprobs
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.scheduler = Scheduler(scheduler_config, eos_token_ids, self.detokenizer)
         device = getattr(runner, "device", "cpu")  # where the logits live: draws are made there
@@ -73,7 +90,46 @@ class LLMEngine:
         self.sampler = Sampler(eos_token_ids, generator)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        self._aborted: list[str] = []
+        # Requests the next step() reports even if they made no progress: aborted ones, and those whose output a
+        # failed step never handed out.
+        self._report: dict[str, None] = {}
+
+    def check_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> tuple[str | None, list, SamplingParams, str | None]:
+        """Raise ValueError / TypeError if add_request would refuse the request; queue nothing.
+
+        Returns (prompt text or None, prompt token ids, params, why the prompt cannot run or None). A prompt the model
+        cannot read (a token id that is not an int or lies outside the vocabulary) is not an error of the call: its
+        request is queued and finishes at the next step() with ``error`` set, like a prompt longer than the model.
+        """
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id: expected str, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params: expected SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt text needs a tokenizer; pass token ids")
+            text, ids = prompt, list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, Iterable) and not isinstance(prompt, (bytes, dict)):
+            text, ids = None, list(prompt)
+        else:
+            raise TypeError(f"prompt: expected str or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt must have at least one token")
+        if params.stop and self.detokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs: {params.logprobs} is more than max_logprobs ({self.max_logprobs})")
+        if self.vocab_size is not None:
+            bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"stop_token_ids: {bad} is out of the vocabulary [0, {self.vocab_size})")
+        ids, problem = _check_token_ids(ids, self.vocab_size)
+        return text, ids, params, problem
 
     def add_request(
         self,
@@ -84,74 +140,88 @@ class LLMEngine:
         prompt_text: str | None = None,
     ) -> None:
         """Queue a request: prompt text (encoded with the tokenizer's special tokens) or prompt token ids.
-        prompt_text: the text to report for a prompt given as token ids (e.g. a rendered chat template)."""
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already running")
-        params = params if params is not None else SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt text needs a tokenizer; pass token ids")
-            text, ids = prompt, list(self.tokenizer.encode(prompt))
-        else:
-            text, ids = prompt_text, [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt must have at least one token")
-        if params.stop and self.detokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        prompt_text: the text to report for a prompt given as token ids (e.g. a rendered chat template).
+        Raises what check_request raises, queueing nothing; a prompt that cannot run finishes with ``error`` set."""
+        text, ids, params, problem = self.check_request(request_id, prompt, params)
+        if text is None:
+            text = prompt_text
         metrics = RequestMetrics(arrival_time if arrival_time is not None else time.time())
         seqs = []
+        # A prompt that never runs never grows: its sequences share one list (it may be long, and n up to MAX_N).
+        never_runs = problem is not None or len(ids) > self.config.max_seq_len
         for i in range(params.n):
             seq_id = next(self._seq_ids)
-            seqs.append(Sequence(seq_id, request_id, list(ids), len(ids), params, index=i))
+            seqs.append(Sequence(seq_id, request_id, ids if never_runs else list(ids), len(ids), params, index=i))
         self.requests[request_id] = _Request(request_id, text, ids, seqs, metrics)
         for seq in seqs:
-            self.scheduler.add(seq)
+            if problem:
+                self.scheduler.reject(seq, problem)
+            else:
+                self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its final output (finish_reason "abort") comes from the next step()."""
-        if request_id in self.requests and request_id not in self._aborted:
+        if request_id in self.requests:
             self.scheduler.abort(request_id)
-            self._aborted.append(request_id)
+            self._report[request_id] = None
+
+    def discard(self, request_id: str) -> None:
+        """Stop a request and forget it now, with no final output (its caller has gone)."""
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+            self._report.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; outputs of the requests that got tokens, finished, were rejected or aborted."""
+        """Run one step; outputs of the requests that got tokens, finished, were rejected or aborted.
+
+        If the step fails (the model raises, or KeyboardInterrupt), the engine stays usable: the step's sequences
+        give back their blocks and recompute from scratch later, and the next step reports what this one would have.
+        """
         sched = self.scheduler.schedule()
         now = time.time()
-        touched = dict.fromkeys(self._aborted)
-        self._aborted = []
+        touched = self._report
+        self._report = {}
         touched.update(dict.fromkeys(s.request_id for s in sched.rejected))
-        for chunk in sched.scheduled:
-            metrics = self.requests[chunk.seq.request_id].metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
-        if sched.scheduled:
-            logits = self.runner.execute(sched)
-            seqs = [c.seq for c in sched.sampled]
-            sampled = self.sampler(logits, seqs) if seqs else None
-            if sampled is not None:
-                if self.detokenizer is not None:
-                    for entry in sampled.logprobs:
-                        for token_id, lp in (entry or {}).items():
-                            lp.decoded_token = self.detokenizer.decode_token(token_id, skip_special_tokens=False)
-                now = time.time()
-                for seq in self.scheduler.update(sched, sampled.token_ids, sampled.logprobs):
-                    metrics = self.requests[seq.request_id].metrics
-                    if metrics.first_token_time is None:
-                        metrics.first_token_time = now
-                    touched[seq.request_id] = None
-            else:
-                self.scheduler.update(sched, [])
-        return [self._output(rid, now) for rid in touched]
+        try:
+            for chunk in sched.scheduled:
+                metrics = self.requests[chunk.seq.request_id].metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
+            if sched.scheduled:
+                logits = self.runner.execute(sched)
+                seqs = [c.seq for c in sched.sampled]
+                sampled = self.sampler(logits, seqs) if seqs else None
+                if sampled is not None:
+                    if self.detokenizer is not None:
+                        for entry in sampled.logprobs:
+                            for token_id, lp in (entry or {}).items():
+                                lp.decoded_token = self.detokenizer.decode_token(token_id, skip_special_tokens=False)
+                    now = time.time()
+                    for seq in self.scheduler.update(sched, sampled.token_ids, sampled.logprobs):
+                        metrics = self.requests[seq.request_id].metrics
+                        if metrics.first_token_time is None:
+                            metrics.first_token_time = now
+                        touched[seq.request_id] = None
+                else:
+                    self.scheduler.update(sched, [])
+            outputs = [self._output(rid, now) for rid in touched if rid in self.requests]
+        except BaseException:
+            self.scheduler.recover(sched)
+            self._report.update(touched)
+            raise
+        for out in outputs:  # only once every output exists: a failure above loses no finished request
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
 
     def _output(self, request_id: str, now: float) -> RequestOutput:
         req = self.requests[request_id]
         finished = all(s.is_finished for s in req.seqs)
         if finished:
             req.metrics.finished_time = now
-            del self.requests[request_id]
         outputs = [
             CompletionOutput(
                 index=s.index,
@@ -179,3 +249,35 @@ class LLMEngine:
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prefix-cache hit counters since the engine started."""
         return self.scheduler.block_manager.stats
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_token_ids(ids: list, vocab_size: int | None) -> tuple[list, str | None]:
+    """(ids as plain ints where possible, why the model cannot read them or None); the first bad id is named."""
+    if all(type(t) is int for t in ids):  # the common case: two passes in C
+        if min(ids) >= 0 and (vocab_size is None or max(ids) < vocab_size):
+            return ids, None
+    else:
+        ids = [_as_int(t) for t in ids]
+    for pos, t in enumerate(ids):
+        if type(t) is not int:
+            text = repr(t) if len(repr(t)) <= 40 else repr(t)[:37] + "..."
+            return ids, f"prompt token id {text} at position {pos} is not an int"
+        if t < 0 and vocab_size is None:
+            return ids, f"prompt token id {t} at position {pos} is negative"
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            return ids, f"prompt token id {t} at position {pos} is out of the vocabulary [0, {vocab_size})"
+    return ids, None
+
+
+def _as_int(t: object) -> object:
+    """t as a plain int if it is an integer (numpy's and torch's too; bools and floats are not token ids)."""
+    if type(t) is int or isinstance(t, bool):
+        return t
+    try:
+        return operator.index(t)
+    except TypeError:
+        return t

@@ -67,6 +67,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device
+        # Token ids the model can read (its embedding's rows); the engine checks prompts against it.
+        self.vocab_size: int | None = getattr(getattr(model, "config", None), "vocab_size", None)
         # One allocation; per layer (k, v) views. Slots are written before they are read, so no zero fill.
         # On CPU each block stores, per KV head, its keys then its values (block_size rows each): a decode
         # reads every (sequence, head) as whole 4 KB runs (16 rows of 64), measured 10-15% faster from DRAM

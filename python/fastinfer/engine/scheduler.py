@@ -62,14 +62,18 @@ class Scheduler:
         limit = self.config.max_seq_len
         if seq.num_tokens > limit:
             what = "max_model_len" if limit == self.config.max_model_len else "the KV cache capacity"
-            self._finish(seq, "error")
-            seq.error = f"prompt of {seq.num_tokens} tokens is longer than {what} ({limit} tokens)"
-            self._rejected.append(seq)
+            self.reject(seq, f"prompt of {seq.num_tokens} tokens is longer than {what} ({limit} tokens)")
             return
         seq.status = SequenceStatus.WAITING
         if self.detokenizer is not None and seq.detok is None:
             seq.detok = self.detokenizer.new_state(seq.num_prompt_tokens, seq.params.stop)
         self.waiting.append(seq)
+
+    def reject(self, seq: Sequence, error: str) -> None:
+        """Finish a sequence that can never run with reason "error"; the next schedule() reports it."""
+        self._finish(seq, "error")
+        seq.error = error
+        self._rejected.append(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Finish every unfinished sequence of the request with reason "abort"; return them."""
@@ -77,7 +81,24 @@ class Scheduler:
         for seq in found:
             (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
             self._finish(seq, "abort")
+        self._rejected = [s for s in self._rejected if s.request_id != request_id]
         return found
+
+    def recover(self, out: SchedulerOutput) -> None:
+        """Undo the scheduling of a step that failed before (or while) it ran: its KV writes may be partial.
+
+        Every unfinished sequence it scheduled gives back its blocks and waits, in its old order, to be recomputed
+        from scratch; the blocks the step made findable in the prefix cache are forgotten first, so no later request
+        reuses KV that was never written. (Blocks before a chunk's start were full, and findable, before the step.)
+        """
+        bm = self.block_manager
+        for chunk in out.scheduled:
+            bm.forget(chunk.seq.block_table[chunk.start // bm.block_size :])
+        for chunk in reversed(out.scheduled):
+            seq = chunk.seq
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self._requeue(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._rejected)
@@ -179,12 +200,15 @@ class Scheduler:
         out.num_batched_tokens += num_new
 
     def _preempt(self, seq: Sequence) -> None:
+        self._requeue(seq)
+        self.num_preemptions += 1
+
+    def _requeue(self, seq: Sequence) -> None:
         """Free seq's blocks and put it at the front of waiting; its KV is recomputed when it runs again."""
         self.block_manager.free_blocks(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         self.block_manager.free_blocks(seq)
