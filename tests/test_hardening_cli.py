@@ -279,7 +279,7 @@ def test_engine_setting_errors_are_not_load_errors(capsys):
 
     assert cli.main(["generate", "x", "--kv-cache-memory-bytes", "1"], llm_factory=bad_setting) == 1
     err = capsys.readouterr().err
-    assert "error: --kv-cache-memory-bytes: kv_cache_memory_bytes: 1 bytes hold no" in err
+    assert "error: --kv-cache-memory-bytes: 1 bytes hold no" in err
     assert "cannot load" not in err
 
     def torch_trace(model, **kw):

@@ -308,3 +308,30 @@ def test_progress_bar_silent_when_stderr_is_not_a_terminal(llm, capsys, monkeypa
     monkeypatch.delenv("FASTINFER_NO_PROGRESS", raising=False)
     llm.generate(["hi", "there"], SamplingParams(max_tokens=2), use_tqdm=True)
     assert "\r" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"block_size": 10**20}, r"^block_size must be an int in \[1, 65536\]"),
+    ({"block_size": 0}, r"^block_size must be an int"),
+    ({"max_model_len": 1.5}, r"^max_model_len must be an int"),
+    ({"max_num_seqs": 0}, r"^max_num_seqs must be an int"),
+    ({"max_num_batched_tokens": 2**40}, r"^max_num_batched_tokens must be an int"),
+    ({"kv_cache_memory_bytes": 10**30}, r"^kv_cache_memory_bytes: \d+ bytes is more than the \d+ bytes free on cpu"),
+    ({"kv_cache_memory_bytes": -5}, r"^kv_cache_memory_bytes must be an int >= 1"),
+    ({"enable_prefix_caching": "yes"}, r"^enable_prefix_caching must be a bool"),
+    ({"device": "tpu"}, r"^device: expected 'auto', 'cpu' or 'cuda\[:N\]'"),
+    ({"device": "cuda:banana"}, r"^device: expected"),
+])
+def test_engine_settings_checked_before_the_model_loads(kwargs, match, tmp_path):
+    # A path that does not exist: the setting's error must come first, naming the field, before any load.
+    with pytest.raises(ValueError, match=match):
+        LLM(str(tmp_path / "no-such-model"), **kwargs)
+
+
+def test_cuda_device_without_cuda_names_device(tmp_path):
+    import fastinfer
+
+    if fastinfer.cuda_available() and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match=r"^device: 'cuda' needs a CUDA GPU"):
+        LLM(str(tmp_path / "no-such-model"), device="cuda")

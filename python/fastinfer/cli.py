@@ -9,7 +9,6 @@ records, resume bookkeeping and the streaming loops are in cli_io.py.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import signal
@@ -90,8 +89,6 @@ def make_llm(model: str | None, **engine_kwargs: Any) -> Any:
     """The LLM a run uses (tests replace this, or pass ``llm_factory`` to ``main``)."""
     from fastinfer.llm import LLM
 
-    if "max_logprobs" not in inspect.signature(LLM).parameters:  # an LLM from before the cap: the CLI's check holds
-        engine_kwargs.pop("max_logprobs", None)
     return LLM(model, **engine_kwargs)
 
 
@@ -461,7 +458,7 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_
         # errors name their field first ("kv_cache_memory_bytes: ...", "max_model_len must be ...").
         field = next((k for k in engine_kwargs if re.match(rf"{k}\b", message)), None)
         if field is not None:
-            raise CliError(f"{_flag(field)}: {message}") from None
+            raise CliError(f"{_flag(field)}: {message.removeprefix(f'{field}: ')}") from None
         name = args.model or "the default model"
         raise CliError(f"cannot load {name}: {message} (FASTINFER_DEBUG=1 shows the traceback)") from None
     stats.load_s = time.perf_counter() - t0

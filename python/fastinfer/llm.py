@@ -15,7 +15,7 @@ import torch
 
 from fastinfer.engine.config import SchedulerConfig
 from fastinfer.engine.llm_engine import LLMEngine
-from fastinfer.engine.model_runner import ModelRunner, available_memory_bytes, kv_block_bytes
+from fastinfer.engine.model_runner import ModelRunner, available_memory_bytes, free_memory_bytes, kv_block_bytes
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.engine.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 from fastinfer.models.loader import load_model
@@ -24,14 +24,37 @@ Prompt = Union[str, list[int], dict]
 Conversation = list[dict]
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        import fastinfer
+# Bounds of the engine settings: far above any real use, low enough that nothing sized from them overflows the
+# int32 token indices of the kernels or allocates without end.
+MAX_TOKENS_PER_CALL = 2**31 - 1  # max_model_len, max_num_batched_tokens
+MAX_BLOCK_SIZE = 1 << 16  # tokens per KV-cache block
+MAX_NUM_SEQS = 1 << 20  # sequences decoded together
+MAX_LOGPROBS_LIMIT = 1 << 20  # max_logprobs (a vocabulary is smaller)
 
-        return torch.device("cuda") if fastinfer.cuda_available() and torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+
+
+def _resolve_device(device: str) -> torch.device:
+    from fastinfer import cuda_available
+
+    if device == "auto":
+        return torch.device("cuda") if cuda_available() and torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda":
+        if not cuda_available() or not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} needs a CUDA GPU and a fastinfer and torch built with CUDA "
+                             f"(fastinfer CUDA: {cuda_available()}, torch CUDA: {torch.cuda.is_available()})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} but only {torch.cuda.device_count()} CUDA devices are visible")
     return dev
 
 
@@ -61,12 +84,25 @@ class LLM:
                  kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  seed: int = 0, max_logprobs: int = 20, allow_pickle: bool = False) -> None:
-        # Settings that need no model are checked before the (slow) load.
-        if not isinstance(max_logprobs, int) or isinstance(max_logprobs, bool) or max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be an int >= 0, got {max_logprobs!r}")
+        # Settings that need no model are checked before the (slow) load; each error names its field first.
+        _check_int("max_logprobs", max_logprobs, 0, MAX_LOGPROBS_LIMIT)
         if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX:
             raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+        if max_model_len is not None:
+            _check_int("max_model_len", max_model_len, 1, MAX_TOKENS_PER_CALL)
+        _check_int("block_size", block_size, 1, MAX_BLOCK_SIZE)
+        _check_int("max_num_seqs", max_num_seqs, 1, MAX_NUM_SEQS)
+        if max_num_batched_tokens is not None:
+            _check_int("max_num_batched_tokens", max_num_batched_tokens, 1, MAX_TOKENS_PER_CALL)
+        if kv_cache_memory_bytes is not None:
+            _check_int("kv_cache_memory_bytes", kv_cache_memory_bytes, 1, None)
+        for name, flag in (("enable_prefix_caching", enable_prefix_caching), ("allow_pickle", allow_pickle)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
         dev = _resolve_device(device)
+        if kv_cache_memory_bytes is not None and kv_cache_memory_bytes > free_memory_bytes(dev):
+            raise ValueError(f"kv_cache_memory_bytes: {kv_cache_memory_bytes} bytes is more than the "
+                             f"{free_memory_bytes(dev)} bytes free on {dev}")
         loaded = load_model(model, dtype=dtype, device=str(dev), allow_pickle=allow_pickle)
         cfg = loaded.config
         self.model_path = loaded.path
@@ -74,10 +110,6 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config
         max_model_len = max_model_len or cfg.max_position_embeddings
-        if max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
         dtype_t = next(loaded.model.parameters()).dtype
         block_bytes = kv_block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype_t)
         if kv_cache_memory_bytes is None:

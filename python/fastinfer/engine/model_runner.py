@@ -30,14 +30,20 @@ def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def available_memory_bytes(device: torch.device) -> int:
-    """Memory a KV cache may use on `device` before the default fraction is applied."""
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free on `device` now (a GPU's free memory; MemAvailable on the CPU)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * GPU_CACHE_FRACTION)
+        return int(free)
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return int(info.get("MemAvailable", info["MemFree"]) * CPU_CACHE_FRACTION)
+    return info.get("MemAvailable", info["MemFree"])
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """The default KV-cache size on `device`: a fraction of its free memory."""
+    fraction = GPU_CACHE_FRACTION if device.type == "cuda" else CPU_CACHE_FRACTION
+    return int(free_memory_bytes(device) * fraction)
 
 
 class ModelRunner:
