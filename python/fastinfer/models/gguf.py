@@ -23,8 +23,10 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from .config import MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ConfigError, check_float, \
+    check_int
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType
@@ -41,6 +46,18 @@ if TYPE_CHECKING:
 __all__ = ["GGUFError", "SUPPORTED_ARCHITECTURES", "SUPPORTED_TENSOR_TYPES", "read_gguf", "read_gguf_metadata"]
 
 GGUF_MAGIC = b"GGUF"
+
+# What a GGUF header may declare, checked (with the bytes left in the file) before anything is allocated or
+# looped over: far above any real model's (a 262k-token vocabulary, ~500k merges, a few thousand tensors).
+MAX_METADATA_KEYS = 1 << 16
+MAX_TENSORS = 1 << 20
+MAX_KEY_BYTES = 1 << 16
+MAX_STRING_BYTES = 256 << 20  # one metadata string (tokenizer.huggingface.json can be tens of MB)
+MAX_ARRAY_ITEMS = 1 << 22  # items of one metadata array
+MAX_METADATA_ITEMS = 1 << 23  # array items in the whole header (each becomes a Python object)
+MAX_ARRAY_DEPTH = 4  # arrays of arrays of ...
+MAX_TENSOR_DIMS = 4  # GGML_MAX_DIMS
+MAX_ALIGNMENT = 1 << 20
 
 # GGUF architecture name -> Hugging Face model_type and class. Mistral is stored as "llama".
 SUPPORTED_ARCHITECTURES = {
@@ -156,47 +173,81 @@ class _GGUFFile:
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY, _FLOAT32 = 8, 9, 6
+# Fewest bytes one item of each type takes in the file: a declared count is checked against the bytes left.
+_MIN_BYTES = {**{k: struct.calcsize(f) for k, f in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 
 
 class _Header:
-    """Sequential little-endian reader over the memory-mapped header."""
+    """Sequential little-endian reader over the memory-mapped header. ``field`` names what is being read, for
+    errors; every count and length is checked against the bytes left and the MAX_* bounds before use."""
 
     def __init__(self, buf: np.ndarray, path: str):
         self.buf, self.path, self.pos = buf, path, 0
+        self.field, self.items, self.string_limit = "header", 0, MAX_STRING_BYTES
+
+    def error(self, problem: str) -> GGUFError:
+        return GGUFError(f"{self.path}: corrupt GGUF header: {self.field}: {problem}")
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
-            raise GGUFError(f"{self.path}: truncated GGUF file (header ends at byte {len(self.buf)})")
+            raise GGUFError(
+                f"{self.path}: truncated GGUF file: {self.field} needs {n} bytes at byte {self.pos}, "
+                f"the file has {len(self.buf)}"
+            )
         view = memoryview(self.buf[self.pos : self.pos + n])
         self.pos += n
         return view
 
+    def count(self, what: str, n: int, limit: int, min_bytes: int) -> int:
+        """``n`` items of ``what``, each at least ``min_bytes`` long: within ``limit`` and the bytes left."""
+        if n > limit:
+            raise self.error(f"{n} {what}, more than the limit of {limit}")
+        if n * min_bytes > len(self.buf) - self.pos:
+            raise GGUFError(
+                f"{self.path}: truncated GGUF file: {self.field}: {n} {what} need at least {n * min_bytes} bytes, "
+                f"{len(self.buf) - self.pos} are left"
+            )
+        return n
+
     def scalar(self, kind: int) -> Any:
         fmt = _SCALARS.get(kind)
         if fmt is None:
-            raise GGUFError(f"{self.path}: corrupt GGUF header (metadata value type {kind} at byte {self.pos})")
+            raise self.error(f"unknown value type {kind} at byte {self.pos}")
         value = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
         return _float32_value(value) if kind == _FLOAT32 else value
 
-    def string(self) -> str:
+    def string(self, limit: int | None = None) -> str:
         n = self.scalar(10)
+        limit = self.string_limit if limit is None else limit
+        if n > limit:
+            raise self.error(f"a string of {n} bytes, more than the limit of {limit}")
         try:
             return bytes(self.take(n)).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise GGUFError(f"{self.path}: corrupt GGUF header (string at byte {self.pos - n} is not UTF-8)") from e
+            raise self.error(f"the string at byte {self.pos - n} is not UTF-8") from e
 
     def value(self, kind: int) -> Any:
         if kind == _STRING:
             return self.string()
-        if kind != _ARRAY:
-            return self.scalar(kind)
+        return self.array() if kind == _ARRAY else self.scalar(kind)
+
+    def array(self, depth: int = 0) -> list:
+        """(item type u32, count u64, items); an item that is itself an array is (type, count, items) again."""
+        if depth >= MAX_ARRAY_DEPTH:
+            raise self.error(f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
         item, count = self.scalar(4), self.scalar(10)
+        if item not in _MIN_BYTES:
+            raise self.error(f"unknown array item type {item} at byte {self.pos - 12}")
+        self.count("array items", count, MAX_ARRAY_ITEMS, _MIN_BYTES[item])
+        self.items += count
+        if self.items > MAX_METADATA_ITEMS:
+            raise self.error(f"more than {MAX_METADATA_ITEMS} array items in the header")
         if item == _STRING:
             return [self.string() for _ in range(count)]
         if item == _ARRAY:
-            return [self.value(self.scalar(4)) for _ in range(count)]
-        if item not in _NUMPY:
-            raise GGUFError(f"{self.path}: corrupt GGUF header (array item type {item} at byte {self.pos})")
+            return [self.array(depth + 1) for _ in range(count)]
         dtype = np.dtype(_NUMPY[item])
         return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
 
@@ -210,9 +261,15 @@ def _open(path: str) -> _GGUFFile:
     """Parse the header (metadata and tensor table) and map the tensor data; nothing is dequantised yet."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    from .tokenizer import MAX_CHAT_TEMPLATE_BYTES
+
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or /dev/zero would block or never end
+            raise GGUFError(f"{path}: not a regular file")
         buf = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # plain ndarray: numpy is faster on it
     except (OSError, ValueError) as e:  # ValueError: empty file
+        if isinstance(e, GGUFError):
+            raise
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise GGUFError(f"{path}: not a GGUF file (empty)") from e
         raise GGUFError(f"{path}: cannot open GGUF file ({e})") from e
@@ -225,35 +282,62 @@ def _open(path: str) -> _GGUFFile:
     if version not in (2, 3):
         raise GGUFError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
     n_tensors, n_kv = h.scalar(10), h.scalar(10)
-    metadata = {}
-    for _ in range(n_kv):
-        key = h.string()
+    h.field = "metadata key count"
+    h.count("metadata keys", n_kv, MAX_METADATA_KEYS, _MIN_KV_BYTES)
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        h.field = f"metadata key #{i}"
+        key = h.string(MAX_KEY_BYTES)
+        if key in metadata:
+            raise h.error(f"{key} appears twice")
+        h.field = key
+        h.string_limit = MAX_CHAT_TEMPLATE_BYTES if key.startswith("tokenizer.chat_template") else MAX_STRING_BYTES
         metadata[key] = h.value(h.scalar(4))
 
+    h.field = "tensor count"
+    h.count("tensors", n_tensors, MAX_TENSORS, _MIN_TENSOR_BYTES)
     entries = []
-    for _ in range(n_tensors):
-        name = h.string()
-        dims = tuple(h.scalar(10) for _ in range(h.scalar(4)))
+    for i in range(n_tensors):
+        h.field = f"tensor #{i}"
+        name = h.string(MAX_KEY_BYTES)
+        h.field = f"tensor {name!r}"
+        n_dims = h.scalar(4)
+        if not 1 <= n_dims <= MAX_TENSOR_DIMS:
+            raise h.error(f"{n_dims} dimensions (1 to {MAX_TENSOR_DIMS} are valid)")
+        dims = tuple(h.scalar(10) for _ in range(n_dims))
         raw_type, offset = h.scalar(4), h.scalar(10)
         entries.append((name, dims, raw_type, offset))
-    alignment = int(metadata.get("general.alignment", 32))
+    h.field = "general.alignment"
+    alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or not 1 <= alignment <= MAX_ALIGNMENT \
+            or alignment & (alignment - 1):
+        raise h.error(f"{alignment!r} is not a power of two up to {MAX_ALIGNMENT}")
     data_start = -(-h.pos // alignment) * alignment
 
     tensors = {}
     for name, dims, raw_type, offset in entries:
+        h.field = f"tensor {name!r}"
+        if name in tensors:
+            raise h.error("appears twice in the tensor table")
         try:
             ggml_type = GGMLQuantizationType(raw_type)
         except ValueError:
             raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type id {raw_type}") from None
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        if not dims or dims[0] % block:
+        if min(dims) < 1:
+            raise h.error(f"shape {list(dims)} has an empty dimension")
+        if dims[0] % block:
             raise GGUFError(f"{path}: tensor {name!r} of shape {list(dims)} does not fit {ggml_type.name} blocks")
+        if offset % alignment:
+            raise h.error(f"data offset {offset} is not a multiple of the alignment {alignment}")
+        # Python integers: a dimension of 2**64 - 1 cannot wrap around to a small size here.
         row_bytes = dims[0] // block * block_bytes
-        rows = int(np.prod(dims[1:], dtype=np.int64))
+        rows = math.prod(dims[1:])
         start, end = data_start + offset, data_start + offset + rows * row_bytes
         if end > len(buf):
             raise GGUFError(
-                f"{path}: truncated GGUF file: tensor {name!r} ends at byte {end}, the file has {len(buf)} bytes"
+                f"{path}: truncated GGUF file: tensor {name!r} of shape {list(dims)} ends at byte {end}, "
+                f"the file has {len(buf)} bytes"
             )
         tensors[name] = _TensorInfo(name, dims, ggml_type, buf[start:end].reshape(rows, row_bytes))
     return _GGUFFile(path, metadata, tensors)
@@ -263,11 +347,13 @@ def _open(path: str) -> _GGUFFile:
 
 
 def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo]) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` the file was converted from, as far as its metadata says."""
+    """The Hugging Face ``config.json`` the file was converted from, as far as its metadata says. Every size is
+    type-checked and bounded, the layer count by the layers the file holds and the widths by the first layer's
+    tensors, before anything is built from them; errors name the metadata key."""
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
-            f"{path}: unsupported architecture {arch!r} (general.architecture); "
+            f"{path}: unsupported architecture {arch!r:.60} (general.architecture); "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
@@ -277,15 +363,45 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
             raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
         return value
 
-    hidden = int(get("embedding_length", required=True))
-    heads = _per_model(path, f"{arch}.attention.head_count", get("attention.head_count", required=True))
-    kv_heads = _per_model(path, f"{arch}.attention.head_count_kv", get("attention.head_count_kv", heads))
-    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
-    if "token_embd.weight" not in tensors:
+    def size(key: str, limit: int, default: Any = None, lo: int = 1) -> Any:
+        value = _per_model(path, f"{arch}.{key}", get(key, default, required=default is None))
+        return _checked(path, check_int, f"{arch}.{key}", value, lo, limit)
+
+    def number(key: str, default: Any) -> Any:
+        value = get(key)
+        return default if value is None else _checked(path, check_float, f"{arch}.{key}", value, 0.0)
+
+    hidden = size("embedding_length", MAX_HIDDEN)
+    heads = size("attention.head_count", MAX_HEADS)
+    kv_heads = size("attention.head_count_kv", MAX_HEADS, heads)
+    head_dim = size("attention.key_length", MAX_HEAD_DIM, 0, lo=0) or size("rope.dimension_count", MAX_HEAD_DIM, 0, lo=0)
+    head_dim = head_dim or _checked(path, check_int, f"{arch}.embedding_length / head_count", hidden // heads, 1,
+                                    MAX_HEAD_DIM)
+    layers = size("block_count", MAX_LAYERS)
+    in_file = {int(m.group(1)) for name in tensors if (m := _LAYER_TENSOR.match(name))}
+    if layers > len(in_file):
+        raise GGUFError(f"{path}: {arch}.block_count is {layers}, but the file has tensors for {len(in_file)} layers")
+    ffn = size("feed_forward_length", MAX_HIDDEN)
+    embed = tensors.get("token_embd.weight")
+    if embed is None:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
-    vocab_size = tensors["token_embd.weight"].dims[1]
+    for name, key, expected in (
+        ("token_embd.weight", "embedding_length", hidden),
+        ("blk.0.attn_q.weight", "attention.head_count * head dim", heads * head_dim),
+        ("blk.0.attn_k.weight", "attention.head_count_kv * head dim", kv_heads * head_dim),
+        ("blk.0.ffn_up.weight", "feed_forward_length", ffn),
+    ):
+        t = tensors.get(name)
+        if t is not None and (len(t.dims) != 2 or t.dims[0 if name == "token_embd.weight" else 1] != expected):
+            raise GGUFError(f"{path}: {arch}.{key} ({expected}) does not match tensor {name!r} of shape {list(t.dims)}")
+    if len(embed.dims) != 2 or embed.dims[1] > MAX_VOCAB:
+        raise GGUFError(f"{path}: tensor 'token_embd.weight' of shape {list(embed.dims)} is not a vocabulary table")
+    vocab_size = embed.dims[1]
     sliding_window = get("attention.sliding_window")
-    name = str(meta.get("general.name") or "")
+    if sliding_window is not None:
+        sliding_window = _checked(path, check_int, f"{arch}.attention.sliding_window", sliding_window, 1, MAX_POSITIONS)
+    name = meta.get("general.name")
+    name = name if isinstance(name, str) else ""
     model_type, hf_class = SUPPORTED_ARCHITECTURES[arch]
     if arch == "llama" and (sliding_window is not None or "mistral" in name.lower()):
         model_type, hf_class = _MISTRAL
@@ -295,14 +411,14 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
         "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length", required=True)),
-        "num_hidden_layers": int(get("block_count", required=True)),
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(get("rope.freq_base", 10_000.0)),
+        "max_position_embeddings": size("context_length", MAX_POSITIONS, 2048),
+        "rms_norm_eps": number("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": number("rope.freq_base", 10_000.0),
         "rope_scaling": _rope_scaling(path, arch, meta, tensors, head_dim),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
@@ -313,25 +429,33 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
     if model_type in ("llama", "mistral", "qwen2", "qwen3"):
         config["hidden_act"] = "silu"
     if model_type == "mistral":
-        config["sliding_window"] = None if sliding_window is None else int(sliding_window)
+        config["sliding_window"] = sliding_window
     if model_type in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
         config["sliding_window"] = None
     if model_type == "gemma3_text":
-        config.update(_gemma3_config(config, get, sliding_window))
+        config.update(_gemma3_config(config, get, number, sliding_window))
     return config
 
 
-def _per_model(path: str, key: str, value: int | list[int]) -> int:
-    """A head count, which newer files may store per layer; the supported architectures use one for all."""
+def _checked(path: str, check: Any, key: str, *args: Any) -> Any:
+    """config.check_int / check_float on a metadata value, failing as GGUFError naming the file and the key."""
+    try:
+        return check(key, *args)
+    except ConfigError as err:
+        raise GGUFError(f"{path}: {err}") from None
+
+
+def _per_model(path: str, key: str, value: Any) -> Any:
+    """A size, which newer files may store per layer; the supported architectures use one for all."""
     if isinstance(value, list):
-        if len(set(value)) != 1:
-            raise GGUFError(f"{path}: {key} differs between layers ({value}), which is not supported")
+        if len(set(map(repr, value))) != 1:
+            raise GGUFError(f"{path}: {key} differs between layers ({value!r:.60}), which is not supported")
         value = value[0]
-    return int(value)
+    return value
 
 
-def _gemma3_config(config: dict[str, Any], get: Any, sliding_window: Any) -> dict[str, Any]:
+def _gemma3_config(config: dict[str, Any], get: Any, number: Any, sliding_window: Any) -> dict[str, Any]:
     layers = config["num_hidden_layers"]
     pattern = get("attention.sliding_window_pattern")
     if isinstance(pattern, list) and len(pattern) == layers:  # newer files: one bool per layer, True = sliding
@@ -345,10 +469,10 @@ def _gemma3_config(config: dict[str, Any], get: Any, sliding_window: Any) -> dic
     return {
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": scalar,
-        "sliding_window": None if sliding_window is None else int(sliding_window),
+        "sliding_window": sliding_window,
         "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-        "rope_local_base_freq": float(get("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE)),
-        "final_logit_softcapping": get("final_logit_softcapping"),
+        "rope_local_base_freq": number("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE),
+        "final_logit_softcapping": number("final_logit_softcapping", None),
         "attn_logit_softcapping": None,
         "attention_bias": False,
     }
@@ -360,22 +484,26 @@ def _rope_scaling(
     """Hugging Face ``rope_scaling`` from ``{arch}.rope.scaling.*`` or, for Llama 3, the ``rope_freqs`` tensor."""
     if "rope_freqs.weight" in tensors:
         return _llama3_rope_scaling(path, meta, tensors["rope_freqs.weight"], head_dim)
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
+    prefix = f"{arch}.rope.scaling."
+    kind = meta.get(prefix + "type")
+    factor = meta.get(prefix + "factor")
     if kind in (None, "none") or factor is None:
         return None
+    factor = _checked(path, check_float, prefix + "factor", factor, 0.0)
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
-        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
+        original = meta.get(prefix + "original_context_length")
         if original is not None:
-            scaling["original_max_position_embeddings"] = int(original)
+            scaling["original_max_position_embeddings"] = _checked(
+                path, check_int, prefix + "original_context_length", original, 1, MAX_POSITIONS
+            )
         for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-            if (value := meta.get(f"{arch}.rope.scaling.{key}")) is not None:
-                scaling[hf_key] = float(value)
+            if (value := meta.get(prefix + key)) is not None:
+                scaling[hf_key] = _checked(path, check_float, prefix + key, value, 0.0)
         return scaling
-    raise GGUFError(f"{path}: unsupported rope scaling type {kind!r} ({arch}.rope.scaling.type)")
+    raise GGUFError(f"{path}: unsupported rope scaling type {kind!r:.60} ({prefix}type)")
 
 
 def _llama3_rope_scaling(path: str, meta: dict[str, Any], tensor: _TensorInfo, head_dim: int) -> dict[str, Any]:
@@ -390,7 +518,7 @@ def _llama3_rope_scaling(path: str, meta: dict[str, Any], tensor: _TensorInfo, h
     from gguf import dequantize
 
     stored = dequantize(tensor.data, tensor.type).reshape(-1).astype(np.float64)
-    theta = float(meta.get("llama.rope.freq_base", 10_000.0))
+    theta = _checked(path, check_float, "llama.rope.freq_base", meta.get("llama.rope.freq_base", 10_000.0), 0.0)
     factor = float(stored.max())
     for low, high, original in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 131072)):
         expected = _llama3_factors(theta, head_dim, factor, low, high, original)
