@@ -72,6 +72,18 @@ _PRE_TOKENIZERS: dict[str, _Pre] = {
     **dict.fromkeys(("gpt-4o", "llama4"), _Pre((_GPT4O_SPLIT,))),
 }
 
+# The tokenizer metadata read here and the type of each value (a list's items for a list); a value of another
+# type is an error naming the key, not a TypeError from deep inside the tokenizer's construction.
+_NUMBER = (int, float)
+_SCHEMA: dict[str, Any] = {
+    **dict.fromkeys(("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"), str),
+    **dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), [str]),
+    "tokenizer.ggml.token_type": [int],
+    "tokenizer.ggml.scores": [_NUMBER],
+    **dict.fromkeys([f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "unknown", "padding", "eot", "eom")], int),
+    **dict.fromkeys([f"tokenizer.ggml.{k}" for k in ("add_bos_token", "add_eos_token", "add_space_prefix")], bool),
+}
+
 # Tokens that end a chat turn (llama.cpp's end-of-generation list); one counts as an extra EOS when the chat
 # template writes it.
 _END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>")
@@ -91,6 +103,7 @@ def tokenizer_from_gguf(path: str, meta: dict[str, Any]) -> tuple[Tokenizer, dic
         add_bos_token=info["add_bos_token"],
         add_eos_token=info["add_eos_token"],
         chat_template=info["chat_template"],
+        chat_template_source=f"{path} (tokenizer.chat_template)",
         special_tokens={k: info[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if info[k]},
     )
     ids = info["eos_token_ids"]
@@ -107,6 +120,7 @@ def build_backend(path: str, meta: dict[str, Any]) -> tuple[tokenizers.Tokenizer
     """``(backend, info)``: the tokenizers.Tokenizer and the special tokens, flags and chat template."""
     from .gguf import GGUFError
 
+    _check_types(path, meta)
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is None:
@@ -121,6 +135,32 @@ def build_backend(path: str, meta: dict[str, Any]) -> tuple[tokenizers.Tokenizer
     else:
         raise GGUFError(f"{path}: unsupported tokenizer model {model!r} (tokenizer.ggml.model); supported: gpt2, llama")
     return backend, _special_tokens(meta, tokens, model)
+
+
+def _check_types(path: str, meta: dict[str, Any]) -> None:
+    from .gguf import GGUFError
+
+    for key, kind in _SCHEMA.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        item = kind[0] if isinstance(kind, list) else kind
+        values = value if isinstance(kind, list) and isinstance(value, list) else [value]
+        if (isinstance(kind, list) and not isinstance(value, list)) or not all(
+            isinstance(v, item) and (item is bool or not isinstance(v, bool)) for v in values
+        ):
+            what = f"a list of {getattr(item, '__name__', 'number')}" if isinstance(kind, list) else item.__name__
+            raise GGUFError(f"{path}: {key} must be {what}, got {value!r:.60}")
+
+
+def _merge_pairs(path: str, merges: list[str]) -> list[tuple[str, str]]:
+    from .gguf import GGUFError
+
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    bad = next((m for m, p in zip(merges, pairs) if len(p) != 2), None)
+    if bad is not None:
+        raise GGUFError(f"{path}: tokenizer.ggml.merges entry {bad!r:.60} is not two tokens separated by a space")
+    return pairs  # type: ignore[return-value]
 
 
 def _special_tokens(meta: dict[str, Any], tokens: list[str], model: str) -> dict[str, Any]:
@@ -188,7 +228,7 @@ def _byte_level_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: l
         if kind in (_NORMAL, _UNUSED) and not set(token) <= spelled:  # a literal string among the byte spellings
             token = "".join(alphabet[b] for b in token.encode("utf-8"))
         vocab.setdefault(token, i)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = _merge_pairs(path, merges)
 
     backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=rules.llama3))
     if rules.nfc:
@@ -231,7 +271,7 @@ def _sentencepiece_bpe(path: str, meta: dict[str, Any], tokens: list[str], types
         vocab.setdefault(token, i)
     merges = meta.get("tokenizer.ggml.merges")
     if merges is not None:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = _merge_pairs(path, merges)
     else:
         scores = meta.get("tokenizer.ggml.scores")
         if meta.get("general.architecture") == "gemma3" or scores is None:
