@@ -175,17 +175,17 @@ def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
             continue
         pname, start, rows = targets[name]
         dest = params[pname].data.narrow(0, start, rows)
+        if name in seen:
+            problems.append(f"{name}: given twice")
+        seen.add(name)  # a wrongly shaped tensor is that problem, not also a missing one
         if tuple(tensor.shape) != tuple(dest.shape):
             problems.append(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, model expects {tuple(dest.shape)}")
             continue
-        if name in seen:
-            problems.append(f"{name}: given twice")
         dest.copy_(tensor)
-        seen.add(name)
     problems += [f"missing tensor {name!r}" for name in targets if name not in seen]
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise WeightError(f"{len(problems)} weight problem(s):\n  {shown}")
+    if problems:  # one line
+        shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise WeightError(f"{len(problems)} weight problem(s): {shown}")
     for m in model.modules():
         if hasattr(m, "post_load"):
             m.post_load()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -18,7 +19,7 @@ import torch
 
 from fastinfer.models import build_model, load_weights
 from fastinfer.models.config import ConfigError, ModelConfig, is_multimodal
-from fastinfer.models.tokenizer import Tokenizer
+from fastinfer.models.tokenizer import MAX_JSON_BYTES, Tokenizer, read_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,8 +89,9 @@ def resolve_hf_cache(model_id: str) -> Path:
         if not snapshots.is_dir():
             continue
         ref = root / repo / "refs" / "main"
-        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
-            return snapshots / ref.read_text().strip()
+        revision = _read(ref, 4096).strip() if ref.is_file() else ""
+        if revision and "/" not in revision and revision not in (".", "..") and (snapshots / revision).is_dir():
+            return snapshots / revision
         found = sorted((p for p in snapshots.iterdir() if (p / "config.json").exists()),
                        key=lambda p: p.stat().st_mtime)
         if found:
@@ -112,13 +114,22 @@ def _torch_dtype(dtype: str | torch.dtype, declared: Optional[str], fallback: to
     return DTYPES[dtype]
 
 
+def _read(path: Path, limit: int) -> str:
+    """read_text (a regular file of at most ``limit`` bytes) with its errors as LoadError."""
+    try:
+        return read_text(path, limit)
+    except (OSError, ValueError) as err:
+        raise LoadError(str(err)) from None
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoadError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        value = json.loads(_read(path, MAX_JSON_BYTES))
+    except (json.JSONDecodeError, RecursionError) as err:
         raise LoadError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise LoadError(f"{path}: not a JSON object")
+    return value
 
 
 def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_pickle: bool) -> LoadedModel:
@@ -131,14 +142,48 @@ def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_p
     gen_path = folder / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.exists() else {}
     files = _weight_files(folder, allow_pickle)
-    model = build_model(config, _torch_dtype(dtype, config.torch_dtype, torch.float32), device)
-    tensors = _iter_tensors(files, skip=VISION_PREFIXES if is_multimodal(raw) else ())
+    skip = VISION_PREFIXES if is_multimodal(raw) else ()
+    torch_dtype = _torch_dtype(dtype, config.torch_dtype, torch.float32)
+    _check_fits(folder / "config.json", config, files, skip, is_multimodal(raw), torch_dtype)
+    tokenizer = None
+    if (folder / "tokenizer.json").exists():  # before the weights: a bad tokenizer file fails fast
+        try:
+            tokenizer = Tokenizer.from_hf_folder(folder)
+        except (OSError, ValueError) as err:
+            raise LoadError(str(err)) from None
+    model = build_model(config, torch_dtype, device)
+    tensors = _iter_tensors(files, skip=skip)
     try:
         load_weights(model, _text_names(tensors) if is_multimodal(raw) else tensors)
     except ValueError as err:
         raise type(err)(f"{folder}: {err}") from None
-    tokenizer = Tokenizer.from_hf_folder(folder) if (folder / "tokenizer.json").exists() else None
     return LoadedModel(model, config, tokenizer, gen, str(folder))
+
+
+def _check_fits(config_path: Path, config: ModelConfig, files: list[Path], skip: tuple, multimodal: bool,
+                dtype: torch.dtype) -> None:
+    """Check, before allocating anything, that the config describes what the checkpoint holds: no more layers
+    than it has tensors, then load_weights on a model of meta tensors (no memory) from the tensor shapes of the
+    safetensors headers, so that missing, unexpected and wrongly shaped tensors fail here, the same way."""
+    if any(f.suffix != ".safetensors" for f in files):
+        return  # pickles are only known by loading them
+    from safetensors import SafetensorError, safe_open
+
+    shapes = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                shapes += [(name, f.get_slice(name).get_shape()) for name in f.keys() if not name.startswith(skip)]
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LoadError(f"{file}: corrupt or truncated safetensors file ({err})") from None
+    if config.num_hidden_layers > len(shapes):
+        raise ConfigError(f"{config_path}: num_hidden_layers is {config.num_hidden_layers}, but the checkpoint has "
+                          f"only {len(shapes)} tensors")
+    tensors = ((name, torch.empty(shape, device="meta")) for name, shape in shapes)
+    try:
+        load_weights(build_model(config, dtype, "meta"), _text_names(tensors) if multimodal else tensors)
+    except ValueError as err:
+        raise type(err)(f"{config_path.parent}: {err}") from None
 
 
 def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
@@ -149,22 +194,35 @@ def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise LoadError(f"{index}: no 'weight_map' in the shard index")
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            names = list(dict.fromkeys(weight_map.values()))
+            bad = next((n for n in names if not isinstance(n, str) or os.path.basename(n) != n or n in ("", ".", "..")),
+                       None)
+            if bad is not None:
+                raise LoadError(f"{index}: shard {bad!r:.80} is not a file name in the folder")
+            files = [folder / name for name in names]
             missing = [str(f.name) for f in files if not f.exists()]
             if missing:
                 raise LoadError(f"{index}: shard file(s) listed but not present: {', '.join(missing)}")
-            return _check_pickle(files, allow_pickle) if pickled else files
+            return _regular(_check_pickle(files, allow_pickle) if pickled else files)
     if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
+        return _regular([folder / "model.safetensors"])
     # Mistral repositories also ship consolidated.safetensors, the same weights under mistral-inference names.
     files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("consolidated"))
     if files:
-        return files
+        return _regular(files)
     bins = sorted(folder.glob("*.bin"))
     if bins:
-        return _check_pickle(bins, allow_pickle)
+        return _regular(_check_pickle(bins, allow_pickle))
     raise LoadError(f"{folder}: no weights found (expected model.safetensors, *.safetensors shards with "
                     f"model.safetensors.index.json, or pytorch_model*.bin)")
+
+
+def _regular(files: list[Path]) -> list[Path]:
+    """``files``, each a regular file (a FIFO would block the reader, /dev/zero never end)."""
+    for f in files:
+        if not stat.S_ISREG(f.stat().st_mode):
+            raise LoadError(f"{f}: not a regular file")
+    return files
 
 
 def _check_pickle(files: list[Path], allow_pickle: bool) -> list[Path]:
@@ -204,8 +262,10 @@ def _iter_tensors(files: list[Path], skip: tuple = ()) -> Iterator[tuple[str, to
 
 
 def _load_gguf(path: str, dtype: str | torch.dtype, device: str) -> LoadedModel:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise LoadError(f"{path}: GGUF file not found")
+    if not os.path.isfile(path):
+        raise LoadError(f"{path}: not a regular file")
     from fastinfer.models.gguf import read_gguf  # written alongside; only needed for GGUF files
 
     hf_config, tensors, tokenizer, gen = read_gguf(path)
