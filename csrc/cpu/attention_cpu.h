@@ -89,6 +89,8 @@ void store_tile(const AttentionParams& p, const TileJob& job, const float* o, in
                 const float* l);
 
 void attention_forward(const AttentionParams& p);
+// Varlen: writes zeros (and lse +inf) to the rows of out outside every sequence, of total_q rows.
+void zero_rows_outside(const AttentionParams& p, int64_t total_q);
 void kv_write(const KVWriteParams& p);
 
 }  // namespace fastinfer::cpu

@@ -64,8 +64,30 @@ void write_row(const AttentionParams& p, int b, int t, int h, const float* vals,
   if (p.lse) {
     const int64_t row = p.cu_seqlens_q ? p.cu_seqlens_q[b] + t : t;
     p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] =
-        std::isfinite(lse_log2) ? lse_log2 * kLn2 : std::numeric_limits<float>::infinity();
+        std::isnan(lse_log2) ? lse_log2 : std::isfinite(lse_log2) ? lse_log2 * kLn2 : std::numeric_limits<float>::infinity();
   }
+}
+
+// Does query t of sequence b have at least one key inside its window?
+bool row_sees_keys(const AttentionParams& p, int b, int t) {
+  const int64_t sk = p.k_len(b), i = int64_t(t) + sk - p.q_len(b);  // bottom-right aligned position
+  const int64_t lo = p.window_left >= 0 ? std::max<int64_t>(0, i - p.window_left) : 0;
+  const int64_t hi = p.window_right >= 0 ? std::min<int64_t>(sk - 1, i + p.window_right) : sk - 1;
+  return lo <= hi;
+}
+
+// A finished row as softmax defines it: l (the denominator) is NaN when a score was NaN or +inf
+// (+inf - +inf), and 0 when no visible key had a score above -inf. A row without visible keys is
+// zeros with lse +inf (flash-attn's fully masked row); a row whose visible scores were all -inf
+// is NaN, as softmax over -inf alone is. Returns false for a NaN row.
+bool row_is_defined(const AttentionParams& p, int b, int t, float l) {
+  return !std::isnan(l) && (l > 0.f || !row_sees_keys(p, b, t));
+}
+
+void write_nan_row(const AttentionParams& p, int b, int t, int h) {
+  float vals[kMaxHeadDim];
+  std::fill(vals, vals + p.head_dim, std::numeric_limits<float>::quiet_NaN());
+  write_row(p, b, t, h, vals, std::numeric_limits<float>::quiet_NaN());
 }
 
 // A tile cut into several key ranges; merged after all ranges ran.
@@ -82,8 +104,18 @@ void merge_splits(const AttentionParams& p, const SplitGroup& g) {
   const int64_t stride = partial_floats(R, D);
   std::vector<float> acc(D);
   for (int r = 0; r < g.tile.row_end - g.tile.row_begin; ++r) {
+    const int row = g.tile.row_begin + r, t = row / group, h = g.tile.kv_head * group + row % group;
     float mx = -std::numeric_limits<float>::infinity();
-    for (int s = 0; s < g.num_splits; ++s) mx = std::max(mx, g.partials[s * stride + R * D + r]);
+    bool nan_row = false;
+    for (int s = 0; s < g.num_splits; ++s) {
+      const float lse_s = g.partials[s * stride + R * D + r];
+      nan_row = nan_row || std::isnan(lse_s);
+      mx = std::max(mx, lse_s);
+    }
+    if (nan_row || (mx == -std::numeric_limits<float>::infinity() && row_sees_keys(p, g.tile.b, t))) {
+      write_nan_row(p, g.tile.b, t, h);
+      continue;
+    }
     std::fill(acc.begin(), acc.end(), 0.f);
     float total = 0.f;
     if (std::isfinite(mx)) {
@@ -96,9 +128,7 @@ void merge_splits(const AttentionParams& p, const SplitGroup& g) {
       }
       for (int d = 0; d < D; ++d) acc[d] /= total;
     }
-    const int row = g.tile.row_begin + r;
-    write_row(p, g.tile.b, row / group, g.tile.kv_head * group + row % group, acc.data(),
-              total > 0.f ? mx + std::log2(total) : std::numeric_limits<float>::infinity());
+    write_row(p, g.tile.b, t, h, acc.data(), total > 0.f ? mx + std::log2(total) : std::numeric_limits<float>::infinity());
   }
 }
 
@@ -149,22 +179,44 @@ void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, i
                 const float* l) {
   const int D = p.head_dim, R = job.rows_per_tile, group = p.num_heads / p.num_kv_heads;
   const int nrows = job.row_end - job.row_begin;
-  if (job.partial) {
+  if (job.partial) {  // a split: NaN marks a NaN row; l == 0 is decided when the splits are merged
     for (int r = 0; r < nrows; ++r) {
       const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
       for (int d = 0; d < D; ++d) job.partial[r * D + d] = ot[r * rs + d * ds] * inv;
-      job.partial[R * D + r] = l[r] > 0.f ? m[r] + std::log2(l[r]) : -std::numeric_limits<float>::infinity();
+      job.partial[R * D + r] = std::isnan(l[r]) ? l[r] : l[r] > 0.f ? m[r] + std::log2(l[r]) : -std::numeric_limits<float>::infinity();
     }
     return;
   }
   float vals[kMaxHeadDim];
   for (int r = 0; r < nrows; ++r) {
+    const int row = job.row_begin + r, t = row / group, h = job.kv_head * group + row % group;
+    if (!row_is_defined(p, job.b, t, l[r])) {
+      write_nan_row(p, job.b, t, h);
+      continue;
+    }
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
     for (int d = 0; d < D; ++d) vals[d] = ot[r * rs + d * ds] * inv;
-    const int row = job.row_begin + r;
-    write_row(p, job.b, row / group, job.kv_head * group + row % group, vals,
-              l[r] > 0.f ? m[r] + std::log2(l[r]) : std::numeric_limits<float>::infinity());
+    write_row(p, job.b, t, h, vals, l[r] > 0.f ? m[r] + std::log2(l[r]) : std::numeric_limits<float>::infinity());
   }
+}
+
+void zero_rows_outside(const AttentionParams& p, int64_t total_q) {
+  if (!p.cu_seqlens_q) return;
+  // Rows [0, cu[0]) and [cu[batch], total_q) belong to no sequence (the binding requires cu[0] == 0,
+  // so only trailing rows occur): zeros and lse +inf, like a row that sees no key.
+  const int64_t q0 = std::clamp<int64_t>(p.cu_seqlens_q[0], 0, total_q);
+  const int64_t q1 = std::clamp<int64_t>(p.cu_seqlens_q[p.batch], q0, total_q);
+  const int esz = dtype_size(p.dtype);
+  auto zero = [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      for (int h = 0; h < p.num_heads; ++h) {
+        char* dst = static_cast<char*>(p.out) + esz * (row * p.o_row_stride + h * p.o_head_stride);
+        std::fill(dst, dst + esz * p.head_dim, 0);
+        if (p.lse) p.lse[h * p.lse_head_stride + row * p.lse_row_stride] = std::numeric_limits<float>::infinity();
+      }
+  };
+  zero(0, q0);
+  zero(q1, total_q);
 }
 
 void attention_forward(const AttentionParams& p) {

@@ -96,8 +96,10 @@ inline VecF vselect_range(VecF a, VecF x, VecF lo, VecF hi, float fill) {
   const __mmask16 m = _mm512_cmp_ps_mask(x.v, lo.v, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x.v, hi.v, _CMP_LE_OQ);
   return {_mm512_mask_blend_ps(m, _mm512_set1_ps(fill), a.v)};
 }
+// NaN in, NaN out (max returns its second operand when one is NaN; NLT_UQ holds for NaN):
+// attention relies on it to turn a NaN or +inf score into a NaN row, as softmax does.
 inline VecF vexp2(VecF x) {
-  const __m512 xc = _mm512_max_ps(x.v, _mm512_set1_ps(-150.f));
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.f), x.v);
   const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(xc, n);
   __m512 p = _mm512_set1_ps(kC6);
@@ -108,7 +110,7 @@ inline VecF vexp2(VecF x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kC1));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   // Exact zero below 2^-126: denormal probabilities would trigger slow microcode assists.
-  const __mmask16 normal = _mm512_cmp_ps_mask(xc, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  const __mmask16 normal = _mm512_cmp_ps_mask(xc, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
   return {_mm512_maskz_scalef_ps(normal, p, n)};
 }
 inline float vreduce_max(VecF a) { return _mm512_reduce_max_ps(a.v); }
@@ -168,7 +170,8 @@ inline VecF vselect_range(VecF a, VecF x, VecF lo, VecF hi, float fill) {
 }
 inline __m256 exp2_8(__m256 x) {
   // Clamped above too: 2^128 builds the exponent field of infinity; larger n would wrap.
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-150.f)), _mm256_set1_ps(128.f));
+  // NaN passes both clamps (min/max return their second operand when one is NaN) and stays NaN.
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-150.f), x));
   const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(xc, n);
   __m256 p = _mm256_set1_ps(kC6);
@@ -180,7 +183,7 @@ inline __m256 exp2_8(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_and_ps(r, _mm256_cmp_ps(xc, _mm256_set1_ps(-126.f), _CMP_GE_OQ));
+  return _mm256_and_ps(r, _mm256_cmp_ps(xc, _mm256_set1_ps(-126.f), _CMP_NLT_UQ));
 }
 inline VecF vexp2(VecF x) { return {exp2_8(x.lo), exp2_8(x.hi)}; }
 inline float vreduce_max(VecF a) {
