@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <deque>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -49,6 +51,38 @@ void check(bool ok, const Args&... msg) {
 }
 
 using OptTensor = std::optional<TensorView>;
+
+std::string py_repr(const py::handle& obj) { return py::repr(obj).cast<std::string>(); }
+
+// A Python integer (int, numpy/torch integer scalar; not bool, not float) in [lo, hi]. pybind's own
+// conversion of a C++ int parameter says only "incompatible function arguments" and names nothing.
+int64_t int_arg(const py::handle& obj, const std::string& name, int64_t lo, int64_t hi) {
+  if (PyBool_Check(obj.ptr()) || !PyIndex_Check(obj.ptr()))
+    throw py::type_error(cat(name, ": expected an int in [", lo, ", ", hi, "], got ", py_repr(obj), " (",
+                             py::type::of(obj).attr("__name__").cast<std::string>(), ")"));
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  check(!overflow && v >= lo && v <= hi, name, ": expected an int in [", lo, ", ", hi, "], got ", py_repr(obj));
+  return v;
+}
+
+// A real Python number (int or float, numpy scalars included; not bool) as a double.
+double float_arg(const py::handle& obj, const std::string& name) {
+  if (PyBool_Check(obj.ptr()) || !(PyFloat_Check(obj.ptr()) || PyIndex_Check(obj.ptr()) || py::hasattr(obj, "__float__")))
+    throw py::type_error(cat(name, ": expected a number, got ", py_repr(obj), " (",
+                             py::type::of(obj).attr("__name__").cast<std::string>(), ")"));
+  const double v = PyFloat_AsDouble(obj.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(cat(name, ": expected a number representable as a float, got ", py_repr(obj)));
+  }
+  return v;
+}
+
+constexpr int64_t kInt32Max = 2147483647;
 
 OptTensor view(const py::object& obj, const char* name) {
   if (obj.is_none()) return std::nullopt;
@@ -149,13 +183,33 @@ const int32_t* index_vector(const OptTensor& t, int64_t len) {
   return t->data<const int32_t>();
 }
 
+// cu_seqlens (prefix sums of sequence lengths, flash-attn's layout): starts at 0, never decreases,
+// and, where it indexes packed rows (total >= 0), ends inside them. Rows past the last entry are
+// allowed (flash-attn accepts them: padded batches); the forward writes zeros there.
 void check_cu_seqlens(const TensorView& t, const int32_t* cu, int64_t batch, int64_t total, const char* total_what) {
-  check(cu[0] >= 0, t.name(), "[0] must be >= 0, got ", cu[0]);
+  check(cu[0] == 0, t.name(), "[0] must be 0 (cu_seqlens are prefix sums of the sequence lengths), got ", cu[0]);
   for (int64_t b = 0; b < batch; ++b)
     check(cu[b + 1] >= cu[b], t.name(), " must be non-decreasing, but ", t.name(), "[", b + 1, "] = ", cu[b + 1],
           " < ", t.name(), "[", b, "] = ", cu[b]);
-  check(cu[batch] <= total, t.name(), "[-1] = ", cu[batch], " exceeds the ", total, " ", total_what);
+  check(total < 0 || cu[batch] <= total, t.name(), "[-1] = ", cu[batch], " exceeds the ", total, " ", total_what);
 }
+
+// A tensor the kernels write: no two of its elements may share memory (a zero stride from
+// expand(), or overlapping strides), as torch refuses in-place writes to such tensors.
+void check_writable(const TensorView& t) {
+  check(!t.overlaps_itself(), t.name(), ": this tensor is written, but some of its elements share memory (strides ",
+        t.strides_str(), " for shape ", t.shape(), ", e.g. from expand()); pass a tensor with its own storage (.clone())");
+}
+
+// A written tensor must not share memory with any other operand of the call (null entries skipped).
+void check_disjoint(const TensorView& written, std::initializer_list<const TensorView*> others) {
+  for (const TensorView* o : others)
+    if (o && o != &written)
+      check(!written.shares_memory_with(*o), written.name(), ": must not overlap ", o->name(),
+            " (they share memory, and ", written.name(), " is written while ", o->name(), " is in use)");
+}
+
+const TensorView* ptr(const OptTensor& t) { return t ? &*t : nullptr; }
 
 // Sequence b's `len` keys fit its block_table row, and the blocks they use exist.
 void check_block_row(const TensorView& table, int b, int64_t len, int block_size, int64_t num_blocks) {
@@ -262,10 +316,8 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
 
   if (cu_k) {
     p.cu_seqlens_k = index_vector(cu_k, p.batch + 1);
-    if (host && varlen_k) check_cu_seqlens(*cu_k, p.cu_seqlens_k, p.batch, k.size(0), "rows of k");
-    else if (host)
-      for (int b = 0; b < p.batch; ++b)
-        check(p.cu_seqlens_k[b + 1] >= p.cu_seqlens_k[b], "cu_seqlens_k must be non-decreasing");
+    // paged: cu_seqlens_k only gives the lengths (the block table places the keys)
+    if (host) check_cu_seqlens(*cu_k, p.cu_seqlens_k, p.batch, varlen_k ? k.size(0) : -1, "rows of k");
   }
   p.seqlens_k = in.seqlens_k_override ? in.seqlens_k_override : index_vector(seqlens_k, p.batch);
   launch.kv_rows = k.size(0);
@@ -337,8 +389,18 @@ AttentionParams make_params(const AttentionTensors& in, const AttentionOptions& 
     p.alibi_slopes = alibi->data<const float>();
   }
 
+  // Written: out and lse, each on its own memory, apart from every input.
+  check_writable(out);
+  check_disjoint(out, {&q, &k, &v, ptr(lse), ptr(cu_q), ptr(cu_k), ptr(seqlens_k), ptr(kv_idx), ptr(block_table), ptr(alibi)});
+  if (lse) {
+    check_writable(*lse);
+    check_disjoint(*lse, {&q, &k, &v, ptr(cu_q), ptr(cu_k), ptr(seqlens_k), ptr(kv_idx), ptr(block_table), ptr(alibi)});
+  }
+
   check(std::isfinite(opt.softmax_scale), "softmax_scale must be finite, got ", opt.softmax_scale);
-  check(opt.softcap >= 0.f && std::isfinite(opt.softcap), "softcap must be >= 0, got ", opt.softcap);
+  // 1/softcap scales every score: it must be finite too.
+  check(opt.softcap == 0.f || (opt.softcap > 0.f && std::isfinite(opt.softcap) && std::isfinite(1.f / opt.softcap)),
+        "softcap must be >= 0 and finite (0 = off), with a finite inverse, got ", opt.softcap);
   check(opt.window_left >= -1 && opt.window_right >= -1, "window_size entries must be >= -1 (-1 = unbounded), got (",
         opt.window_left, ", ", opt.window_right, ")");
   check(opt.num_splits >= 0, "num_splits must be >= 0, got ", opt.num_splits);
@@ -366,12 +428,14 @@ cuda::AttentionExtras cuda_extras(const Launch& launch) {
 #endif
 
 void run_attention(const AttentionParams& p, const TensorView& q, const Launch& launch) {
-  if (p.batch == 0 || q.numel() == 0) return;
+  if (q.numel() == 0) return;
   if (launch.on_host()) {
     py::gil_scoped_release release;
-    cpu::attention_forward(p);
+    if (p.cu_seqlens_q) cpu::zero_rows_outside(p, launch.q_rows);  // padded varlen batches: no garbage rows
+    if (p.batch > 0) cpu::attention_forward(p);
     return;
   }
+  if (p.batch == 0 && !p.cu_seqlens_q) return;
 #if defined(FASTINFER_WITH_CUDA)
   DeviceGuard guard(launch.device);
   const cuda::AttentionExtras x = cuda_extras(launch);
@@ -459,6 +523,10 @@ void attention_backward(const py::object& dout, const py::object& q, const py::o
   check_grad(gq, in.q, p.dtype);
   check_grad(gk, in.k, p.dtype);
   check_grad(gv, in.v, p.dtype);
+  for (const TensorView* t : {&gq, &gk, &gv}) {
+    check_writable(*t);
+    check_disjoint(*t, {&gq, &gk, &gv, &g, &in.q, &in.k, &in.v, &in.out, ptr(in.lse), ptr(in.cu_q), ptr(in.cu_k), ptr(in.alibi)});
+  }
   const int qd = in.q.dim(), kd = in.k.dim();
   const bool varlen = p.cu_seqlens_q != nullptr;
   bp.dout = g.data();
@@ -529,6 +597,10 @@ CacheViews cache_params(const TensorView& key, const TensorView& value, const Te
   check(key.size(kd - 2) == k_cache.size(2) && key.size(kd - 1) == k_cache.size(3), key.name(), ": expected ", src_layout,
         " with nheads_k=", k_cache.size(2), " and headdim=", k_cache.size(3), ", got ", key.shape());
   for (const TensorView* t : {&key, &value, &k_cache, &v_cache}) check_last_contiguous(*t);
+  for (const TensorView* t : {&k_cache, &v_cache}) {
+    check_writable(*t);
+    check_disjoint(*t, {&k_cache, &v_cache, &key, &value});
+  }
   CacheViews c;
   KVWriteParams& p = c.p;
   p.dtype = dtype;
@@ -563,6 +635,7 @@ void reshape_and_cache(const py::object& key_obj, const py::object& value_obj, c
   if (!slots.is(dl::kInt, 64)) throw py::type_error(cat("slot_mapping: expected dtype int64, got ", slots.dtype_str()));
   check_shape(slots, {key.size(0)});
   check(key.size(0) <= 1 || slots.stride(0) == 1, "slot_mapping: must be contiguous");
+  for (const TensorView* t : {&k_cache, &v_cache}) check_disjoint(*t, {&slots});
   const int64_t* slot = slots.data<const int64_t>();
   for (int64_t i = 0; device < 0 && i < key.size(0); ++i)  // on a GPU the kernel skips out-of-range slots instead
     check(slot[i] < c.num_slots, "slot_mapping[", i, "] = ", slot[i], " is out of range: the cache has ", c.num_slots,
@@ -724,6 +797,9 @@ void attention_with_kvcache(const py::object& q, const py::object& k_cache, cons
     }
   }
   const AttentionParams p = make_params(in, opt, launch);
+  if (key)  // the append writes the caches: nothing else of the call may live there
+    for (const TensorView* t : {&in.k, &in.v})
+      check_disjoint(*t, {&in.q, ptr(in.lse), ptr(in.seqlens_k), ptr(in.kv_idx), ptr(in.block_table), ptr(in.alibi)});
   if (key && launch.on_host()) run_append(*key, *value, cache, slots);
 #if defined(FASTINFER_WITH_CUDA)
   if (key && !launch.on_host()) run_append_cuda(*key, *value, in.k, in.v, p, launch);
@@ -762,22 +838,10 @@ void linear_pack(const py::object& w_obj, const py::object& packed_obj) {
   check_last_contiguous(w);
   const DType dtype = linear_dtype(w);
   check_packed(packed, dtype, w.size(0), w.size(1));
+  check_disjoint(packed, {&w});
   LinearPackParams p{dtype, w.size(0), w.size(1), w.data<const void>(), w.stride(0), packed.data<void>()};
   py::gil_scoped_release release;
   cpu::linear_pack(p);
-}
-
-bool overlaps(const TensorView& a, const TensorView& b) {
-  // Extents of two row-major 2-D float views (rows may be strided); conservative.
-  auto span = [](const TensorView& t) {
-    const int esz = dtype_size(float_dtype(t));
-    const char* lo = t.data<const char>();
-    const int64_t last = t.numel() == 0 ? 0 : (t.size(0) - 1) * t.stride(0) + t.size(1);
-    return std::make_pair(lo, lo + esz * last);
-  };
-  const auto [a0, a1] = span(a);
-  const auto [b0, b1] = span(b);
-  return a0 < b1 && b0 < a1;
 }
 
 void linear(const py::object& x_obj, const py::object& packed_obj, const py::object& bias_obj, const py::object& out_obj) {
@@ -804,8 +868,8 @@ void linear(const py::object& x_obj, const py::object& packed_obj, const py::obj
     check_shape(*bias, {n});
     check(n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
   }
-  check(!overlaps(x, out),
-        "out: must not overlap x (the result would overwrite its own input)");
+  check_writable(out);
+  check_disjoint(out, {&x, &packed, ptr(bias)});
   LinearParams p{dtype, out_dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
                  bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0)};
   py::gil_scoped_release release;
@@ -835,12 +899,15 @@ void rms_norm(const py::object& x_obj, const py::object& weight_obj, double eps,
   if (!weight.is(dl::kFloat, 32)) throw py::type_error(cat("weight: expected dtype float32, got ", weight.dtype_str()));
   check_shape(weight, {x.size(1)});
   check(x.size(1) <= 1 || weight.stride(0) == 1, "weight: must be contiguous");
-  check(eps >= 0, "eps: must be >= 0, got ", eps);
-  check(!overlaps(x, out), "out: must not overlap x");
+  check(eps >= 0 && eps <= std::numeric_limits<float>::max(), "eps: must be >= 0 and finite (float32), got ", eps);
+  check_writable(out);
+  check_disjoint(out, {&x, &weight});
   if (residual) {
     check_rows(*residual, 2, "(rows, dim)", &dtype);
     check_shape(*residual, {x.size(0), x.size(1)});
-    check(!overlaps(*residual, out) && !overlaps(*residual, x), "residual: must not overlap x or out");
+    check_writable(*residual);  // residual += x in place
+    check(!residual->shares_memory_with(x) && !residual->shares_memory_with(out), "residual: must not overlap x or out");
+    check_disjoint(*residual, {&weight});
   }
   RmsNormParams p{dtype, x.size(0), x.size(1), x.data<const void>(), x.stride(0),
                   residual ? residual->data<void>() : nullptr, residual ? residual->stride(0) : 0,
@@ -857,7 +924,8 @@ void act_and_mul(const py::object& x_obj, const py::object& out_obj, const std::
   check(x.size(1) % 2 == 0, "x: the last dimension holds gate then up, so it must be even, got shape ", x.shape());
   check_shape(out, {x.size(0), x.size(1) / 2});
   check(act == "silu" || act == "gelu_tanh", "act: expected 'silu' or 'gelu_tanh', got '", act, "'");
-  check(!overlaps(x, out), "out: must not overlap x");
+  check_writable(out);
+  check_disjoint(out, {&x});
   ActMulParams p{dtype, act == "silu" ? Activation::kSilu : Activation::kGeluTanh, x.size(0), x.size(1) / 2,
                  x.data<const void>(), x.stride(0), out.data<void>(), out.stride(0)};
   if (p.rows == 0 || p.dim == 0) return;
@@ -881,6 +949,8 @@ void rotary_embedding(const py::object& x_obj, const py::object& cos_obj, const 
   if (!pos.is(dl::kInt, 64)) throw py::type_error(cat("positions: expected dtype int64, got ", pos.dtype_str()));
   check_shape(pos, {x.size(0)});
   check(x.size(0) <= 1 || pos.stride(0) == 1, "positions: must be contiguous");
+  check_writable(x);  // rotated in place
+  check_disjoint(x, {&cos, &sin, &pos});
   const int64_t* position = pos.data<const int64_t>();
   for (int64_t i = 0; i < x.size(0); ++i)
     check(position[i] >= 0 && position[i] < cos.size(0), "positions[", i, "] = ", position[i],
@@ -898,15 +968,23 @@ void rotary_embedding(const py::object& x_obj, const py::object& cos_obj, const 
 // so that a step is one call: fastinfer.models.cpu_decoder builds it from a packed model.
 class CpuDecoder {
  public:
-  CpuDecoder(int64_t hidden, int64_t intermediate, int heads, int kv_heads, int head_dim, double norm_eps,
-             double softmax_scale, const std::string& act, const py::object& final_norm, const py::list& layers) {
-    check(hidden > 0 && intermediate > 0 && heads > 0 && kv_heads > 0 && head_dim > 0,
-          "hidden, intermediate, heads, kv_heads and head_dim must be positive");
+  CpuDecoder(const py::object& hidden_obj, const py::object& intermediate_obj, const py::object& heads_obj,
+             const py::object& kv_heads_obj, const py::object& head_dim_obj, const py::object& norm_eps_obj,
+             const py::object& softmax_scale_obj, const std::string& act, const py::object& final_norm, const py::list& layers) {
+    const int64_t hidden = int_arg(hidden_obj, "hidden", 1, kInt32Max), intermediate = int_arg(intermediate_obj, "intermediate", 1, kInt32Max);
+    const int heads = static_cast<int>(int_arg(heads_obj, "heads", 1, kInt32Max)),
+              kv_heads = static_cast<int>(int_arg(kv_heads_obj, "kv_heads", 1, kInt32Max)),
+              head_dim = static_cast<int>(int_arg(head_dim_obj, "head_dim", 1, kInt32Max));
+    const double norm_eps = float_arg(norm_eps_obj, "norm_eps"), softmax_scale = float_arg(softmax_scale_obj, "softmax_scale");
     check(heads % kv_heads == 0, "heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ")");
     check(head_dim % 8 == 0 && head_dim <= cpu::kMaxHeadDim, "head_dim must be a multiple of 8 up to ", cpu::kMaxHeadDim,
           ", got ", head_dim);
     check(act == "silu" || act == "gelu_tanh", "act: expected 'silu' or 'gelu_tanh', got '", act, "'");
-    check(norm_eps >= 0 && std::isfinite(softmax_scale), "norm_eps must be >= 0 and softmax_scale finite");
+    check(norm_eps >= 0 && norm_eps <= std::numeric_limits<float>::max(), "norm_eps: expected a finite number >= 0, got ", norm_eps);
+    check(std::isfinite(softmax_scale) && std::fabs(softmax_scale) <= std::numeric_limits<float>::max(),
+          "softmax_scale: expected a finite float32 number, got ", softmax_scale);
+    check(static_cast<int64_t>(heads + 2 * static_cast<int64_t>(kv_heads)) * head_dim <= kInt32Max,
+          "heads, kv_heads, head_dim: (heads + 2 * kv_heads) * head_dim exceeds 2**31 - 1");
     check(py::len(layers) > 0, "layers: expected at least one layer");
     DecoderConfig& c = config_;
     c.hidden = hidden;
@@ -933,8 +1011,7 @@ class CpuDecoder {
       w.o = projection(get("o"), get("o_bias"), hidden, attn, false, at + "o");
       w.gate_up = projection(get("gate_up"), get("gate_up_bias"), 2 * intermediate, hidden, false, at + "gate_up");
       w.down = projection(get("down"), get("down_bias"), hidden, intermediate, false, at + "down");
-      w.window_left = get("window_left").cast<int>();
-      check(w.window_left >= -1, "layers[", i, "].window_left must be >= -1, got ", w.window_left);
+      w.window_left = static_cast<int>(int_arg(get("window_left"), at + "window_left", -1, kInt32Max));
       c.layers.push_back(w);
     }
   }
@@ -946,12 +1023,18 @@ class CpuDecoder {
     check(py::len(kv_caches) == c.layers.size(), "kv_caches: ", py::len(kv_caches), " (k, v) pairs for ", c.layers.size(),
           " layers");
     caches_ = py::list();
+    std::deque<std::string> names;  // the views below keep pointers to these
+    std::vector<TensorView> views;  // every cache, then every weight: checked for shared memory at the end
+    views.reserve(2 * c.layers.size() + py::len(keep_));
     for (size_t i = 0; i < c.layers.size(); ++i) {
       const py::tuple pair = kv_caches[i].cast<py::tuple>();
       check(pair.size() == 2, "kv_caches[", i, "]: expected a (k, v) pair");
-      const std::string k_name = cat("kv_caches[", i, "].k"), v_name = cat("kv_caches[", i, "].v");
-      TensorView k(pair[0], k_name.c_str()), v(pair[1], v_name.c_str());
+      const char* k_name = names.emplace_back(cat("kv_caches[", i, "].k")).c_str();
+      const char* v_name = names.emplace_back(cat("kv_caches[", i, "].v")).c_str();
+      const TensorView& k = views.emplace_back(pair[0], k_name);
+      const TensorView& v = views.emplace_back(pair[1], v_name);
       for (const TensorView* t : {&k, &v}) {
+        check_writable(*t);
         check_cpu(*t);
         check_rank(*t, 4, "(num_blocks, block_size, kv_heads, head_dim)");
         check_last_contiguous(*t);
@@ -975,13 +1058,23 @@ class CpuDecoder {
       check(ks[0] == c.k_block_stride && ks[1] == c.k_row_stride && ks[2] == c.k_head_stride && vs[0] == c.v_block_stride &&
                 vs[1] == c.v_row_stride && vs[2] == c.v_head_stride,
             "kv_caches[", i, "]: every layer's cache must have the strides of layer 0's");
-      c.layers[i].k_cache = k.data();
-      c.layers[i].v_cache = v.data();
-      caches_.append(pair);
+    }
+    // Each step writes every cache: none may share memory with another cache or with a weight.
+    const size_t ncache = views.size();
+    for (size_t i = 0; i < py::len(keep_); ++i) views.emplace_back(keep_[i], "a weight of this decoder");
+    for (size_t i = 0; i < ncache; ++i)
+      for (size_t j = i + 1; j < views.size(); ++j)
+        check(!views[i].shares_memory_with(views[j]), views[i].name(), ": must not overlap ", views[j].name());
+    for (size_t i = 0; i < c.layers.size(); ++i) {
+      c.layers[i].k_cache = views[2 * i].data();
+      c.layers[i].v_cache = views[2 * i + 1].data();
+      caches_.append(kv_caches[i]);
     }
   }
 
-  int64_t workspace_bytes(int64_t tokens) const { return decoder_workspace_bytes(config_, tokens); }
+  int64_t workspace_bytes(const py::object& tokens) const {
+    return decoder_workspace_bytes(config_, int_arg(tokens, "tokens", 0, kInt32Max));
+  }
 
   void forward(const py::object& x_obj, const py::object& out_obj, const py::object& cos_obj, const py::object& sin_obj,
                const py::object& rows_obj, const py::object& cu_q_obj, const py::object& cu_k_obj,
@@ -998,7 +1091,7 @@ class CpuDecoder {
       check_shape(*t, {T, c.hidden});
       check(t->is_contiguous(), t->name(), ": must be contiguous");
     }
-    check(!overlaps(x, out), "out: must not overlap x");
+    check_disjoint(out, {&x});
     for (TensorView* t : {&cos, &sin}) {
       check_rows(*t, 2, "(tokens, head_dim // 2)", &c.dtype);
       check_shape(*t, {T, c.head_dim / 2});
@@ -1017,7 +1110,7 @@ class CpuDecoder {
     const int32_t* ck = index_vector(cu_k, batch + 1);
     check_cu_seqlens(cu_q, cq, batch, T, "tokens of x");
     check(cq[batch] == T, "cu_seqlens_q[-1] = ", cq[batch], " must equal the ", T, " tokens of x");
-    check(ck[0] >= 0, "cu_seqlens_k[0] must be >= 0, got ", ck[0]);
+    check_cu_seqlens(cu_k, ck, batch, -1, "");
     if (!table.is(dl::kInt, 32)) throw py::type_error(cat("block_table: expected dtype int32, got ", table.dtype_str()));
     check(table.dim() == 2 && table.size(0) == batch, "block_table: expected shape (batch=", batch,
           ", max_blocks_per_seq), got ", table.shape());
@@ -1037,7 +1130,9 @@ class CpuDecoder {
             " is out of range: the cache has ", num_slots, " slots");
     check(ws.is_contiguous(), "workspace: must be contiguous");
     const int64_t have = ws.numel() * (ws.is(dl::kUInt, 8) || ws.is(dl::kInt, 8) ? 1 : dtype_size(float_dtype(ws)));
-    check(have >= workspace_bytes(T), "workspace: ", have, " bytes, ", workspace_bytes(T), " needed for ", T, " tokens");
+    const int64_t need = decoder_workspace_bytes(config_, T);
+    check(have >= need, "workspace: ", have, " bytes, ", need, " needed for ", T, " tokens");
+    for (const TensorView* t : {&out, &ws}) check_disjoint(*t, {&x, &out, &cos, &sin, &rows, &cu_q, &cu_k, &table, &slots, &ws});
 
     DecoderStep s{T, batch, x.data(), out.data(), cos.data<const void>(), sin.data<const void>(), rows.data<const int64_t>(),
                   cq, ck, table.data<const int32_t>(), table.stride(0), slots.data<const int64_t>(), ws.data()};
@@ -1117,15 +1212,31 @@ int cuda_device_count() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastinfer native kernels (DLPack in, no libtorch)";
 
-  py::class_<AttentionOptions>(m, "AttentionOptions")
-      .def(py::init<>())
-      .def_readwrite("softmax_scale", &AttentionOptions::softmax_scale)
-      .def_readwrite("softcap", &AttentionOptions::softcap)
-      .def_readwrite("window_left", &AttentionOptions::window_left)
-      .def_readwrite("window_right", &AttentionOptions::window_right)
-      .def_readwrite("num_splits", &AttentionOptions::num_splits)
-      .def_readwrite("max_seqlen_q", &AttentionOptions::max_seqlen_q)
-      .def_readwrite("max_seqlen_k", &AttentionOptions::max_seqlen_k);
+  // Setters check the value (with the field's name) instead of pybind's "incompatible function arguments".
+  py::class_<AttentionOptions> options(m, "AttentionOptions");
+  options.def(py::init<>());
+  auto float_field = [&](const char* name, float AttentionOptions::*field) {
+    options.def_property(name, [field](const AttentionOptions& o) { return o.*field; },
+                         [field, name](AttentionOptions& o, const py::object& v) {
+                           const double d = float_arg(v, name);
+                           check(!std::isfinite(d) || std::fabs(d) <= std::numeric_limits<float>::max(), name,
+                                 ": ", d, " is beyond the float32 range");
+                           o.*field = static_cast<float>(d);
+                         });
+  };
+  auto int_field = [&](const char* name, int AttentionOptions::*field, int64_t lo) {
+    options.def_property(name, [field](const AttentionOptions& o) { return o.*field; },
+                         [field, name, lo](AttentionOptions& o, const py::object& v) {
+                           o.*field = static_cast<int>(int_arg(v, name, lo, kInt32Max));
+                         });
+  };
+  float_field("softmax_scale", &AttentionOptions::softmax_scale);
+  float_field("softcap", &AttentionOptions::softcap);
+  int_field("window_left", &AttentionOptions::window_left, -1);
+  int_field("window_right", &AttentionOptions::window_right, -1);
+  int_field("num_splits", &AttentionOptions::num_splits, 0);
+  int_field("max_seqlen_q", &AttentionOptions::max_seqlen_q, 0);
+  int_field("max_seqlen_k", &AttentionOptions::max_seqlen_k, 0);
 
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::kw_only(),
         py::arg("lse") = py::none(), py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
@@ -1153,8 +1264,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("linear_pack", &linear_pack, py::arg("weight"), py::arg("packed"),
         "Pack an (out_features, in_features) float32/bfloat16 weight into `packed` (1-D, linear_packed_numel elements).");
-  m.def("linear_packed_numel", [](int64_t n, int64_t k, const std::string& dtype) {
-    check(n >= 0 && k >= 0, "linear_packed_numel: n and k must be >= 0");
+  m.def("linear_packed_numel", [](const py::object& n_obj, const py::object& k_obj, const std::string& dtype) {
+    constexpr int64_t lo = std::numeric_limits<int64_t>::min(), hi = std::numeric_limits<int64_t>::max();
+    const int64_t n = int_arg(n_obj, "linear_packed_numel: n", lo, hi), k = int_arg(k_obj, "linear_packed_numel: k", lo, hi);
+    check(n >= 0 && k >= 0 && n <= kInt32Max && k <= kInt32Max, "linear_packed_numel: n and k must be in [0, 2**31-1], got n=", n,
+          ", k=", k);
     check(dtype == "float32" || dtype == "bfloat16", "linear_packed_numel: dtype must be 'float32' or 'bfloat16', got ", dtype);
     return linear_packed_numel(n, k, dtype == "float32" ? DType::kFloat32 : DType::kBFloat16);
   }, py::arg("n"), py::arg("k"), py::arg("dtype"));
@@ -1169,7 +1283,8 @@ PYBIND11_MODULE(_C, m) {
         "Rotate-half rotary embedding of x (tokens, heads, head_dim) in place, cos/sin rows picked by positions.");
   py::class_<CpuDecoder>(m, "CpuDecoder",
                          "A Llama-style decoder stack on the CPU, one call per step (see fastinfer.models.cpu_decoder).")
-      .def(py::init<int64_t, int64_t, int, int, int, double, double, const std::string&, const py::object&, const py::list&>(),
+      .def(py::init<const py::object&, const py::object&, const py::object&, const py::object&, const py::object&,
+                    const py::object&, const py::object&, const std::string&, const py::object&, const py::list&>(),
            py::arg("hidden"), py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("norm_eps"), py::arg("softmax_scale"), py::arg("act"), py::arg("final_norm"), py::arg("layers"))
       .def("bind_caches", &CpuDecoder::bind_caches, py::arg("kv_caches"))
@@ -1197,5 +1312,7 @@ PYBIND11_MODULE(_C, m) {
     }
   }, py::arg("name"));
   m.def("num_threads", &cpu::num_threads);
-  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
+  m.def("set_num_threads", [](const py::object& n) {
+    cpu::set_num_threads(static_cast<int>(int_arg(n, "n", std::numeric_limits<int32_t>::min(), cpu::kMaxThreads)));
+  }, py::arg("n"), "Threads of the CPU kernels (at most kMaxThreads); n <= 0 restores the default.");
 }

@@ -55,12 +55,19 @@ class TensorView {
   std::string device_str() const;
   std::string dtype_str() const;
   std::string shape_str() const;
+  std::string strides_str() const;
   ShapeOf shape() const { return {this}; }  // for messages: formatted lazily
   bool same_device(const TensorView& o) const {
     return t_->device.device_type == o.t_->device.device_type && t_->device.device_id == o.t_->device.device_id;
   }
   bool is(uint8_t code, uint8_t bits) const { return t_->dtype.code == code && t_->dtype.bits == bits && t_->dtype.lanes == 1; }
   bool is_contiguous() const;
+  int64_t element_bytes() const { return (t_->dtype.bits * t_->dtype.lanes + 7) / 8; }
+  // Two index tuples reach one element: a zero stride (expand()) or strides that interleave.
+  bool overlaps_itself() const;
+  // Some byte of this tensor is also a byte of `o` (exact for views with the same strides and
+  // element size, such as the K and V halves of one cache; by address range otherwise).
+  bool shares_memory_with(const TensorView& o) const;
   template <class T = void>
   T* data() const {
     return reinterpret_cast<T*>(static_cast<char*>(t_->data) + t_->byte_offset);

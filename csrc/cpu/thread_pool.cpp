@@ -19,8 +19,8 @@ namespace {
 
 int default_threads() {
   if (const char* env = std::getenv("FASTINFER_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
+    const long n = std::strtol(env, nullptr, 10);
+    if (n > 0) return static_cast<int>(std::min<long>(n, kMaxThreads));
   }
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));

@@ -6,10 +6,62 @@ raw kernel API works with numpy alone.
 
 from __future__ import annotations
 
+import math
+import operator
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+INT32_MAX = 2**31 - 1
+_INT_RANGE = {"int32": (-2**31, INT32_MAX), "int64": (-2**63, 2**63 - 1)}
+
+
+def int_arg(x: Any, name: str, lo: int = 0, hi: int = INT32_MAX) -> int:
+    """An integer argument (a Python, numpy or 0-d torch integer; not a bool or a float) in [lo, hi].
+
+    The kernels take C ints: checked here so that a bad value names its argument instead of
+    failing in pybind's conversion ("incompatible function arguments") or being truncated."""
+    if isinstance(x, (bool, np.bool_)) or not hasattr(type(x), "__index__"):
+        raise TypeError(f"{name}: expected an int in [{lo}, {hi}], got {x!r} ({type(x).__name__})")
+    try:
+        v = operator.index(x)
+    except TypeError as err:  # e.g. a tensor of several elements or of a float dtype
+        raise TypeError(f"{name}: expected an int in [{lo}, {hi}], got {x!r}: {err}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {v}")
+    return v
+
+
+def float_arg(x: Any, name: str, finite: bool = True) -> float:
+    """A real-number argument (int, float, numpy or 0-d torch number; not a bool or a string) as a float."""
+    if isinstance(x, (bool, np.bool_, str, bytes)) or not hasattr(type(x), "__float__"):
+        raise TypeError(f"{name}: expected a number, got {x!r} ({type(x).__name__})")
+    try:
+        v = float(x)
+    except (OverflowError, TypeError, ValueError) as err:
+        raise ValueError(f"{name}: expected a number representable as a float, got {x!r}: {err}") from None
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v}")
+    return v
+
+
+def window_arg(window_size: Any) -> tuple[int, int]:
+    """flash-attn's window_size: (left, right), each -1 (unbounded) or a key count that fits an int32."""
+    want = "two ints in [-1, 2**31-1] (-1 = unbounded)"
+    try:
+        pair = tuple(window_size)
+    except TypeError:
+        raise TypeError(f"window_size: expected {want}, got {window_size!r}") from None
+    if len(pair) != 2:
+        raise ValueError(f"window_size: expected {want}, got {window_size!r}")
+    for w in pair:
+        if isinstance(w, (bool, np.bool_)) or not hasattr(type(w), "__index__"):
+            raise TypeError(f"window_size: expected {want}, got {window_size!r}")
+    left, right = (operator.index(w) for w in pair)
+    if not (-1 <= left <= INT32_MAX and -1 <= right <= INT32_MAX):
+        raise ValueError(f"window_size: expected {want}, got ({left}, {right})")
+    return left, right
 
 
 def is_torch(x: Any) -> bool:
@@ -89,16 +141,27 @@ def as_index(x: Any, like: Any, dtype: str = "int32", name: str = "index") -> An
     """
     if x is None:
         return None
+    lo, hi = _INT_RANGE[dtype]
     if is_torch(x):
         import torch
 
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"{name}: expected dtype {dtype}, got {x.dtype}")
         want = torch.int32 if dtype == "int32" else torch.int64
-        return x if x.dtype == want else x.to(want)
+        if x.dtype == want:
+            return x
+        # A narrowing conversion would wrap values silently; host values are checked (device
+        # ones are not read here, that would synchronise: the kernels bound them instead).
+        if not x.is_cuda and x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
+            raise ValueError(f"{name}: values must fit {dtype}, got values in [{int(x.min())}, {int(x.max())}]")
+        return x.to(want)
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
+        # Python ints beyond int64 become an object array
+        raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}" +
+                        (" (integers too large for int64)" if arr.dtype == object else ""))
+    if arr.dtype != np.dtype(dtype) and arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        raise ValueError(f"{name}: values must fit {dtype}, got values in [{int(arr.min())}, {int(arr.max())}]")
     if isinstance(x, np.ndarray) or not is_torch(like):
         return arr if arr.dtype == np.dtype(dtype) else arr.astype(dtype)
     import torch

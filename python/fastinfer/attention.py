@@ -24,7 +24,8 @@ import sys
 from typing import Any, Optional, Sequence
 
 from fastinfer import _C
-from fastinfer._arrays import as_float32, as_index, empty_float32, empty_like, kernel_view, launch_kwargs, require_array
+from fastinfer._arrays import (as_float32, as_index, empty_float32, empty_like, float_arg, int_arg, kernel_view,
+                               launch_kwargs, require_array, window_arg)
 
 Tensor = Any  # torch.Tensor or numpy.ndarray (anything with __dlpack__)
 
@@ -48,21 +49,30 @@ def _is_compiling(torch) -> bool:
 
 def _options(head_dim: int, softmax_scale: Optional[float], causal: bool, window_size: Sequence[int],
              softcap: float, num_splits: int = 0) -> "_C.AttentionOptions":
-    if len(window_size) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = window_arg(window_size)
     opt = _C.AttentionOptions()
     # A bad head_dim is reported by the kernel's checks; don't divide by zero here.
-    opt.softmax_scale = float((head_dim ** -0.5 if head_dim > 0 else 1.0) if softmax_scale is None else softmax_scale)
-    opt.softcap = float(softcap)
-    opt.window_left = int(window_size[0])
+    # Non-finite scale/softcap values pass here and are refused by the kernels' checks.
+    opt.softmax_scale = (head_dim ** -0.5 if head_dim > 0 else 1.0) if softmax_scale is None else \
+        float_arg(softmax_scale, "softmax_scale", finite=False)
+    opt.softcap = float_arg(softcap, "softcap", finite=False)
+    opt.window_left = left
     # flash-attn: causal is a window with no look-ahead, aligned to the bottom-right corner.
-    opt.window_right = 0 if causal else int(window_size[1])
-    opt.num_splits = int(num_splits)
+    opt.window_right = 0 if causal else right
+    opt.num_splits = int_arg(num_splits, "num_splits")
     return opt
 
 
+def _seqlen_hints(opt: "_C.AttentionOptions", max_seqlen_q: Any, max_seqlen_k: Any) -> None:
+    opt.max_seqlen_q = int_arg(max_seqlen_q, "max_seqlen_q")
+    opt.max_seqlen_k = int_arg(max_seqlen_k, "max_seqlen_k")
+
+
 def _no_dropout(dropout_p: float) -> None:
-    if dropout_p:
+    p = float_arg(dropout_p, "dropout_p")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1], got {p}")
+    if p:
         raise NotImplementedError(
             f"dropout_p={dropout_p}: fastinfer's attention has no dropout (inference kernels); pass dropout_p=0.0")
 
@@ -146,7 +156,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                                                 deterministic, return_attn_probs, block_table)
     _no_dropout(dropout_p)
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap)
-    opt.max_seqlen_q, opt.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    _seqlen_hints(opt, max_seqlen_q, max_seqlen_k)
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[1], q.shape[0])) if return_attn_probs else None
     _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse=kernel_view(lse),
@@ -198,7 +208,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                                                  alibi_slopes, num_splits, return_softmax_lse)
     require_array(q, "q")
     if isinstance(cache_seqlens, int):
-        cache_seqlens = [cache_seqlens] * int(q.shape[0])
+        cache_seqlens = [int_arg(cache_seqlens, "cache_seqlens")] * int(q.shape[0])
     opt = _options(_head_dim(q), softmax_scale, causal, window_size, softcap, num_splits)
     out = empty_like(q)
     lse = empty_float32(q, (q.shape[0], q.shape[2], q.shape[1])) if return_softmax_lse else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from fastinfer import _C
+from fastinfer.attention import _options, _seqlen_hints
 from fastinfer._arrays import as_float32, as_index, empty_like, kernel_view, launch_kwargs, require_array
 
 Tensor = Any  # torch.Tensor or numpy.ndarray (anything with __dlpack__)
@@ -59,15 +60,9 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """
     for x, name in ((dout, "dout"), (q, "q"), (k, "k"), (v, "v")):
         require_array(x, name)
-    if len(window_size) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     head_dim = int(q.shape[-1]) if getattr(q, "ndim", 0) >= 1 else 0
-    opt = _C.AttentionOptions()
-    opt.softmax_scale = float((head_dim ** -0.5 if head_dim > 0 else 1.0) if softmax_scale is None else softmax_scale)
-    opt.softcap = float(softcap)
-    opt.window_left = int(window_size[0])
-    opt.window_right = 0 if causal else int(window_size[1])  # causal: aligned to the bottom-right corner
-    opt.max_seqlen_q, opt.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    opt = _options(head_dim, softmax_scale, causal, window_size, softcap)  # causal: bottom-right aligned
+    _seqlen_hints(opt, max_seqlen_q, max_seqlen_k)
     dq = empty_like(q) if dq is None else dq
     dk = empty_like(k) if dk is None else dk
     dv = empty_like(v) if dv is None else dv

@@ -8,7 +8,7 @@ from typing import Any
 from fastinfer import _C
 import numpy as np
 
-from fastinfer._arrays import as_index, is_torch, kernel_view, launch_kwargs, require_array
+from fastinfer._arrays import as_index, float_arg, int_arg, is_torch, kernel_view, launch_kwargs, require_array
 
 
 def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -28,7 +28,7 @@ def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_map
         from fastinfer import torch_ops
 
         torch.ops.fastinfer.reshape_and_cache(key, value, k_cache, v_cache,
-                                              torch_ops._index(slot_mapping, key, torch.int64))
+                                              torch_ops._index(slot_mapping, key, torch.int64, name="slot_mapping"))
         return
     stream = launch_kwargs(key).get("stream", 0)
     _C.reshape_and_cache(kernel_view(key), kernel_view(value), kernel_view(k_cache), kernel_view(v_cache),
@@ -89,9 +89,10 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     (..., out_features), a new array of x's framework, of x's dtype (float32 with ``out_float32``).
     """
     require_array(x, "x")
+    out_features = int_arg(out_features, "out_features")
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1]) if len(x.shape) != 2 else x
-    shape = (x2.shape[0], int(out_features))
+    shape = (x2.shape[0], out_features)
     if out_float32 and is_torch(x):
         import torch
 
@@ -101,7 +102,7 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     else:
         out = _empty(x, shape)
     _C.linear(kernel_view(x2), kernel_view(packed_weight), kernel_view(bias), kernel_view(out))
-    return out.reshape(*lead, int(out_features)) if len(lead) != 1 else out
+    return out.reshape(*lead, out_features) if len(lead) != 1 else out
 
 
 def rms_norm(x: Any, weight: Any, eps: float, residual: Any = None) -> Any:
@@ -119,8 +120,9 @@ def rms_norm(x: Any, weight: Any, eps: float, residual: Any = None) -> Any:
     out : (rows, dim), a new array of x's dtype.
     """
     require_array(x, "x")
+    eps = float_arg(eps, "eps")
     out = _empty(x, tuple(x.shape))
-    _C.rms_norm(kernel_view(x), kernel_view(weight), float(eps), kernel_view(out), kernel_view(residual))
+    _C.rms_norm(kernel_view(x), kernel_view(weight), eps, kernel_view(out), kernel_view(residual))
     return out
 
 

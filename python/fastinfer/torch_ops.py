@@ -33,7 +33,7 @@ import torch
 
 from fastinfer import _C
 from fastinfer import attention as _attn
-from fastinfer._arrays import kernel_view, launch_kwargs
+from fastinfer._arrays import as_index, float_arg, int_arg, kernel_view, launch_kwargs, window_arg
 
 if not hasattr(torch.library, "custom_op"):
     raise ImportError(f"fastinfer.torch_ops needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}")
@@ -244,7 +244,7 @@ varlen_attention_forward.register_autograd(_backward_varlen, setup_context=_setu
 
 
 def _scale(q: Tensor, softmax_scale: Optional[float]) -> float:
-    return float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    return float(q.shape[-1] ** -0.5) if softmax_scale is None else float_arg(softmax_scale, "softmax_scale", finite=False)
 
 
 def _slopes(alibi_slopes, q: Tensor) -> Optional[Tensor]:
@@ -255,20 +255,20 @@ def _slopes(alibi_slopes, q: Tensor) -> Optional[Tensor]:
     return torch.as_tensor(alibi_slopes, dtype=torch.float32, device=q.device)
 
 
-def _index(x, q: Tensor, dtype: torch.dtype = torch.int32) -> Optional[Tensor]:
+def _index(x, q: Tensor, dtype: torch.dtype = torch.int32, name: str = "index") -> Optional[Tensor]:
     if x is None:
         return None
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor) and torch.compiler.is_compiling():
+        # traced: values are not known here (the kernels' checks see them when the op runs)
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise TypeError(f"expected an integer index tensor, got {x.dtype}")
+            raise TypeError(f"{name}: expected dtype {str(dtype).replace('torch.', '')}, got {x.dtype}")
         return x if x.dtype == dtype else x.to(dtype)
-    return torch.as_tensor(x, dtype=dtype, device=q.device)
+    # Same rules as the direct path: integer dtypes only, no silent wrap-around when narrowing.
+    return as_index(x, q, "int32" if dtype == torch.int32 else "int64", name=name)
 
 
 def _window(window_size: Sequence[int]) -> Tuple[int, int]:
-    if len(window_size) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    return int(window_size[0]), int(window_size[1])
+    return window_arg(window_size)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -276,7 +276,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """fastinfer.flash_attn_func through the custom op (autograd, torch.compile); torch tensors only."""
     _attn._no_dropout(dropout_p)
     out, lse = torch.ops.fastinfer.attention_forward(q, k, v, _scale(q, softmax_scale), bool(causal),
-                                                     *_window(window_size), float(softcap),
+                                                     *_window(window_size), float_arg(softcap, "softcap", finite=False),
                                                      _slopes(alibi_slopes, q), bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
@@ -287,9 +287,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """fastinfer.flash_attn_varlen_func through the custom op (autograd, torch.compile); torch tensors only."""
     _attn._no_dropout(dropout_p)
     out, lse = torch.ops.fastinfer.varlen_attention_forward(
-        q, k, v, _index(cu_seqlens_q, q), _index(cu_seqlens_k, q), int(max_seqlen_q), int(max_seqlen_k),
-        _scale(q, softmax_scale), bool(causal), *_window(window_size), float(softcap), _slopes(alibi_slopes, q),
-        _index(block_table, q), bool(deterministic))
+        q, k, v, _index(cu_seqlens_q, q, name="cu_seqlens_q"), _index(cu_seqlens_k, q, name="cu_seqlens_k"),
+        int_arg(max_seqlen_q, "max_seqlen_q"), int_arg(max_seqlen_k, "max_seqlen_k"),
+        _scale(q, softmax_scale), bool(causal), *_window(window_size), float_arg(softcap, "softcap", finite=False),
+        _slopes(alibi_slopes, q), _index(block_table, q, name="block_table"), bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -298,9 +299,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                             alibi_slopes=None, num_splits=0, return_softmax_lse=False):
     """fastinfer.flash_attn_with_kvcache through the custom ops (torch.compile); no autograd (inference)."""
     if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    common = (_index(cache_seqlens, q), _index(cache_batch_idx, q), _index(block_table, q), _scale(q, softmax_scale),
-              bool(causal), *_window(window_size), float(softcap), _slopes(alibi_slopes, q), int(num_splits))
+        cache_seqlens = torch.full((q.shape[0],), int_arg(cache_seqlens, "cache_seqlens"), dtype=torch.int32,
+                                   device=q.device)
+    common = (_index(cache_seqlens, q, name="cache_seqlens"), _index(cache_batch_idx, q, name="cache_batch_idx"),
+              _index(block_table, q, name="block_table"), _scale(q, softmax_scale), bool(causal),
+              *_window(window_size), float_arg(softcap, "softcap", finite=False), _slopes(alibi_slopes, q),
+              int_arg(num_splits, "num_splits"))
     if k is None and v is None:
         out, lse = torch.ops.fastinfer.attention_with_kvcache(q, k_cache, v_cache, *common)
     else:
