@@ -35,8 +35,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .config import MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, ConfigError, check_float, \
-    check_int
+from .config import (
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    ConfigError,
+    check_float,
+    check_int,
+)
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType
@@ -374,7 +383,8 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
     hidden = size("embedding_length", MAX_HIDDEN)
     heads = size("attention.head_count", MAX_HEADS)
     kv_heads = size("attention.head_count_kv", MAX_HEADS, heads)
-    head_dim = size("attention.key_length", MAX_HEAD_DIM, 0, lo=0) or size("rope.dimension_count", MAX_HEAD_DIM, 0, lo=0)
+    head_dim = size("attention.key_length", MAX_HEAD_DIM, 0, lo=0)
+    head_dim = head_dim or size("rope.dimension_count", MAX_HEAD_DIM, 0, lo=0)
     head_dim = head_dim or _checked(path, check_int, f"{arch}.embedding_length / head_count", hidden // heads, 1,
                                     MAX_HEAD_DIM)
     layers = size("block_count", MAX_LAYERS)

@@ -4,7 +4,6 @@ BOS/EOS insertion, chat templates), matching transformers' fast tokenizers witho
 from __future__ import annotations
 
 import json
-import operator
 import os
 import re
 import stat
