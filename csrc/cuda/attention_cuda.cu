@@ -269,7 +269,25 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const CombineArgs c
     const int64_t gr = base + t;
     if (c.cu_seqlens_q && (gr < 0 || gr >= c.q_rows)) continue;
     float mx = -INFINITY;
-    for (int s = 0; s < c.num_splits; ++s) mx = fmaxf(mx, c.ws_lse[(int64_t(s) * c.ws_rows + gr) * H + h]);
+    bool nan_row = false;  // a split saw a NaN or +inf score
+    for (int s = 0; s < c.num_splits; ++s) {
+      const float ls = c.ws_lse[(int64_t(s) * c.ws_rows + gr) * H + h];
+      nan_row = nan_row || ls != ls;
+      mx = fmaxf(mx, ls);
+    }
+    // -FLT_MAX: a split with visible keys, all scored -inf; as the best of all splits, a NaN row.
+    nan_row = nan_row || mx == -FLT_MAX;
+    T* dst = static_cast<T*>(c.out) + (c.cu_seqlens_q ? gr * c.o_row_stride : int64_t(b) * c.o_batch_stride + int64_t(t) * c.o_row_stride) +
+             int64_t(h) * c.o_head_stride;
+    const int64_t lse_at = int64_t(b) * c.lse_batch_stride + int64_t(h) * c.lse_head_stride + (c.cu_seqlens_q ? gr : t) * c.lse_row_stride;
+    if (nan_row) {
+      const float nan = nan_f();
+#pragma unroll
+      for (int k = 0; k < kMaxPerLane; ++k)
+        if (lane + 32 * k < D) dst[lane + 32 * k] = from_float<T>(nan);
+      if (c.lse && lane == 0) c.lse[lse_at] = nan;
+      continue;
+    }
     float acc[kMaxPerLane];
 #pragma unroll
     for (int k = 0; k < kMaxPerLane; ++k) acc[k] = 0.f;
@@ -287,14 +305,10 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const CombineArgs c
       }
     }
     const float inv = total > 0.f ? 1.f / total : 0.f;
-    T* dst = static_cast<T*>(c.out) + (c.cu_seqlens_q ? gr * c.o_row_stride : int64_t(b) * c.o_batch_stride + int64_t(t) * c.o_row_stride) +
-             int64_t(h) * c.o_head_stride;
 #pragma unroll
     for (int k = 0; k < kMaxPerLane; ++k)
       if (lane + 32 * k < D) dst[lane + 32 * k] = from_float<T>(acc[k] * inv);
-    if (c.lse && lane == 0)
-      c.lse[int64_t(b) * c.lse_batch_stride + int64_t(h) * c.lse_head_stride + (c.cu_seqlens_q ? gr : t) * c.lse_row_stride] =
-          total > 0.f ? (mx + log2f(total)) * kLn2 : INFINITY;
+    if (c.lse && lane == 0) c.lse[lse_at] = total > 0.f ? (mx + log2f(total)) * kLn2 : INFINITY;
   }
 }
 

@@ -23,7 +23,8 @@
 //
 // Every loaded row is either real data or zeros (cp.async zero-fill), so padding rows and
 // keys are finite; keys past the range are masked to -inf. Rows that see no key end with
-// l = 0 and are written as zeros with lse = +inf.
+// l = 0 and are written as zeros with lse = +inf; NaN or +inf scores (from non-finite inputs) give
+// NaN rows with lse NaN, as softmax does (see the end of fwd_mblock).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -427,11 +428,24 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
     }
   }
 
+  // Softmax semantics for non-finite scores (the CPU twin: store_tile / merge_splits): l is NaN when a
+  // score was NaN or +inf (+inf - +inf), and 0 when no visible key scored above -inf. NaN l: a NaN row.
+  // l == 0: zeros (lse +inf) when the row sees no key in [lo, hi) (flash-attn's fully masked row), NaN
+  // when it does (softmax over -inf alone). A split partial records the latter as lse -FLT_MAX, so that
+  // the combine can tell it from a split without visible keys (-inf).
+  // inv: the output scale; lse2: what is stored, the natural-log lse (num_splits == 1) or the partial's
+  // log2 lse.
   float inv[2], lse2[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    lse2[i] = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
+    const int vis_lo = a.window_left >= 0 ? max(lo, ipos[i] - a.window_left) : lo;
+    const int vis_hi = a.window_right >= 0 ? min(hi - 1, ipos[i] + a.window_right) : hi - 1;
+    const bool sees = vis_lo <= vis_hi;
+    const bool nan_row = a.num_splits == 1 && (l[i] != l[i] || (l[i] == 0.f && sees));
+    inv[i] = nan_row ? nan_f() : l[i] > 0.f ? 1.f / l[i] : 0.f;
+    const float lse_log2 = m[i] + log2f(l[i]);
+    if (a.num_splits == 1) lse2[i] = nan_row ? nan_f() : l[i] > 0.f ? lse_log2 * kLn2 : INFINITY;
+    else lse2[i] = l[i] != l[i] ? l[i] : l[i] > 0.f ? lse_log2 : sees ? -FLT_MAX : -INFINITY;
   }
 
   if (a.num_splits == 1) {
@@ -451,8 +465,7 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
           const int t = pr / group, h = hk * group + (pr - t * group);
           const int64_t ro = q_row_offset(a, si, b, t, 0, 1);  // varlen: global row; dense: t
           if (ro >= 0)
-            p.lse[int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + ro * p.lse_row_stride] =
-                l[i] > 0.f ? lse2[i] * kLn2 : INFINITY;
+            p.lse[int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + ro * p.lse_row_stride] = lse2[i];
         }
       }
     }
@@ -492,6 +505,25 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
   }
 }
 
+// Varlen: rows of out outside every sequence ([0, cu[0]) and [cu[batch], q_rows)) get zeros and lse +inf,
+// never uninitialised memory (the host cannot check cu_seqlens_q on the device without a sync).
+template <class T>
+__device__ void zero_rows_outside(const FwdArgs& a) {
+  const AttentionParams& p = a.p;
+  const int64_t q0 = min(max(int64_t(p.cu_seqlens_q[0]), int64_t(0)), a.q_rows);
+  const int64_t q1 = min(max(int64_t(p.cu_seqlens_q[p.batch]), q0), a.q_rows);
+  const int64_t n = (a.q_rows - (q1 - q0)) * p.num_heads;
+  const T zero = from_float<T>(0.f);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    int64_t row = i / p.num_heads;
+    const int h = static_cast<int>(i - row * p.num_heads);
+    if (row >= q0) row += q1 - q0;
+    T* dst = static_cast<T*>(p.out) + row * p.o_row_stride + int64_t(h) * p.o_head_stride;
+    for (int e = 0; e < p.head_dim; ++e) dst[e] = zero;
+    if (p.lse) p.lse[int64_t(h) * p.lse_head_stride + row * p.lse_row_stride] = INFINITY;
+  }
+}
+
 template <class Cfg, class T>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_kernel(const FwdArgs a) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -505,6 +537,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
   const int split = idx % a.num_splits;
   idx /= a.num_splits;
   const int hk = idx % a.p.num_kv_heads, b = idx / a.p.num_kv_heads;
+  if (a.p.cu_seqlens_q && blockIdx.x == 0) zero_rows_outside<T>(a);
   const SeqInfo si = seq_info(a, b);
   const int rows = si.sq * a.group;
   const int nmb = (rows + Cfg::kBlockM - 1) / Cfg::kBlockM;

@@ -2,6 +2,7 @@
 // ldmatrix and mma.sync (sm_80+), fast exp2, fp16/bf16 packing, and a divisor
 // with a precomputed multiplier for run-time constants such as the page size.
 #pragma once
+#include <cfloat>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -121,6 +122,9 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
 }
+
+// A quiet NaN: the result of a softmax row that saw a NaN or +inf score.
+__device__ __forceinline__ float nan_f() { return __builtin_nanf(""); }
 
 template <class T>
 __device__ __forceinline__ T from_float(float x);

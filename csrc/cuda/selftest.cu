@@ -105,6 +105,8 @@ struct Case {
   int pad = 0, off = 0;  // row padding and view offset (elements): off % 8 != 0 makes every view unaligned
   int max_q_hint = 0, max_k_hint = 0;
   float scale = 0.f;
+  int poison = 0;    // non-finite key elements: 0 none, 1 +inf, 2 NaN, 3 -inf (a few random ones)
+  int trailing = 0;  // varlen q: rows past cu_seqlens_q[-1] (outside every sequence: zeros, lse +inf)
 
   std::string str() const {
     char buf[512];
@@ -113,10 +115,10 @@ struct Case {
     for (size_t i = 0; i < lk.size(); ++i) lks += (i ? "," : "") + std::to_string(lk[i]);
     std::snprintf(buf, sizeof buf,
                   "%s D=%d H=%d Hk=%d lq=[%s]%s lk=[%s] kv=%s bs=%d seqlens=%d bidx=%d win=(%d,%d) softcap=%g alibi=%d "
-                  "splits=%d pad=%d off=%d hints=(%d,%d)",
+                  "splits=%d pad=%d off=%d hints=(%d,%d) poison=%d trailing=%d",
                   dt == DType::kFloat16 ? "fp16" : "bf16", D, H, Hk, lqs.c_str(), varlen_q ? "(varlen)" : "", lks.c_str(),
                   kv == KV::kDense ? "dense" : kv == KV::kVarlen ? "varlen" : "paged", block_size, seqlens_k, batch_idx,
-                  wl, wr, softcap, alibi, num_splits, pad, off, max_q_hint, max_k_hint);
+                  wl, wr, softcap, alibi, num_splits, pad, off, max_q_hint, max_k_hint, poison, trailing);
     return buf;
   }
 };
@@ -145,7 +147,7 @@ void run_attention_case(const Case& c, Rng& rng, double* worst_out, double* wors
   std::vector<int32_t> cu_q(B + 1, 0), cu_k(B + 1, 0);
   for (int b = 0; b < B; ++b) cu_q[b + 1] = cu_q[b] + c.lq[b];
   for (int b = 0; b < B; ++b) cu_k[b + 1] = cu_k[b] + c.lk[b];
-  const int64_t q_rows = c.varlen_q ? cu_q[B] : int64_t(B) * sq_dense;
+  const int64_t q_rows = c.varlen_q ? cu_q[B] + c.trailing : int64_t(B) * sq_dense;
   const size_t q_elems = static_cast<size_t>(q_rows) * H * W + c.off + 8;
   std::vector<uint16_t> hq = rnd_vec(q_elems), hout(q_elems, nan_bits(dt));
 
@@ -193,6 +195,11 @@ void run_attention_case(const Case& c, Rng& rng, double* worst_out, double* wors
   }
   kv_elems += c.off + 8;
   std::vector<uint16_t> hk = rnd_vec(kv_elems), hv = rnd_vec(kv_elems);
+  if (c.poison) {  // a few non-finite key elements anywhere (some fall in unused rows or padding)
+    const bool f16 = dt == DType::kFloat16;
+    const uint16_t bits = c.poison == 1 ? (f16 ? 0x7C00 : 0x7F80) : c.poison == 2 ? nan_bits(dt) : (f16 ? 0xFC00 : 0xFF80);
+    for (int i = 0; i < 3; ++i) hk[rng.uni(0, static_cast<int>(kv_elems) - 1)] = bits;
+  }
   std::vector<float> slopes;
   if (c.alibi) {
     slopes.resize(static_cast<size_t>(c.alibi == 2 ? B : 1) * H);
@@ -297,17 +304,32 @@ void run_attention_case(const Case& c, Rng& rng, double* worst_out, double* wors
         const double slope = c.alibi ? slopes[(c.alibi == 2 ? b * H : 0) + h] : 0.0;
         s.assign(sk, ninf);
         double mx = ninf;
+        bool seen = false, bad = false;  // softmax: a NaN or +inf score, or only -inf ones, gives NaN
         for (int j = 0; j < sk; ++j) {
           if (c.wl >= 0 && j < pos - c.wl) continue;
           if (c.wr >= 0 && j > pos + c.wr) continue;
+          seen = true;
           const int64_t ko = c.off + hp.kv_row_offset(b, j, p.k_batch_stride, p.k_row_stride) + int64_t(hh) * W;
           double acc = 0;
           for (int d = 0; d < D; ++d) acc += from_bits(hq[qo + d], dt) * from_bits(hk[ko + d], dt);
           acc *= scale;
           if (c.softcap > 0) acc = c.softcap * std::tanh(acc / c.softcap);
           acc -= slope * std::abs(static_cast<double>(pos - j));
+          bad = bad || std::isnan(acc) || acc == -ninf;
           s[j] = acc;
           mx = std::max(mx, acc);
+        }
+        bad = bad || (seen && mx == ninf);
+        if (bad) {
+          const int64_t qo = c.off + hp.q_row_offset(b, t, p.q_batch_stride, p.q_row_stride) + int64_t(h) * W;
+          for (int d = 0; d < D; ++d) {
+            touched[qo + d] = 1;
+            expect(std::isnan(from_bits(gout[qo + d], dt)), "a row with a NaN/+inf score (or only -inf ones) must be NaN");
+          }
+          const int64_t row = c.varlen_q ? cu_q[b] + t : t;
+          expect(std::isnan(glse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride]),
+                 "the lse of a NaN row must be NaN");
+          continue;
         }
         std::fill(o.begin(), o.end(), 0.0);
         double sum = 0;
@@ -343,6 +365,16 @@ void run_attention_case(const Case& c, Rng& rng, double* worst_out, double* wors
         }
       }
   }
+  for (int64_t row = c.varlen_q ? cu_q[B] : q_rows; row < q_rows; ++row)  // outside every sequence
+    for (int h = 0; h < H; ++h) {
+      const int64_t qo = c.off + row * p.q_row_stride + int64_t(h) * W;
+      for (int d = 0; d < D; ++d) {
+        touched[qo + d] = 1;
+        expect(from_bits(gout[qo + d], dt) == 0.0, "a row outside every sequence must be 0, row " + std::to_string(row));
+      }
+      const float gl = glse[h * p.lse_head_stride + row * p.lse_row_stride];
+      expect(std::isinf(gl) && gl > 0, "the lse of a row outside every sequence must be +inf");
+    }
   for (size_t i = 0; i < q_elems; ++i)
     if (!touched[i]) expect(gout[i] == nan_bits(dt), "an element outside the output view was written at " + std::to_string(i));
 }
@@ -487,6 +519,8 @@ Case random_case(Rng& rng, const std::vector<int>& dims, bool quick) {
   if (rng.uni(0, 4) == 0) c.pad = rng.uni(1, 9), c.off = rng.uni(1, 7);  // unaligned views
   if (c.varlen_q && rng.uni(0, 1)) c.max_q_hint = rng.uni(1, 300);       // possibly wrong hints
   if (rng.uni(0, 1)) c.max_k_hint = rng.uni(1, 3000);
+  if (rng.uni(0, 5) == 0) c.poison = rng.uni(1, 3);
+  if (c.varlen_q && rng.uni(0, 3) == 0) c.trailing = rng.uni(1, 5);
   return c;
 }
 
@@ -510,6 +544,12 @@ std::vector<Case> fixed_cases(const std::vector<int>& dims) {
       Case g;  // unaligned everything, batch 1 long keys (auto split)
       g.dt = dt, g.D = D, g.H = 4, g.Hk = 1, g.lq = {2}, g.lk = {2500}, g.pad = 3, g.off = 1;
       cs.push_back(g);
+      Case i = d;  // +inf keys in a split decode (NaN rows), trailing rows of a varlen prefill
+      i.poison = 1;
+      cs.push_back(i);
+      Case j = f;
+      j.poison = 2, j.trailing = 3;
+      cs.push_back(j);
     }
   return cs;
 }
