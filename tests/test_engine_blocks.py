@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fastinfer.engine import SamplingParams, SchedulerConfig
+from fastinfer.engine import CacheConfig, SamplingParams, SchedulerConfig
 from fastinfer.engine.block_manager import BlockManager
+from fastinfer.engine.scheduler import Scheduler
 from fastinfer.engine.sequence import Sequence
 
 _ids = iter(range(10**9))
@@ -137,9 +138,10 @@ def test_reviving_cached_free_blocks_counts_against_free_space():
      ("num_blocks", True), ("enable_prefix_caching", 1)],
 )
 def test_scheduler_config_validation(field, value):
+    config = SchedulerConfig if field in SchedulerConfig.__dataclass_fields__ else CacheConfig
     with pytest.raises(ValueError, match=field):
-        SchedulerConfig(**{field: value})
-    assert SchedulerConfig(max_model_len=100, block_size=4, num_blocks=10).max_seq_len == 40
+        config(**{field: value})
+    assert Scheduler(SchedulerConfig(max_model_len=100), CacheConfig(block_size=4, num_blocks=10)).max_seq_len == 40
 
 
 def test_stats_count_admissions_not_retries():

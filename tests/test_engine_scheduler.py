@@ -8,16 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastinfer.engine import LLMEngine, SamplingParams, SchedulerConfig
+from fastinfer.engine import CacheConfig, LLMEngine, SamplingParams, SchedulerConfig
 from fastinfer.engine.sequence import SequenceStatus
 from test_engine_fakes import FakeRunner
 
 EOS = 0
 
 
-def make_engine(cfg: SchedulerConfig, vocab: int = 64, peaked: bool = True) -> LLMEngine:
-    runner = FakeRunner(cfg.num_blocks, cfg.block_size, vocab, peaked)
-    return LLMEngine(runner, None, cfg, eos_token_ids=[EOS], seed=0)
+def make_engine(cfg: SchedulerConfig, cache: CacheConfig, vocab: int = 64, peaked: bool = True) -> LLMEngine:
+    runner = FakeRunner(cache.num_blocks, cache.block_size, vocab, peaked)
+    return LLMEngine(runner, None, cfg, cache, eos_token_ids=[EOS], seed=0)
 
 
 def check_blocks(engine: LLMEngine) -> None:
@@ -59,7 +59,7 @@ def run(engine: LLMEngine, requests: list, max_steps: int = 5000) -> dict:
         step += 1
         assert step < max_steps, "no progress"
     bm = engine.scheduler.block_manager
-    assert bm.num_free_blocks == cfg.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+    assert bm.num_free_blocks == engine.cache_config.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
     assert set(finished) == {r[0] for r in requests}
     return finished
 
@@ -93,11 +93,12 @@ def test_tiny_cache_matches_huge_cache(reqs, num_blocks, block_size, budget, max
             n=n, max_tokens=max_tokens, ignore_eos=ignore_eos, seed=seed, temperature=0.0 if seed is None else 1.0
         )
         requests.append((f"r{i}", arrival, prompt, params))
-    tiny_cfg = SchedulerConfig(max_num_seqs, budget, max_model_len, block_size, num_blocks, prefix)
-    tiny = run(make_engine(tiny_cfg), requests)
-    cap = tiny_cfg.max_seq_len
-    huge_cfg = SchedulerConfig(64, 4096, cap, block_size, 4096, not prefix)
-    huge = run(make_engine(huge_cfg), [(rid, 0, p, sp) for rid, _, p, sp in requests])
+    tiny_engine = make_engine(SchedulerConfig(max_num_seqs, budget, max_model_len),
+                              CacheConfig(block_size, num_blocks, enable_prefix_caching=prefix))
+    tiny = run(tiny_engine, requests)
+    cap = tiny_engine.scheduler.max_seq_len
+    huge_engine = make_engine(SchedulerConfig(64, 4096, cap), CacheConfig(block_size, 4096, enable_prefix_caching=not prefix))
+    huge = run(huge_engine, [(rid, 0, p, sp) for rid, _, p, sp in requests])
     for rid, _, prompt, params in requests:
         a, b = tiny[rid], huge[rid]
         if len(prompt) > cap:
@@ -121,10 +122,10 @@ def test_preemption_recomputes_and_matches():
     """Four long requests in a 12-block cache must preempt; outputs equal the unconstrained run."""
     params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0)
     requests = [(f"r{i}", 0, [i + 1] * 5 + [9, i + 2], params) for i in range(4)]
-    small = make_engine(SchedulerConfig(8, 64, 64, 2, 12, False))
+    small = make_engine(SchedulerConfig(8, 64, 64), CacheConfig(2, 12, enable_prefix_caching=False))
     got = run(small, requests)
     assert small.scheduler.num_preemptions > 0
-    ref = run(make_engine(SchedulerConfig(8, 64, 64, 2, 100, False)), requests)
+    ref = run(make_engine(SchedulerConfig(8, 64, 64), CacheConfig(2, 100, enable_prefix_caching=False)), requests)
     for rid in got:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
         assert len(got[rid].outputs[0].token_ids) == 12
@@ -132,7 +133,7 @@ def test_preemption_recomputes_and_matches():
 
 def test_chunked_prefill_mixes_with_decodes():
     """A long prompt is split into budget-sized chunks while an earlier request keeps decoding every step."""
-    engine = make_engine(SchedulerConfig(4, 4, 64, 4, 64, False))
+    engine = make_engine(SchedulerConfig(4, 4, 64), CacheConfig(4, 64, enable_prefix_caching=False))
     engine.add_request("a", [5, 6], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
     engine.step()
     engine.add_request("b", list(range(1, 12)), SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0))
@@ -149,19 +150,19 @@ def test_chunked_prefill_mixes_with_decodes():
 
 
 def test_rejected_request_does_not_disturb_others():
-    engine = make_engine(SchedulerConfig(4, 16, 10, 2, 16, True))
+    engine = make_engine(SchedulerConfig(4, 16, 10), CacheConfig(2, 16, enable_prefix_caching=True))
     params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
     got = run(engine, [("ok1", 0, [1, 2, 3], params), ("long", 0, list(range(1, 12)), params), ("ok2", 1, [4], params)])
     assert got["long"].error == "prompt of 11 tokens is longer than max_model_len (10 tokens)"
     assert got["long"].finished and got["long"].outputs[0].finish_reason == "error"
     assert len(got["ok1"].outputs[0].token_ids) == 3 and len(got["ok2"].outputs[0].token_ids) == 3
-    engine = make_engine(SchedulerConfig(4, 16, 100, 2, 3, True))
+    engine = make_engine(SchedulerConfig(4, 16, 100), CacheConfig(2, 3, enable_prefix_caching=True))
     got = run(engine, [("big", 0, list(range(1, 8)), params), ("ok", 0, [1], params)])
     assert "KV cache capacity (6 tokens)" in got["big"].error and got["ok"].error is None
 
 
 def test_max_num_seqs_and_abort():
-    engine = make_engine(SchedulerConfig(2, 64, 64, 2, 64, True))
+    engine = make_engine(SchedulerConfig(2, 64, 64), CacheConfig(2, 64, enable_prefix_caching=True))
     params = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0)
     for i in range(3):
         engine.add_request(f"r{i}", [i + 1, 2], params)
@@ -183,7 +184,7 @@ def test_max_num_seqs_and_abort():
 
 
 def test_metrics_and_n_sequences_share_prompt_blocks():
-    engine = make_engine(SchedulerConfig(8, 64, 64, 2, 64, True), peaked=False)
+    engine = make_engine(SchedulerConfig(8, 64, 64), CacheConfig(2, 64, enable_prefix_caching=True), peaked=False)
     engine.add_request("r", [1, 2, 3, 4, 5, 6, 7], SamplingParams(n=3, max_tokens=4, seed=1, ignore_eos=True))
     engine.step()
     tables = [s.block_table for s in engine.scheduler.running]
@@ -199,7 +200,7 @@ def test_metrics_and_n_sequences_share_prompt_blocks():
 
 
 def test_max_tokens_none_runs_to_max_model_len():
-    engine = make_engine(SchedulerConfig(4, 64, 12, 4, 64, True))
+    engine = make_engine(SchedulerConfig(4, 64, 12), CacheConfig(4, 64, enable_prefix_caching=True))
     got = run(engine, [("r", 0, [1, 2, 3], SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0))])
     assert got["r"].outputs[0].finish_reason == "length" and len(got["r"].outputs[0].token_ids) == 9
 
@@ -211,9 +212,9 @@ def test_failed_step_recovers(fail_at):
     params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0)
     shared = [5, 6, 7, 8, 9, 10, 11]
     requests = [(f"r{i}", 0, shared + [i + 1] * (i + 1), params) for i in range(4)]
-    cfg = SchedulerConfig(4, 12, 64, 2, 64, True)
-    want = run(make_engine(cfg), requests)
-    engine = make_engine(cfg)
+    cfg = SchedulerConfig(4, 12, 64), CacheConfig(2, 64, enable_prefix_caching=True)
+    want = run(make_engine(*cfg), requests)
+    engine = make_engine(*cfg)
     for rid, _, prompt, sp in requests:
         engine.add_request(rid, prompt, sp)
     real, steps = engine.runner.execute, [0]
@@ -238,4 +239,4 @@ def test_failed_step_recovers(fail_at):
             if o.finished:
                 got[o.request_id] = o
     assert {r: o.outputs[0].token_ids for r, o in got.items()} == {r: o.outputs[0].token_ids for r, o in want.items()}
-    assert engine.scheduler.block_manager.num_free_blocks == cfg.num_blocks
+    assert engine.scheduler.block_manager.num_free_blocks == cfg[1].num_blocks

@@ -259,7 +259,7 @@ def test_logprobs_capped_by_max_logprobs(llm):
     engine = llm.engine
     for bad in (-1, 1.5, True, None):
         with pytest.raises(ValueError, match="max_logprobs"):
-            LLMEngine(engine.runner, llm.tokenizer, engine.config, max_logprobs=bad)
+            LLMEngine(engine.runner, llm.tokenizer, engine.config, engine.cache_config, max_logprobs=bad)
     with pytest.raises(ValueError, match="max_logprobs"):
         LLM(None, max_logprobs=-1)  # checked before the model loads
 
@@ -289,7 +289,7 @@ def test_seed_range_edges_run(llm):
         assert len(out.outputs[0].token_ids) >= 1
     engine = llm.engine
     with pytest.raises(ValueError, match="seed"):
-        LLMEngine(engine.runner, llm.tokenizer, engine.config, seed=2**70)
+        LLMEngine(engine.runner, llm.tokenizer, engine.config, engine.cache_config, seed=2**70)
 
 
 def test_huge_ints_elsewhere_run(llm):

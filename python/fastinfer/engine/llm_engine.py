@@ -12,8 +12,10 @@ from typing import Protocol
 import torch
 
 from .block_manager import PrefixCacheStats
+from .cache_config import CacheConfig, KVCacheSpec
 from .config import SchedulerConfig
 from .detokenizer import Detokenizer
+from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SEED_MAX, SEED_MIN, SamplingParams
@@ -22,10 +24,9 @@ from .sequence import Sequence
 
 
 class Runner(Protocol):
-    """What the engine needs from a model runner (engine/model_runner.py)."""
+    """What the engine needs from a model runner (engine/model_runner.py), whose KV cache has the shape of the
+    engine's CacheConfig (``LLMEngine.for_model`` builds both from one object)."""
 
-    num_blocks: int  # KV-cache blocks it allocated
-    block_size: int  # tokens per block
     vocab_size: int  # rows of the embedding = width of the logits (optional: without it ids are not range-checked)
 
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -52,6 +53,7 @@ class LLMEngine:
         runner: Runner,
         tokenizer,
         scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
         *,
         eos_token_ids: list[int] | None = None,
         seed: int | None = None,
@@ -59,15 +61,12 @@ class LLMEngine:
         max_logprobs: int = 20,
     ) -> None:
         """tokenizer: anything with encode(text) and decode(ids, skip_special_tokens); None = token ids only, no text.
+        cache_config: the sized KV cache (num_blocks set) the runner computes into.
         eos_token_ids: default tokenizer.eos_token_ids. seed: seeds the generator of unseeded random sampling.
         vocab_size: token ids a prompt may use are [0, vocab_size); default runner.vocab_size.
         max_logprobs: the most logprobs a request may ask for (vLLM's name and default)."""
-        for name in ("num_blocks", "block_size"):
-            if getattr(runner, name) != getattr(scheduler_config, name):
-                raise ValueError(
-                    f"scheduler_config.{name}={getattr(scheduler_config, name)} differs from the runner's "
-                    f"{getattr(runner, name)}"
-                )
+        if cache_config.num_blocks is None:
+            raise ValueError("cache_config: not sized (num_blocks is None); see CacheConfig.sized")
         if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
             raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
         if not _is_int(max_logprobs) or max_logprobs < 0:
@@ -81,10 +80,11 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = scheduler_config
+        self.cache_config = cache_config
         self.vocab_size = vocab_size
         self.max_logprobs = max_logprobs
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
-        self.scheduler = Scheduler(scheduler_config, eos_token_ids, self.detokenizer)
+        self.scheduler = Scheduler(scheduler_config, cache_config, eos_token_ids, self.detokenizer)
         device = getattr(runner, "device", "cpu")  # where the logits live: draws are made there
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.sampler = Sampler(eos_token_ids, generator)
@@ -93,6 +93,29 @@ class LLMEngine:
         # Requests the next step() reports even if they made no progress: aborted ones, and those whose output a
         # failed step never handed out.
         self._report: dict[str, None] = {}
+
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        tokenizer,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        *,
+        device: torch.device,
+        seed: int | None = None,
+        vocab_size: int | None = None,
+        max_logprobs: int = 20,
+    ) -> LLMEngine:
+        """The engine for a loaded fastinfer model on ``device``: the KV cache sized from ``cache_config`` (unless it
+        is sized already) for the model's geometry and scheduler_config's limits, then the model runner and the
+        scheduler built over that one sized config. The other arguments are ``__init__``'s."""
+        spec = KVCacheSpec.of_model(model)
+        sized = cache_config.sized(spec, device, max_model_len=scheduler_config.max_model_len,
+                                   max_num_seqs=scheduler_config.max_num_seqs)
+        runner = ModelRunner(model, sized, spec, device)
+        return cls(runner, tokenizer, scheduler_config, sized, seed=seed, vocab_size=vocab_size,
+                   max_logprobs=max_logprobs)
 
     def check_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
@@ -148,7 +171,7 @@ class LLMEngine:
         metrics = RequestMetrics(arrival_time if arrival_time is not None else time.time())
         seqs = []
         # A prompt that never runs never grows: its sequences share one list (it may be long, and n up to MAX_N).
-        never_runs = problem is not None or len(ids) > self.config.max_seq_len
+        never_runs = problem is not None or len(ids) > self.scheduler.max_seq_len
         for i in range(params.n):
             seq_id = next(self._seq_ids)
             seqs.append(Sequence(seq_id, request_id, ids if never_runs else list(ids), len(ids), params, index=i))

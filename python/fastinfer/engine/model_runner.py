@@ -9,10 +9,7 @@ import torch
 
 from fastinfer.models.attention_metadata import AttentionMetadata
 
-# CPU default when no cache size is given: this fraction of the memory still available.
-CPU_CACHE_FRACTION = 0.25
-# GPU default: this fraction of the free device memory once the weights are loaded.
-GPU_CACHE_FRACTION = 0.85
+from .cache_config import CacheConfig, KVCacheSpec
 
 
 @dataclass(slots=True)
@@ -25,53 +22,29 @@ class StepInputs:
     sample_rows: torch.Tensor  # (num_sampled,) int64: rows of the flattened batch whose logits are sampled
 
 
-def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one cache block takes over all layers, keys and values."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory free on `device` now (a GPU's free memory; MemAvailable on the CPU)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    with open("/proc/meminfo") as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info.get("MemAvailable", info["MemFree"])
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """The default KV-cache size on `device`: a fraction of its free memory."""
-    fraction = GPU_CACHE_FRACTION if device.type == "cuda" else CPU_CACHE_FRACTION
-    return int(free_memory_bytes(device) * fraction)
-
-
 class ModelRunner:
     """Owns the model and its KV cache; turns each SchedulerOutput into logits.
 
     Parameters
     ----------
     model : a fastinfer model (``model(input_ids, positions, kv_caches, meta)`` and ``compute_logits``)
-    num_layers, num_kv_heads, head_dim : the cache geometry
-    block_size : tokens per cache block (any value >= 1)
-    num_blocks : blocks to allocate (the engine sizes this with ``kv_block_bytes``)
-    dtype, device : of the cache (the model's)
+    cache_config : the sized cache (block_size, num_blocks); the engine hands the scheduler the same object
+    spec : the cache geometry (layers, KV heads, head_dim, dtype: the model's)
+    device : where the model and the cache live
     cpu_kernels : on CPU, run the projections with fastinfer's packed linear (``model.pack_for_cpu``)
         and keep torch to one thread during a step, so the two thread pools never spin against each
         other; False leaves the model and torch's threads as they are
     """
 
-    def __init__(self, model: torch.nn.Module, *, num_layers: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device,
+    def __init__(self, model: torch.nn.Module, cache_config: CacheConfig, spec: KVCacheSpec, device: torch.device,
                  cpu_kernels: bool = True) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks: the KV cache needs at least 1 block, got {num_blocks}")
+        if cache_config.num_blocks is None:
+            raise ValueError("cache_config: not sized (num_blocks is None); see CacheConfig.sized")
         self.model = model
         self.single_torch_thread = False
         if cpu_kernels and device.type == "cpu" and hasattr(model, "pack_for_cpu"):
             self.single_torch_thread = model.pack_for_cpu()
-        self.block_size = block_size
-        self.num_blocks = num_blocks
+        self.cache_config = cache_config
         self.device = device
         # Token ids the model can read (its embedding's rows); the engine checks prompts against it.
         self.vocab_size: int | None = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -81,6 +54,8 @@ class ModelRunner:
         # than keys and values in separate tensors and ~25% faster than flash-attn's token-major rows.
         # The kernels get flash-attn's (num_blocks, block_size, kv_heads, head_dim) as strided views.
         # GPUs keep flash-attn's layout (the one the CUDA kernels were measured with).
+        num_layers, num_kv_heads, head_dim, dtype = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype
+        num_blocks, block_size = cache_config.num_blocks, cache_config.block_size
         if device.type == "cpu":
             self.kv_cache = torch.empty((num_layers, num_blocks, num_kv_heads, 2, block_size, head_dim),
                                         dtype=dtype, device=device)
@@ -93,7 +68,7 @@ class ModelRunner:
 
     def prepare(self, chunks: list) -> StepInputs:
         """Flatten the scheduled chunks (each with ``seq``, ``start``, ``num_tokens``, ``sample``)."""
-        bs = self.block_size
+        bs = self.cache_config.block_size
         q_lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int32, count=len(chunks))
         k_lens = np.fromiter((c.start + c.num_tokens for c in chunks), dtype=np.int32, count=len(chunks))
         cu_q = np.zeros(len(chunks) + 1, dtype=np.int32)

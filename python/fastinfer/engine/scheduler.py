@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .cache_config import CacheConfig
 from .config import SchedulerConfig
 from .detokenizer import Detokenizer
 from .outputs import Logprob
@@ -43,23 +44,35 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Waiting and running queues over one BlockManager."""
+    """Waiting and running queues over one BlockManager (the blocks of a sized CacheConfig)."""
 
     def __init__(
-        self, config: SchedulerConfig, eos_token_ids: list[int] = (), detokenizer: Detokenizer | None = None
+        self,
+        config: SchedulerConfig,
+        cache_config: CacheConfig,
+        eos_token_ids: list[int] = (),
+        detokenizer: Detokenizer | None = None,
     ) -> None:
         self.config = config
+        self.cache_config = cache_config
         self.eos_token_ids = list(eos_token_ids)
         self.detokenizer = detokenizer
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._rejected: list[Sequence] = []
         self.num_preemptions = 0
 
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence that can run: the model limit, or the whole cache when that is smaller."""
+        return min(self.config.max_model_len, self.cache_config.num_tokens)
+
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; one that can never run is finished with an error at the next schedule()."""
-        limit = self.config.max_seq_len
+        limit = self.max_seq_len
         if seq.num_tokens > limit:
             what = "max_model_len" if limit == self.config.max_model_len else "the KV cache capacity"
             self.reject(seq, f"prompt of {seq.num_tokens} tokens is longer than {what} ({limit} tokens)")
@@ -174,8 +187,8 @@ class Scheduler:
         """Finish seq if its newest token ends it (vLLM v1 order: length, then EOS / stop ids, then stop strings)."""
         p = seq.params
         reason, stop_reason = None, None
-        max_tokens = p.max_tokens if p.max_tokens is not None else self.config.max_seq_len
-        if seq.num_tokens >= self.config.max_seq_len or seq.num_output_tokens >= max_tokens:
+        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_seq_len
+        if seq.num_tokens >= self.max_seq_len or seq.num_output_tokens >= max_tokens:
             reason = "length"
         elif seq.num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
