@@ -58,9 +58,9 @@ class Timed:
 
 def profile_batch(llm, batch: int, steps: int) -> dict:
     import fastinfer._C as C
-    import fastinfer.attention as attention_mod
+    import fastinfer.kernels.forward as attention_mod
     import fastinfer.models.layers as layers
-    import fastinfer.ops as ops_mod
+    import fastinfer.kernels.ops as ops_mod
     from fastinfer import SamplingParams
 
     g = torch.Generator().manual_seed(batch)

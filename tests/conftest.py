@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastinfer
-import fastinfer.attention
+import fastinfer.kernels.forward
 
 # The SIMD levels of the API ("auto" picks the best), lowest first. "amx" is a newer level
 # that some builds know; a level this build or CPU lacks is skipped, not failed.
@@ -130,5 +130,5 @@ def _poison_outputs(monkeypatch):
     """The public API allocates out/lse itself with an uninitialised `empty`, which may
     happen to hold plausible values. Make every such allocation NaN instead, so that an
     element the kernels never write shows up as NaN in every test."""
-    monkeypatch.setattr(fastinfer.attention, "empty_like", _poisoned_like)
-    monkeypatch.setattr(fastinfer.attention, "empty_float32", _poisoned_float32)
+    monkeypatch.setattr(fastinfer.kernels.forward, "empty_like", _poisoned_like)
+    monkeypatch.setattr(fastinfer.kernels.forward, "empty_float32", _poisoned_float32)

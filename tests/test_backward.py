@@ -1,4 +1,4 @@
-"""CPU attention backward (fastinfer.backward.attention_backward) against float64 autograd.
+"""CPU attention backward (fastinfer.kernels.backward.attention_backward) against float64 autograd.
 
 Tolerance: flash-attention's rule per gradient, 2 * (error of the same autograd computation
 in the input dtype) + a small floor (reference.assert_close). Outputs are poisoned with NaN.
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fastinfer
-import fastinfer.backward
+import fastinfer.kernels.backward
 from fastinfer import _C
-from fastinfer.backward import attention_backward
+from fastinfer.kernels.backward import attention_backward
 from conftest import _poisoned_like, dtypes
 from reference import alibi_slopes, cu_seqlens, randn
 from reference_backward import attention_grads_ref, attention_grads_ref_varlen, check_grads
@@ -22,7 +22,7 @@ from reference_backward import attention_grads_ref, attention_grads_ref_varlen, 
 @pytest.fixture(autouse=True)
 def _poison_grads(monkeypatch):
     """dq/dk/dv come from an uninitialised `empty`: make them NaN so unwritten elements show."""
-    monkeypatch.setattr(fastinfer.backward, "empty_like", _poisoned_like)
+    monkeypatch.setattr(fastinfer.kernels.backward, "empty_like", _poisoned_like)
 
 
 @pytest.fixture(autouse=True)

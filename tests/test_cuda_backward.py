@@ -1,4 +1,4 @@
-"""The CUDA attention backward through fastinfer.backward.attention_backward, on CUDA tensors.
+"""The CUDA attention backward through fastinfer.kernels.backward.attention_backward, on CUDA tensors.
 
 Marked ``cuda`` and skipped without a usable device (or a build without the CUDA kernels).
 Each test compares the GPU gradients with float64 autograd under flash-attention's rule
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fastinfer
-import fastinfer.backward
-from fastinfer.backward import attention_backward
+import fastinfer.kernels.backward
+from fastinfer.kernels.backward import attention_backward
 from conftest import DTYPE_IDS, _poisoned_like
 from reference import alibi_slopes, cu_seqlens, randn
 from reference_backward import attention_grads_ref, attention_grads_ref_varlen, check_grads
@@ -27,7 +27,7 @@ HEAD_DIMS = (64, 96, 128, 256)
 
 @pytest.fixture(autouse=True)
 def _poison_grads(monkeypatch):
-    monkeypatch.setattr(fastinfer.backward, "empty_like", _poisoned_like)
+    monkeypatch.setattr(fastinfer.kernels.backward, "empty_like", _poisoned_like)
 
 
 def cpu(xs):

@@ -24,7 +24,7 @@ import torch
 
 import fastinfer
 from fastinfer import _C, ops
-from fastinfer.backward import attention_backward
+from fastinfer.kernels.backward import attention_backward
 from reference import check_rejected, randn
 
 fa = fastinfer.flash_attn_func

@@ -86,13 +86,13 @@ def test_sliding_window_and_softcap_reach_the_kernels(gen, monkeypatch):
     assert_step_close(step(mine, ids, None), step(ref, ids, None), None)
 
     seen = []
-    real = fastinfer.attention.flash_attn_func
+    real = fastinfer.kernels.attention.flash_attn_func
 
     def spy(*args, **kw):
         seen.append((kw["window_size"], kw["softcap"]))
         return real(*args, **kw)
 
-    monkeypatch.setattr(fastinfer.attention, "flash_attn_func", spy)
+    monkeypatch.setattr(fastinfer.kernels.attention, "flash_attn_func", spy)
     q = torch.randn(1, 4, 6, 16)
     module = torch.nn.Module()
     module.is_causal = True

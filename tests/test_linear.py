@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import fastinfer
-from fastinfer import _C, ops
+from fastinfer import _C
+from fastinfer.kernels import ops
 from conftest import DTYPE_IDS, requires_cuda
 from reference import assert_close, assert_unchanged, check_rejected, randn, snapshot
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import fastinfer
-from fastinfer import _C, ops
+from fastinfer import _C
+from fastinfer.kernels import ops
 from fastinfer.models.layers import apply_rotary
 from conftest import DTYPE_IDS
 from reference import assert_close, check_rejected, randn

@@ -91,16 +91,16 @@ def test_only_some_inputs_require_grad(gen):
 
 
 def test_deterministic_reaches_the_backward(gen, monkeypatch):
-    import fastinfer.backward
+    import fastinfer.kernels.backward
 
     seen = []
-    real = fastinfer.backward.attention_backward
+    real = fastinfer.kernels.backward.attention_backward
 
     def spy(*args, **kw):
         seen.append(kw["deterministic"])
         return real(*args, **kw)
 
-    monkeypatch.setattr(fastinfer.backward, "attention_backward", spy)
+    monkeypatch.setattr(fastinfer.kernels.backward, "attention_backward", spy)
     q = randn((1, 5, 2, 16), torch.float32, gen).requires_grad_()
     for det in (True, False):
         fastinfer.flash_attn_func(q, q, q, deterministic=det).sum().backward()

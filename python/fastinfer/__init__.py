@@ -9,6 +9,9 @@ torch users also get (imported on first use, so ``import fastinfer`` needs no to
 kernels, see fastinfer.sdpa), ``torch_ops`` (torch.library custom ops: autograd and
 torch.compile), and ``attn_implementation="fastinfer"`` in Hugging Face transformers
 (registered when transformers loads its modeling code, see fastinfer.integrations.transformers).
+
+The kernel wrappers (flash-attn API, ops, backward, options, array helpers) live in
+``fastinfer.kernels``; this module re-exports their public names.
 """
 
 from __future__ import annotations
@@ -18,12 +21,20 @@ import warnings
 
 from fastinfer import _C, ops
 from fastinfer.integrations import transformers as _hf_transformers
-from fastinfer.attention import (
+from fastinfer.kernels.attention import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
+)
+from fastinfer.kernels.runtime import (
+    build_info,
+    cuda_available,
+    get_cpu_isa,
+    get_num_threads,
+    set_cpu_isa,
+    set_num_threads,
 )
 
 __version__: str = _C.build_info()["version"]
@@ -78,42 +89,3 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
 ]
-
-
-def build_info() -> dict:
-    """How this copy of fastinfer was built and what it runs on.
-
-    Keys: ``version``, ``compiler``, ``cuda_compiled``, ``cuda_archs`` (e.g. ``"80,90a"``),
-    ``cuda_runtime_version``, ``cpu_isa`` (SIMD level in use), ``cpu_isa_best``
-    (best level this CPU supports), ``num_threads``.
-    """
-    return dict(_C.build_info())
-
-
-def cuda_available() -> bool:
-    """True when the CUDA part was compiled in and a CUDA device is usable."""
-    return bool(_C.build_info()["cuda_compiled"]) and _C.cuda_device_count() > 0
-
-
-def set_cpu_isa(name: str) -> None:
-    """Force the CPU SIMD level: ``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512_bf16"`` or ``"amx"``.
-
-    The environment variable ``FASTINFER_CPU_ISA`` sets the same at import time.
-    Raises ValueError for a level this CPU does not support.
-    """
-    _C.set_cpu_isa(name)
-
-
-def get_cpu_isa() -> str:
-    """The CPU SIMD level the kernels use now."""
-    return _C.cpu_isa()
-
-
-def set_num_threads(n: int) -> None:
-    """Threads used by the CPU kernels; ``n <= 0`` restores the default
-    (``FASTINFER_NUM_THREADS``, else every CPU this process may run on)."""
-    _C.set_num_threads(int(n))
-
-
-def get_num_threads() -> int:
-    return _C.num_threads()

@@ -29,7 +29,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from fastinfer.attention import flash_attn_func, flash_attn_varlen_func
+from fastinfer.kernels.attention import flash_attn_func, flash_attn_varlen_func
+from fastinfer.kernels.runtime import cuda_available
 
 __all__ = ["scaled_dot_product_attention", "sdpa_override", "SDPAFallbackWarning"]
 
@@ -60,9 +61,7 @@ def _device_ok(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        import fastinfer
-
-        return fastinfer.cuda_available()
+        return cuda_available()
     return False
 
 

@@ -14,8 +14,10 @@ Ops (namespace ``fastinfer``, call as ``torch.ops.fastinfer.<name>``):
 Every op has a fake (meta) implementation, so torch.compile traces them without running
 them, and the two forward attention ops have autograd formulas that call
 ``attention_backward``. The log-sum-exp output is marked non-differentiable (as in
-flash-attn). Window arguments follow ``fastinfer.attention``: ``causal`` forces the right
-window to 0, -1 is unbounded.
+flash-attn). Window arguments follow ``fastinfer.flash_attn_func``: ``causal`` forces the right
+window to 0, -1 is unbounded. The ops build their options with
+``fastinfer.kernels.options.attention_options`` and run the kernel calls of
+``fastinfer.kernels.forward`` and ``fastinfer.kernels.backward``, as the direct path does.
 
 The public entry points (``fastinfer.flash_attn_func`` ...) use these ops only when they are
 needed -- autograd (grad mode on and an input requires grad) or tracing by torch.compile --
@@ -27,13 +29,16 @@ Needs torch >= 2.4 (``torch.library.custom_op``). No ``from __future__ import an
 here: the op schemas are inferred from the annotations, which must be real types.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from fastinfer import _C
-from fastinfer import attention as _attn
-from fastinfer._arrays import as_index, float_arg, int_arg, kernel_view, launch_kwargs, window_arg
+from fastinfer.kernels import backward
+from fastinfer.kernels.arrays import as_index_traceable as _index
+from fastinfer.kernels.arrays import float_arg, int_arg, kernel_view, launch_kwargs, window_arg
+from fastinfer.kernels.forward import run_dense, run_kvcache, run_varlen
+from fastinfer.kernels.options import attention_options, check_dropout, softmax_scale_arg
 
 if not hasattr(torch.library, "custom_op"):
     raise ImportError(f"fastinfer.torch_ops needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}")
@@ -46,13 +51,6 @@ def _check_ndim(x: Tensor, ndim: int, name: str, layout: str) -> None:
         raise ValueError(f"{name}: expected {layout}, got shape {tuple(x.shape)}")
 
 
-def _opts(head_dim: int, softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-          num_splits: int = 0, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> "_C.AttentionOptions":
-    opt = _attn._options(head_dim, softmax_scale, causal, (window_left, window_right), softcap, num_splits)
-    opt.max_seqlen_q, opt.max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-    return opt
-
-
 # ----------------------------------------------------------------------------- dense
 
 
@@ -63,13 +61,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, cau
     """q (B, Sq, H, D); k, v (B, Sk, Hk, D) -> out (B, Sq, H, D), lse (B, H, Sq) float32.
     ``deterministic`` only matters to the backward pass; it is an input so autograd can see it."""
     _check_ndim(q, 4, "q", "(batch, seqlen_q, nheads, headdim)")
-    out = _attn.empty_like(q)
-    lse = _attn.empty_float32(q, (q.shape[0], q.shape[2], q.shape[1]))
-    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse=kernel_view(lse),
-                         alibi_slopes=kernel_view(alibi_slopes),
-                         options=_opts(q.shape[-1], softmax_scale, causal, window_left, window_right, softcap),
-                         **launch_kwargs(q))
-    return out, lse
+    opt = attention_options(q.shape[-1], softmax_scale, causal, (window_left, window_right), softcap)
+    return run_dense(q, k, v, opt, alibi_slopes, with_lse=True)
 
 
 @attention_forward.register_fake
@@ -89,15 +82,9 @@ def varlen_attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     """q (total_q, H, D); k, v (total_k, Hk, D) or paged (num_blocks, block_size, Hk, D) with
     block_table; cu_seqlens int32 -> out (total_q, H, D), lse (H, total_q) float32."""
     _check_ndim(q, 3, "q", "(total_q, nheads, headdim)")
-    out = _attn.empty_like(q)
-    lse = _attn.empty_float32(q, (q.shape[1], q.shape[0]))
-    opt = _opts(q.shape[-1], softmax_scale, causal, window_left, window_right, softcap,
-                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    _C.attention_forward(kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse=kernel_view(lse),
-                         cu_seqlens_q=kernel_view(cu_seqlens_q), cu_seqlens_k=kernel_view(cu_seqlens_k),
-                         block_table=kernel_view(block_table), alibi_slopes=kernel_view(alibi_slopes), options=opt,
-                         **launch_kwargs(q))
-    return out, lse
+    opt = attention_options(q.shape[-1], softmax_scale, causal, (window_left, window_right), softcap,
+                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, opt, alibi_slopes, block_table, with_lse=True)
 
 
 @varlen_attention_forward.register_fake
@@ -113,16 +100,9 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
              window_left, window_right, softcap, alibi_slopes, num_splits):
     _check_ndim(q, 4, "q", "(batch, seqlen_q, nheads, headdim)")
-    out = _attn.empty_like(q)
-    lse = _attn.empty_float32(q, (q.shape[0], q.shape[2], q.shape[1]))
-    _C.attention_with_kvcache(kernel_view(q), kernel_view(k_cache), kernel_view(v_cache), kernel_view(out),
-                              k=kernel_view(k), v=kernel_view(v), lse=kernel_view(lse),
-                              cache_seqlens=kernel_view(cache_seqlens), cache_batch_idx=kernel_view(cache_batch_idx),
-                              block_table=kernel_view(block_table), alibi_slopes=kernel_view(alibi_slopes),
-                              options=_opts(q.shape[-1], softmax_scale, causal, window_left, window_right, softcap,
-                                            num_splits),
-                              **launch_kwargs(q))
-    return out, lse
+    opt = attention_options(q.shape[-1], softmax_scale, causal, (window_left, window_right), softcap, num_splits)
+    return run_kvcache(q, k_cache, v_cache, opt, k, v, cache_seqlens, cache_batch_idx, block_table, alibi_slopes,
+                       with_lse=True)
 
 
 def _kvcache_fake(q, *args):
@@ -178,10 +158,8 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention_forward / varlen_attention_forward (cu_seqlens given) from the saved
     out and lse: (dq, dk, dv) shaped like (q, k, v), allocated contiguous."""
-    from fastinfer.backward import attention_backward as _backward
-
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    _backward(dout, q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+    backward.attention_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
               window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
               deterministic=deterministic, dq=dq, dk=dk, dv=dv)
@@ -243,10 +221,6 @@ varlen_attention_forward.register_autograd(_backward_varlen, setup_context=_setu
 # ----------------------------------------------------------------------------- flash-attn style wrappers
 
 
-def _scale(q: Tensor, softmax_scale: Optional[float]) -> float:
-    return float(q.shape[-1] ** -0.5) if softmax_scale is None else float_arg(softmax_scale, "softmax_scale", finite=False)
-
-
 def _slopes(alibi_slopes, q: Tensor) -> Optional[Tensor]:
     if alibi_slopes is None:
         return None
@@ -255,29 +229,13 @@ def _slopes(alibi_slopes, q: Tensor) -> Optional[Tensor]:
     return torch.as_tensor(alibi_slopes, dtype=torch.float32, device=q.device)
 
 
-def _index(x, q: Tensor, dtype: torch.dtype = torch.int32, name: str = "index") -> Optional[Tensor]:
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor) and torch.compiler.is_compiling():
-        # traced: values are not known here (the kernels' checks see them when the op runs)
-        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise TypeError(f"{name}: expected dtype {str(dtype).replace('torch.', '')}, got {x.dtype}")
-        return x if x.dtype == dtype else x.to(dtype)
-    # Same rules as the direct path: integer dtypes only, no silent wrap-around when narrowing.
-    return as_index(x, q, "int32" if dtype == torch.int32 else "int64", name=name)
-
-
-def _window(window_size: Sequence[int]) -> Tuple[int, int]:
-    return window_arg(window_size)
-
-
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """fastinfer.flash_attn_func through the custom op (autograd, torch.compile); torch tensors only."""
-    _attn._no_dropout(dropout_p)
-    out, lse = torch.ops.fastinfer.attention_forward(q, k, v, _scale(q, softmax_scale), bool(causal),
-                                                     *_window(window_size), float_arg(softcap, "softcap", finite=False),
-                                                     _slopes(alibi_slopes, q), bool(deterministic))
+    check_dropout(dropout_p)
+    out, lse = torch.ops.fastinfer.attention_forward(
+        q, k, v, softmax_scale_arg(q.shape[-1], softmax_scale), bool(causal), *window_arg(window_size),
+        float_arg(softcap, "softcap", finite=False), _slopes(alibi_slopes, q), bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -285,12 +243,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     """fastinfer.flash_attn_varlen_func through the custom op (autograd, torch.compile); torch tensors only."""
-    _attn._no_dropout(dropout_p)
+    check_dropout(dropout_p)
     out, lse = torch.ops.fastinfer.varlen_attention_forward(
         q, k, v, _index(cu_seqlens_q, q, name="cu_seqlens_q"), _index(cu_seqlens_k, q, name="cu_seqlens_k"),
         int_arg(max_seqlen_q, "max_seqlen_q"), int_arg(max_seqlen_k, "max_seqlen_k"),
-        _scale(q, softmax_scale), bool(causal), *_window(window_size), float_arg(softcap, "softcap", finite=False),
-        _slopes(alibi_slopes, q), _index(block_table, q, name="block_table"), bool(deterministic))
+        softmax_scale_arg(q.shape[-1], softmax_scale), bool(causal), *window_arg(window_size),
+        float_arg(softcap, "softcap", finite=False), _slopes(alibi_slopes, q),
+        _index(block_table, q, name="block_table"), bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -302,8 +261,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         cache_seqlens = torch.full((q.shape[0],), int_arg(cache_seqlens, "cache_seqlens"), dtype=torch.int32,
                                    device=q.device)
     common = (_index(cache_seqlens, q, name="cache_seqlens"), _index(cache_batch_idx, q, name="cache_batch_idx"),
-              _index(block_table, q, name="block_table"), _scale(q, softmax_scale), bool(causal),
-              *_window(window_size), float_arg(softcap, "softcap", finite=False), _slopes(alibi_slopes, q),
+              _index(block_table, q, name="block_table"), softmax_scale_arg(q.shape[-1], softmax_scale), bool(causal),
+              *window_arg(window_size), float_arg(softcap, "softcap", finite=False), _slopes(alibi_slopes, q),
               int_arg(num_splits, "num_splits"))
     if k is None and v is None:
         out, lse = torch.ops.fastinfer.attention_with_kvcache(q, k_cache, v_cache, *common)

@@ -39,6 +39,8 @@ import sys
 import warnings
 from typing import Any, Callable, Optional
 
+from fastinfer.kernels import attention as _attention
+
 NAME = "fastinfer"
 _TRIGGER = "transformers.modeling_utils"
 _registered = False
@@ -106,8 +108,6 @@ def fastinfer_attention_forward(module, query, key, value, attention_mask, dropo
     """
     import torch
 
-    from fastinfer.attention import flash_attn_func, flash_attn_varlen_func
-
     if dropout and dropout > 0:
         raise NotImplementedError(f"attn_implementation='fastinfer': attention dropout {dropout} is not supported "
                                   f"(the kernels have none); set the config's attention_dropout to 0 or use 'sdpa'")
@@ -144,8 +144,8 @@ def fastinfer_attention_forward(module, query, key, value, attention_mask, dropo
             cu_q, max_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
         else:  # new queries are the last lq positions (left padding, as transformers' flash path assumes)
             idx_q, cu_q, max_q = _unpad_index(mask[:, -lq:])
-        out = flash_attn_varlen_func(_rows(q, idx_q), _rows(k, idx_k), _rows(v, idx_k), cu_q, cu_k, max_q, max_k,
-                                     **opts)
+        out = _attention.flash_attn_varlen_func(_rows(q, idx_q), _rows(k, idx_k), _rows(v, idx_k), cu_q, cu_k, max_q,
+                                                max_k, **opts)
         full = out.new_zeros(batch * lq, *out.shape[1:])
         full = full.index_copy(0, idx_q, out)
         return full.view(batch, lq, *out.shape[1:]), None
@@ -159,9 +159,9 @@ def fastinfer_attention_forward(module, query, key, value, attention_mask, dropo
         cu_q, max_q = _cu_from_position_ids(kwargs["position_ids"])
         cu_k, max_k = cu_q, max_q
     else:
-        return flash_attn_func(q, k, v, **opts), None
-    out = flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
-                                 v.reshape(-1, *v.shape[2:]), cu_q, cu_k, max_q, max_k, **opts)
+        return _attention.flash_attn_func(q, k, v, **opts), None
+    out = _attention.flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
+                                            v.reshape(-1, *v.shape[2:]), cu_q, cu_k, max_q, max_k, **opts)
     return out.view(batch, lq, *out.shape[1:]), None
 
 

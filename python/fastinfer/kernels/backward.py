@@ -1,4 +1,4 @@
-"""Attention backward: gradients of flash_attn_func / flash_attn_varlen_func.
+"""The attention backward kernel call: gradients of flash_attn_func / flash_attn_varlen_func.
 
 flash-attention's algorithm: the probabilities are recomputed from the forward's
 log-sum-exp (never stored), and D = rowsum(dout * out). Works on torch tensors (CPU
@@ -7,13 +7,15 @@ and CUDA) and numpy arrays, like the forward.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 from fastinfer import _C
-from fastinfer.attention import _options, _seqlen_hints
-from fastinfer._arrays import as_float32, as_index, empty_like, kernel_view, launch_kwargs, require_array
+from fastinfer.kernels.arrays import as_float32, as_index, empty_like, kernel_view, launch_kwargs, require_array
+from fastinfer.kernels.options import attention_options
 
 Tensor = Any  # torch.Tensor or numpy.ndarray (anything with __dlpack__)
+
+__all__ = ["attention_backward"]
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
@@ -21,7 +23,8 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        max_seqlen_q: int = 0, max_seqlen_k: int = 0, softmax_scale: Optional[float] = None,
                        causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
                        alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-                       dq: Optional[Tensor] = None, dk: Optional[Tensor] = None, dv: Optional[Tensor] = None):
+                       dq: Optional[Tensor] = None, dk: Optional[Tensor] = None,
+                       dv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention with respect to q, k and v.
 
     Pass the same q, k, v and options as the forward call, plus its output and log-sum-exp
@@ -51,7 +54,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     Example
     -------
     >>> import numpy as np, fastinfer
-    >>> from fastinfer.backward import attention_backward
+    >>> from fastinfer.kernels.backward import attention_backward
     >>> q = np.random.randn(1, 5, 4, 64).astype(np.float32)
     >>> out, lse, _ = fastinfer.flash_attn_func(q, q, q, causal=True, return_attn_probs=True)
     >>> dq, dk, dv = attention_backward(np.ones_like(out), q, q, q, out, lse, causal=True)
@@ -61,8 +64,8 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     for x, name in ((dout, "dout"), (q, "q"), (k, "k"), (v, "v")):
         require_array(x, name)
     head_dim = int(q.shape[-1]) if getattr(q, "ndim", 0) >= 1 else 0
-    opt = _options(head_dim, softmax_scale, causal, window_size, softcap)  # causal: bottom-right aligned
-    _seqlen_hints(opt, max_seqlen_q, max_seqlen_k)
+    opt = attention_options(head_dim, softmax_scale, causal, window_size, softcap,  # causal: bottom-right aligned
+                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     dq = empty_like(q) if dq is None else dq
     dk = empty_like(k) if dk is None else dk
     dv = empty_like(v) if dv is None else dv

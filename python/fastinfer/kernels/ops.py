@@ -1,0 +1,160 @@
+"""Low-level ops for the engine (vLLM's meanings, flash-attn's cache layout); public as ``fastinfer.ops``.
+
+Cache write, packed CPU linear, RMSNorm, gated activation and rotary embedding: one kernel call
+each, outputs allocated like the inputs (torch or numpy).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from fastinfer import _C
+from fastinfer.kernels.arrays import (as_index, as_index_traceable, float_arg, int_arg, is_torch, kernel_view,
+                                      launch_kwargs, require_array)
+
+__all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "rms_norm", "act_and_mul", "rotary_embedding_"]
+
+
+def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
+    """Write each token's key/value into its cache slot, in place.
+
+    Parameters
+    ----------
+    key, value : (num_tokens, nheads_k, headdim)
+    k_cache, v_cache : (num_blocks, block_size, nheads_k, headdim), any block_size >= 1
+    slot_mapping : (num_tokens,) int64 (int32 is converted); token i goes to block
+        slot_mapping[i] // block_size, offset slot_mapping[i] % block_size; negative = skip
+    Under torch.compile this is the custom op ``torch.ops.fastinfer.reshape_and_cache``
+    (declared as mutating the caches), so tracing does not break the graph.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(key, torch.Tensor) and torch.compiler.is_compiling():
+        from fastinfer import torch_ops  # noqa: F401  (registers torch.ops.fastinfer.*)
+
+        torch.ops.fastinfer.reshape_and_cache(key, value, k_cache, v_cache,
+                                              as_index_traceable(slot_mapping, key, "int64", name="slot_mapping"))
+        return
+    stream = launch_kwargs(key).get("stream", 0)
+    _C.reshape_and_cache(kernel_view(key), kernel_view(value), kernel_view(k_cache), kernel_view(v_cache),
+                         kernel_view(as_index(slot_mapping, key, "int64", name="slot_mapping")), stream=stream)
+
+
+def _empty(like: Any, shape: tuple[int, ...]) -> Any:
+    if is_torch(like):
+        import torch
+
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return np.empty(shape, dtype=like.dtype)
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def pack_linear_weight(weight: Any) -> Any:
+    """Repack a projection weight for :func:`linear` (done once, at model load).
+
+    Parameters
+    ----------
+    weight : (out_features, in_features) float32 or bfloat16, on the CPU, rows contiguous
+
+    Returns
+    -------
+    packed : 1-D, same dtype and framework, ``_C.linear_packed_numel(out, in, dtype)`` elements:
+        64-output panels, each contiguous, so a decode step streams the weights in memory order.
+    """
+    require_array(weight, "weight")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(weight.shape)}")
+    name = _dtype_name(weight)
+    if name not in ("float32", "bfloat16"):
+        raise TypeError(f"weight: the CPU linear takes float32 or bfloat16, got {name}")
+    n, k = (int(s) for s in weight.shape)
+    packed = _empty(weight, (_C.linear_packed_numel(n, k, name),))
+    _C.linear_pack(kernel_view(weight), kernel_view(packed))
+    return packed
+
+
+def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_float32: bool = False) -> Any:
+    """``x @ W.T + bias`` on the CPU with W packed by :func:`pack_linear_weight`; float32 accumulation,
+    rounded once to x's dtype (the same result as torch's bf16 matmul up to summation order).
+
+    Parameters
+    ----------
+    x : (..., in_features) float32 or bfloat16, CPU, last axis contiguous
+    packed_weight : from ``pack_linear_weight`` of an (out_features, in_features) weight of x's dtype
+    out_features : rows of the original weight
+    bias : (out_features,) of x's dtype, or None
+    out_float32 : return float32 whatever x's dtype: the float32 sums unrounded (logits from a bf16
+        head, without a second pass to convert them)
+
+    Returns
+    -------
+    (..., out_features), a new array of x's framework, of x's dtype (float32 with ``out_float32``).
+    """
+    require_array(x, "x")
+    out_features = int_arg(out_features, "out_features")
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, x.shape[-1]) if len(x.shape) != 2 else x
+    shape = (x2.shape[0], out_features)
+    if out_float32 and is_torch(x):
+        import torch
+
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    elif out_float32:
+        out = np.empty(shape, dtype=np.float32)
+    else:
+        out = _empty(x, shape)
+    _C.linear(kernel_view(x2), kernel_view(packed_weight), kernel_view(bias), kernel_view(out))
+    return out.reshape(*lead, out_features) if len(lead) != 1 else out
+
+
+def rms_norm(x: Any, weight: Any, eps: float, residual: Any = None) -> Any:
+    """RMSNorm of the rows of x on the CPU, float32 math rounded once (torch's ``F.rms_norm``).
+
+    Parameters
+    ----------
+    x : (rows, dim) float32 or bfloat16, last axis contiguous
+    weight : (dim,) float32 multiplier (Gemma's ``1 + w`` precomputed)
+    residual : (rows, dim) of x's dtype, or None. When given, ``residual += x`` first (rounded to the
+        dtype, in place: the new residual stream) and the sum is normalised instead of x.
+
+    Returns
+    -------
+    out : (rows, dim), a new array of x's dtype.
+    """
+    require_array(x, "x")
+    eps = float_arg(eps, "eps")
+    out = _empty(x, tuple(x.shape))
+    _C.rms_norm(kernel_view(x), kernel_view(weight), eps, kernel_view(out), kernel_view(residual))
+    return out
+
+
+def act_and_mul(x: Any, act: str = "silu") -> Any:
+    """``act(gate) * up`` for x = [gate | up] (rows, 2 * dim), as torch computes it op by op
+    (activation rounded to x's dtype, then the product rounded): one pass instead of three.
+    act : "silu" or "gelu_tanh". Returns (rows, dim)."""
+    require_array(x, "x")
+    if not isinstance(act, str):
+        raise TypeError(f"act: expected 'silu' or 'gelu_tanh', got {type(act).__name__}")
+    out = _empty(x, (x.shape[0], x.shape[-1] // 2) if len(x.shape) == 2 else tuple(x.shape))
+    _C.act_and_mul(kernel_view(x), kernel_view(out), act)
+    return out
+
+
+def rotary_embedding_(x: Any, cos: Any, sin: Any, positions: Any) -> Any:
+    """Rotate-half rotary embedding (Hugging Face layout) of x in place; returns x.
+
+    Parameters
+    ----------
+    x : (tokens, heads, head_dim), last axis contiguous (other strides free: a view into a fused qkv works)
+    cos, sin : (table_rows, head_dim // 2) of x's dtype, contiguous
+    positions : (tokens,) int64, each in [0, table_rows)
+    Each product and the sum are rounded to x's dtype, as the torch expression ``x1 * cos - x2 * sin`` is.
+    """
+    require_array(x, "x")
+    _C.rotary_embedding(kernel_view(x), kernel_view(cos), kernel_view(sin), kernel_view(positions))
+    return x

@@ -1,0 +1,51 @@
+"""How the native kernels were built and how they run: build info, CUDA availability, CPU ISA, threads.
+
+Re-exported by ``fastinfer`` (``fastinfer.build_info()``, ...); modules inside the package import
+them from here, so that none of them imports the package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+from fastinfer import _C
+
+__all__ = ["build_info", "cuda_available", "set_cpu_isa", "get_cpu_isa", "set_num_threads", "get_num_threads"]
+
+
+def build_info() -> dict:
+    """How this copy of fastinfer was built and what it runs on.
+
+    Keys: ``version``, ``compiler``, ``cuda_compiled``, ``cuda_archs`` (e.g. ``"80,90a"``),
+    ``cuda_runtime_version``, ``cpu_isa`` (SIMD level in use), ``cpu_isa_best``
+    (best level this CPU supports), ``num_threads``.
+    """
+    return dict(_C.build_info())
+
+
+def cuda_available() -> bool:
+    """True when the CUDA part was compiled in and a CUDA device is usable."""
+    return bool(_C.build_info()["cuda_compiled"]) and _C.cuda_device_count() > 0
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force the CPU SIMD level: ``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512_bf16"`` or ``"amx"``.
+
+    The environment variable ``FASTINFER_CPU_ISA`` sets the same at import time.
+    Raises ValueError for a level this CPU does not support.
+    """
+    _C.set_cpu_isa(name)
+
+
+def get_cpu_isa() -> str:
+    """The CPU SIMD level the kernels use now."""
+    return _C.cpu_isa()
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU kernels; ``n <= 0`` restores the default
+    (``FASTINFER_NUM_THREADS``, else every CPU this process may run on)."""
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use now."""
+    return _C.num_threads()
