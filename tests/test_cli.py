@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastinfer import cli, cli_io
+from fastinfer.entrypoints.cli import arg_types, batch_input, generate
+from fastinfer.entrypoints.cli import main as cli
 from fastinfer.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from fastinfer.engine.sampling_params import SamplingParams
 
@@ -124,18 +125,18 @@ def test_help_exits_zero(capsys):
 
 
 def test_help_from_python_m():
-    r = subprocess.run([sys.executable, "-m", "fastinfer.cli", "generate", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "fastinfer", "generate", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--on-bad-line" in r.stdout
 
 
 def test_detect_format():
-    d = cli_io.detect_format
+    d = batch_input.detect_format
     assert d([b"", b"hello world", b'{"prompt": "x"}']) == "text"
     assert d([b"  ", b'{"prompt": "x"}']) == "jsonl"
     assert d([b'{"prompt": "x"'] + [b'{"messages": []}']) == "jsonl"
     assert d([b'{broken', b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}']) == "openai"
     assert d([]) == "text"
-    assert cli_io.split_lines(b'\xef\xbb\xbf{"prompt": "x"}\r\nsecond\n') == [b'{"prompt": "x"}', b"second"]
+    assert batch_input.split_lines(b'\xef\xbb\xbf{"prompt": "x"}\r\nsecond\n') == [b'{"prompt": "x"}', b"second"]
 
 
 def test_parse_jsonl_overrides_and_bad_lines():
@@ -151,7 +152,7 @@ def test_parse_jsonl_overrides_and_bad_lines():
         json.dumps({"id": "e", "prompt": "x", "ignore_eos": 1}),
         json.dumps({"prompt": [5, 6, 7], "temperature": None, "max_tokens": None}),
     ]).encode()
-    reqs, bad = cli_io.parse_input(data, "jsonl", {"max_tokens": 9, "seed": 3}, SamplingParams)
+    reqs, bad = batch_input.parse_input(data, "jsonl", {"max_tokens": 9, "seed": 3}, SamplingParams)
     assert [r.id for r in reqs] == ["a", 2, 9]
     assert reqs[0].sampling.max_tokens == 5 and reqs[0].sampling.temperature == 0 and reqs[0].sampling.seed == 3
     assert reqs[1].messages == [{"role": "user", "content": "yo"}] and reqs[1].sampling.n == 2
@@ -178,7 +179,7 @@ def test_parse_openai():
                  "body": {"prompt": "x", "tools": []}}
     no_id = {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}
     data = "\n".join(json.dumps(o) for o in (good_chat, good_cmpl, bad_url, bad_field, no_id)).encode()
-    reqs, bad = cli_io.parse_input(data, "openai", {"max_tokens": 9}, SamplingParams)
+    reqs, bad = batch_input.parse_input(data, "openai", {"max_tokens": 9}, SamplingParams)
     assert [(r.id, r.kind) for r in reqs] == [("c1", "messages"), ("c2", "completion")]
     assert reqs[0].sampling.max_tokens == 4 and reqs[0].sampling.logprobs == 2 and reqs[0].model == "gpt-x"
     assert reqs[1].prompt == "once" and reqs[1].sampling.stop == ["."] and reqs[1].sampling.max_tokens == 9
@@ -187,11 +188,11 @@ def test_parse_openai():
 
 
 def test_byte_size():
-    assert cli._byte_size("4GiB") == 4 << 30
-    assert cli._byte_size("512M") == 512 << 20
-    assert cli._byte_size("1000") == 1000
+    assert arg_types.byte_size("4GiB") == 4 << 30
+    assert arg_types.byte_size("512M") == 512 << 20
+    assert arg_types.byte_size("1000") == 1000
     with pytest.raises(Exception):
-        cli._byte_size("lots")
+        arg_types.byte_size("lots")
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -319,7 +320,7 @@ def test_single_prompt_prints_text(capsys):
     code, stdout, err, llm = run(["generate", "Tell me", "--no-chat"], capsys)
     assert code == 0 and stdout == "re:Tell me\n"
     assert "output tok/s" in err and "requests done" not in err
-    assert llm.model is None and llm.received[0][1].max_tokens == cli.DEFAULT_MAX_TOKENS
+    assert llm.model is None and llm.received[0][1].max_tokens == generate.DEFAULT_MAX_TOKENS
     code, stdout, _, _ = run(["generate", "ab", "--no-chat", "--n", 2, "--no-progress", "--seed", 5], capsys)
     assert code == 0 and stdout == "--- completion 0 ---\nre:ab#0\n--- completion 1 ---\nre:ab#1\n"
     code, _, err, _ = run(["generate", "TOOLONG", "--no-chat"], capsys)
@@ -495,13 +496,13 @@ def _write_tiny_llama(path) -> None:
 
 def _llm_ready() -> bool:
     try:
-        import fastinfer.llm  # noqa: F401
+        import fastinfer.entrypoints.llm  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-needs_llm = pytest.mark.skipif(not _llm_ready(), reason="fastinfer.llm is not importable")
+needs_llm = pytest.mark.skipif(not _llm_ready(), reason="fastinfer.entrypoints.llm is not importable")
 
 
 @pytest.fixture(scope="module")
@@ -527,7 +528,7 @@ E2E = ["--max-num-seqs", "4", "--kv-cache-memory-bytes", "4MiB", "--device", "cp
 
 @needs_llm
 def test_e2e_formats_match_llm_generate(tiny, tmp_path, capsys):
-    from fastinfer.llm import LLM
+    from fastinfer.entrypoints.llm import LLM
 
     prompts = ["hello world", "the quick brown fox", "once upon"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
@@ -614,9 +615,9 @@ def test_e2e_single_prompt_and_bad_lines(tiny, tmp_path, capsys):
 
 
 def _run_until_lines(argv, out, count, sig):
-    """Start ``python -m fastinfer.cli`` and send it ``sig`` once ``out`` holds ``count`` complete lines."""
+    """Start ``python -m fastinfer`` and send it ``sig`` once ``out`` holds ``count`` complete lines."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "fastinfer.cli", *argv], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "fastinfer", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

@@ -16,14 +16,15 @@ from types import SimpleNamespace
 import pytest
 from test_cli import FakeLLM, lines, run
 
-from fastinfer import cli, cli_io
+from fastinfer.entrypoints.cli import batch_input, batch_run
+from fastinfer.entrypoints.cli import main as cli
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
 def cli_subprocess(*argv, timeout=60):
-    """``python -m fastinfer.cli`` in its own process (no model is loaded in these runs)."""
-    return subprocess.run([sys.executable, "-m", "fastinfer.cli", *map(str, argv)], env=ENV, capture_output=True,
+    """``python -m fastinfer`` in its own process (no model is loaded in these runs)."""
+    return subprocess.run([sys.executable, "-m", "fastinfer", *map(str, argv)], env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -44,7 +45,7 @@ _CHILD = r"""
 import os, sys, time
 sys.path.insert(0, {tests!r})
 from test_cli import FakeLLM
-from fastinfer import cli
+from fastinfer.entrypoints.cli import main as cli
 
 class Waiting(FakeLLM):
     def stream(self, prompts, sampling_params, *, request_ids):
@@ -227,7 +228,7 @@ def test_deep_lines_skipped_good_lines_run(tmp_path, capsys):
     assert "skipping line 2: invalid JSON: nested deeper" in err
     assert 'skipping line 3: a text content part\'s "text" must be a string' in err
     deep_first = b'{"custom_id": "a", "body": ' + _deep(100000).encode() + b"}"
-    assert cli_io.detect_format([deep_first, b'{"prompt": "x"}']) == "jsonl"
+    assert batch_input.detect_format([deep_first, b'{"prompt": "x"}']) == "jsonl"
 
 
 def test_error_messages_do_not_echo_huge_values(tmp_path, capsys):
@@ -367,13 +368,13 @@ def test_progress_into_a_log_has_no_carriage_returns(tmp_path, capsys, monkeypat
     src.write_text("a\nb\nc\n")
     code, _, err, _ = run(["generate", "-i", src, "-o", tmp_path / "o.jsonl"], capsys)
     assert code == 0 and "\r" not in err
-    monkeypatch.setattr(cli_io, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(batch_run, "LOG_EVERY_S", 0.0)
     code, _, err, _ = run(["generate", "-i", src, "-o", tmp_path / "o2.jsonl"], capsys)
     assert code == 0 and "\r" not in err and "fastinfer: 3/3 requests, " in err
 
 
 def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli_io, "_is_tty", lambda stream: True)
+    monkeypatch.setattr(batch_run, "_is_tty", lambda stream: True)
     src = tmp_path / "in.txt"
     src.write_text("a\n")
     code, _, err, _ = run(["generate", "-i", src, "-o", tmp_path / "o.jsonl"], capsys)

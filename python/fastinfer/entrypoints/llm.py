@@ -153,8 +153,10 @@ class LLM:
             return None, list(prompt)
         raise TypeError(f"prompt: expected str, list[int] or dict, got {type(prompt).__name__}")
 
-    def _requests(self, prompts: list[Prompt], params: SamplingParams | Sequence[SamplingParams] | None,
-                  request_ids: Sequence[str] | None) -> list[tuple[str | None, str | None, list, SamplingParams | None]]:
+    def _requests(
+        self, prompts: list[Prompt], params: SamplingParams | Sequence[SamplingParams] | None,
+        request_ids: Sequence[str] | None,
+    ) -> list[tuple[str | None, str | None, list, SamplingParams | None]]:
         """(request id or None for a new one, text, token ids, params) per prompt; touches no engine state."""
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)

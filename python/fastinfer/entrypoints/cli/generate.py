@@ -1,9 +1,8 @@
-"""The ``fastinfer`` command: offline generation for one prompt or a whole file of them.
+"""``fastinfer generate``: offline generation for one prompt or a whole file of them.
 
-``main(argv)`` returns the exit status; ``make_llm`` builds the LLM and is the seam tests replace
-(or pass ``llm_factory``). This file holds the command line and the order of a run: read and check
-every request, skip the ones already in the output (--resume), load the model, generate. Formats,
-records, resume bookkeeping and the streaming loops are in cli_io.py.
+This file holds the subcommand's flags and the order of a run: read and check every request, skip the ones already
+in the output (--resume), load the model, generate. Reading the input is batch_input.py, the output file and resume
+bookkeeping batch_output.py, the streaming loops and output records batch_run.py.
 """
 
 from __future__ import annotations
@@ -11,24 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable
 
-from fastinfer import cli_io
-from fastinfer.cli_io import BadLine, Output, Request
+from fastinfer.engine.sampling_params import SamplingParams
+from fastinfer.entrypoints.openai import protocol
+
+from . import arg_types, batch_input, batch_run
+from .batch_input import BadLine, Request
+from .batch_output import Output, ResumeError, read_done
+from .messages import CliError, flag, one_line, say
 
 DEFAULT_MAX_TOKENS = 256
-
-_DESCRIPTION = """\
-fastinfer: LLM inference on CPU and CUDA with a paged KV cache.
-
-Commands:
-  generate   complete one prompt, or a file of prompts (text, JSONL or OpenAI Batch API format)
-
-Run `fastinfer generate --help` for the details."""
 
 _GENERATE_DESCRIPTION = """\
 Complete one PROMPT (printed to stdout as it is generated) or every request of --input FILE
@@ -77,70 +71,9 @@ examples:
   cat prompts.txt | fastinfer generate --input - --no-progress > results.jsonl"""
 
 
-class CliError(Exception):
-    """A user mistake: printed as one line, exit status ``code``."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def make_llm(model: str | None, **engine_kwargs: Any) -> Any:
-    """The LLM a run uses (tests replace this, or pass ``llm_factory`` to ``main``)."""
-    from fastinfer.llm import LLM
-
-    return LLM(model, **engine_kwargs)
-
-
-def _byte_size(text: str) -> int:
-    """``123``, ``512M``, ``4GiB``, ``1.5G`` -> bytes."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    s = text.strip().lower().removesuffix("b").removesuffix("i")
-    num, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
-    try:
-        value = float(num) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 4GiB, 512M, 1000000)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return int(value)
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}: {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_THREADS_MAX = 1 << 16  # torch takes a C int; more threads than this is a typo
-
-
-def _threads(text: str) -> int:
-    value = _positive_int(text)
-    if value > _THREADS_MAX:
-        raise argparse.ArgumentTypeError(f"must be <= {_THREADS_MAX}: {text!r}")
-    return value
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
+def add_parser(sub: Any) -> None:
+    """Add ``generate`` and its flags to the subparsers ``sub``."""
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="fastinfer", description=_DESCRIPTION, formatter_class=fmt)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser(
         "generate", help="complete a prompt or a file of prompts", description=_GENERATE_DESCRIPTION,
         epilog=_GENERATE_EPILOG, formatter_class=fmt,
@@ -151,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     io = g.add_argument_group("input and output")
     io.add_argument("--input", "-i", metavar="FILE", help="file of requests, - for stdin")
-    io.add_argument("--input-format", choices=cli_io.FORMATS, help="skip format detection")
+    io.add_argument("--input-format", choices=batch_input.FORMATS, help="skip format detection")
     io.add_argument("--output", "-o", metavar="FILE", help="write JSON lines here (default: stdout)")
     io.add_argument("--resume", action="store_true", help="skip ids already in --output and append")
     io.add_argument("--retry-failed", action="store_true",
@@ -168,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sampling", "Defaults for every request; input lines may override them. Unset ones come from the\n"
         "model's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,\n"
         "max_new_tokens), else they are the defaults shown.")
-    s.add_argument("--max-tokens", type=_positive_int, metavar="N",
+    s.add_argument("--max-tokens", type=arg_types.positive_int, metavar="N",
                    help=f"most new tokens per completion (default: {DEFAULT_MAX_TOKENS})")
     s.add_argument("--temperature", "-t", type=float, metavar="T", help="0 = greedy (default: 1.0)")
     s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (default: 1.0 = off)")
@@ -179,102 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of every request, so a resumed run samples as the interrupted one would have")
     s.add_argument("--stop", action="append", metavar="STRING",
                    help="stop string (repeatable; $'\\n' in bash for a newline)")
-    s.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default: 1)")
+    s.add_argument("--n", type=arg_types.positive_int, metavar="N", help="completions per prompt (default: 1)")
     s.add_argument("--repetition-penalty", type=float, metavar="X", help="(default: 1.0 = off)")
     s.add_argument("--presence-penalty", type=float, metavar="X", help="(default: 0)")
     s.add_argument("--frequency-penalty", type=float, metavar="X", help="(default: 0)")
-    s.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    s.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
     s.add_argument("--no-generation-config", action="store_true",
                    help="ignore the sampling defaults in the model's generation_config.json")
     s.add_argument("--logprobs", type=int, metavar="K", help="record the sampled token's and the top K logprobs")
-    s.add_argument("--max-logprobs", type=_int_at_least(0), default=cli_io.MAX_LOGPROBS, metavar="K",
+    s.add_argument("--max-logprobs", type=arg_types.int_at_least(0), default=batch_input.MAX_LOGPROBS, metavar="K",
                    help="most logprobs a request may ask for; input lines above it are bad lines "
                         "(default: %(default)s)")
 
     e = g.add_argument_group("engine")
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="(default: auto)")
-    e.add_argument("--device", type=_device, help="auto, cpu or cuda[:i] (default: auto)")
-    e.add_argument("--max-model-len", type=_positive_int, metavar="N",
+    e.add_argument("--device", type=arg_types.device, help="auto, cpu or cuda[:i] (default: auto)")
+    e.add_argument("--max-model-len", type=arg_types.positive_int, metavar="N",
                    help="longest prompt + output (default: the model's)")
-    e.add_argument("--block-size", type=_positive_int, metavar="N", help="tokens per KV cache block (default: 16)")
-    e.add_argument("--max-num-seqs", type=_positive_int, metavar="N", help="most sequences per step (default: 256)")
-    e.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N", help="most tokens per step")
-    e.add_argument("--kv-cache-memory-bytes", type=_byte_size, metavar="SIZE", help="KV cache size, e.g. 2GiB")
+    e.add_argument("--block-size", type=arg_types.positive_int, metavar="N",
+                   help="tokens per KV cache block (default: 16)")
+    e.add_argument("--max-num-seqs", type=arg_types.positive_int, metavar="N",
+                   help="most sequences per step (default: 256)")
+    e.add_argument("--max-num-batched-tokens", type=arg_types.positive_int, metavar="N", help="most tokens per step")
+    e.add_argument("--kv-cache-memory-bytes", type=arg_types.byte_size, metavar="SIZE", help="KV cache size, e.g. 2GiB")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
-    e.add_argument("--threads", type=_threads, metavar="N", help="CPU threads (default: all this process may use)")
-    return parser
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("fastinfer")
-    except Exception:  # not installed as a distribution (running from a source tree)
-        return "unknown"
-
-
-def main(argv: list[str] | None = None, *, llm_factory: Callable[..., Any] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
-    try:
-        return _generate(args, llm_factory or make_llm)
-    except (CliError, cli_io.OutputError) as err:
-        _say(f"error: {_one_line(err)}")
-        return getattr(err, "code", 1)
-    except KeyboardInterrupt as err:
-        if args.output:
-            _say(f"interrupted; the lines written so far are kept in {args.output} (run again with --resume to finish)")
-        else:
-            _say("interrupted")
-        return 143 if isinstance(err, _Terminated) else 130
-    except BrokenPipeError:  # stdout closed early (`| head`): not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, old_term)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (output flushed and closed) but exiting with 143."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated
-
-
-def _say(message: str) -> None:
-    print(f"fastinfer: {message}", file=sys.stderr, flush=True)
-
-
-def _one_line(err: BaseException | str, limit: int = 500) -> str:
-    """The first line of an error's text, cut to ``limit`` characters: some (torch's, a chat template's) span
-    pages, and the CLI reports a mistake in one line."""
-    lines = str(err).strip().splitlines() or [""]
-    text = lines[0] + (" ..." if len(lines) > 1 else "")
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    e.add_argument("--threads", type=arg_types.threads, metavar="N",
+                   help="CPU threads (default: all this process may use)")
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict:
-    d: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "logprobs"):
-        if getattr(args, name) is not None:
-            d[name] = getattr(args, name)
-    if args.ignore_eos:
-        d["ignore_eos"] = True
-    return d
+    """The sampling flags given: every flag named after a SamplingParams field (protocol.SAMPLING_FIELDS), in the
+    order of the command line's flags."""
+    return {name: value for name, value in vars(args).items()
+            if name in protocol.SAMPLING_FIELDS and value is not None}
 
 
 def _check_sampling_flags(args: argparse.Namespace, defaults: dict) -> None:
@@ -285,11 +155,11 @@ def _check_sampling_flags(args: argparse.Namespace, defaults: dict) -> None:
         try:
             make_params(**{name: value})
         except (ValueError, TypeError) as err:
-            raise CliError(f"{_flag(name)}: {_one_line(err)}", 2) from None
+            raise CliError(f"{flag(name)}: {one_line(err)}", 2) from None
     try:
         make_params(**defaults)
     except (ValueError, TypeError) as err:
-        raise CliError(f"bad sampling setting: {_one_line(err)}", 2) from None
+        raise CliError(f"bad sampling setting: {one_line(err)}", 2) from None
     if args.logprobs is not None and args.logprobs > args.max_logprobs:
         raise CliError(f"--logprobs must be <= {args.max_logprobs} (--max-logprobs), got {args.logprobs}", 2)
 
@@ -308,8 +178,6 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 def _make_params(model_defaults: dict | None = None) -> Callable[..., Any]:
     """SamplingParams(**kwargs) over the model's defaults, over max_tokens=DEFAULT_MAX_TOKENS."""
-    from fastinfer.engine.sampling_params import SamplingParams
-
     base = {"max_tokens": DEFAULT_MAX_TOKENS, **(model_defaults or {})}
     return lambda **kwargs: SamplingParams(**{**base, **kwargs})
 
@@ -329,9 +197,9 @@ def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[
                 data = f.read()
     except OSError as err:
         raise CliError(f"cannot read --input {args.input}: {err.strerror or err}") from None
-    lines = cli_io.split_lines(data)
-    fmt = args.input_format or cli_io.detect_format(lines)
-    requests, bad = cli_io.parse_input(data, fmt, defaults, _make_params(), args.max_logprobs)
+    lines = batch_input.split_lines(data)
+    fmt = args.input_format or batch_input.detect_format(lines)
+    requests, bad = batch_input.parse_input(data, fmt, defaults, _make_params(), args.max_logprobs)
     return fmt, requests, bad
 
 
@@ -355,14 +223,15 @@ def _exists(path: str) -> str:
     return f"{path} exists; add --resume to continue it or --overwrite to replace it"
 
 
-def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
+def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
+    """Run ``fastinfer generate`` with parsed ``args``; returns the exit status (CliError for user mistakes)."""
     _check_args(args)
     defaults = _sampling_defaults(args)
     _check_sampling_flags(args, defaults)
-    stats = cli_io.Stats()
+    stats = batch_run.Stats()
     fmt, requests, bad = _read_requests(args, defaults)
     for b in bad:
-        _say(f"{'bad' if args.on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
+        say(f"{'bad' if args.on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
     stats.bad_lines = len(bad)
     if bad and args.on_bad_line == "fail":
         raise CliError(f"{len(bad)} bad input line(s); nothing generated (--on-bad-line fail)", 2)
@@ -372,30 +241,30 @@ def _generate(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     out = _open_output(args)
     try:
         done = _resume(args, out, fmt) if args.resume else set()
-        pending = [r for r in requests if cli_io.id_key(r.id) not in done]
+        pending = [r for r in requests if batch_input.id_key(r.id) not in done]
         stats.resumed = len(requests) - len(pending)
         # An OpenAI batch records its bad lines as error lines (when they have a custom_id to match them by).
         for b in bad:
-            if fmt == "openai" and b.id is not None and cli_io.id_key(b.id) not in done:
-                out.write(cli_io.openai_error(b.id, "invalid_request", b.message))
+            if fmt == "openai" and b.id is not None and batch_input.id_key(b.id) not in done:
+                out.write(protocol.batch_error(b.id, "invalid_request", b.message))
         if pending:
             llm = _load(args, llm_factory, stats)
             pending, prompts = _prepare(args, llm, pending, fmt, out, stats)
         if pending and single:
             try:
-                cli_io.print_stream(llm, prompts[0], pending[0], stats, out)
-            except cli_io.RequestFailed as err:
+                batch_run.print_stream(llm, prompts[0], pending[0], stats, out)
+            except batch_run.RequestFailed as err:
                 raise CliError(str(err)) from None
         elif pending:
             model_name = args.model or "fastinfer-default"
-            cli_io.run_batch(llm, fmt, pending, prompts, out, stats, model_name=model_name,
+            batch_run.run_batch(llm, fmt, pending, prompts, out, stats, model_name=model_name,
                              progress=not args.no_progress)
     finally:
         out.close()
     if not single:
-        _say(stats.summary())
+        say(stats.summary())
     elif not args.no_progress:
-        _say(stats.summary(counts=False))
+        say(stats.summary(counts=False))
     return 0
 
 
@@ -419,31 +288,31 @@ def _open_output(args: argparse.Namespace) -> Output:
 def _resume(args: argparse.Namespace, out: Output, fmt: str) -> set[str]:
     """The ids already in the (locked) output, after reporting what reading it changed or found."""
     try:
-        found = cli_io.read_done(out, fmt, args.retry_failed)
-    except cli_io.ResumeError as err:
+        found = read_done(out, fmt, args.retry_failed)
+    except ResumeError as err:
         raise CliError(str(err)) from None
     if found.cut:
-        _say(f"cut a partial last line ({found.cut} bytes) from {args.output}")
+        say(f"cut a partial last line ({found.cut} bytes) from {args.output}")
     if found.dropped:
-        _say(f"removed {found.dropped} error line(s) from {args.output} to retry them")
+        say(f"removed {found.dropped} error line(s) from {args.output} to retry them")
     if found.duplicates:
-        example = cli_io.short(found.duplicate_example)
-        _say(f"{args.output} holds {found.duplicates} id(s) more than once (e.g. {example}), written by two runs "
+        example = protocol.short(found.duplicate_example)
+        say(f"{args.output} holds {found.duplicates} id(s) more than once (e.g. {example}), written by two runs "
              f"at once; they are skipped, not written again")
     return found.done
 
 
-def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_io.Stats) -> Any:
+def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: batch_run.Stats) -> Any:
     if args.threads:
         import torch
 
-        import fastinfer
+        import fastinfer  # its set_num_threads (tests replace it)
 
         try:
             torch.set_num_threads(args.threads)
             fastinfer.set_num_threads(args.threads)
         except (ValueError, RuntimeError) as err:
-            raise CliError(f"--threads: {_one_line(err)}", 2) from None
+            raise CliError(f"--threads: {one_line(err)}", 2) from None
     t0 = time.perf_counter()
     engine_kwargs = _engine_kwargs(args)
     try:
@@ -453,12 +322,12 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_
     except Exception as err:  # any load failure is reported as one line, not a traceback
         if os.environ.get("FASTINFER_DEBUG"):
             raise
-        message = _one_line(err)
+        message = one_line(err)
         # An engine setting the model cannot run with is the setting's error, not the model's: the engine's
         # errors name their field first ("kv_cache_memory_bytes: ...", "max_model_len must be ...").
         field = next((k for k in engine_kwargs if re.match(rf"{k}\b", message)), None)
         if field is not None:
-            raise CliError(f"{_flag(field)}: {message.removeprefix(f'{field}: ')}") from None
+            raise CliError(f"{flag(field)}: {message.removeprefix(f'{field}: ')}") from None
         name = args.model or "the default model"
         raise CliError(f"cannot load {name}: {message} (FASTINFER_DEBUG=1 shows the traceback)") from None
     stats.load_s = time.perf_counter() - t0
@@ -466,15 +335,15 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: cli_
 
 
 def _prepare(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: str, out: Output,
-             stats: cli_io.Stats) -> tuple[list[Request], list[dict]]:
+             stats: batch_run.Stats) -> tuple[list[Request], list[dict]]:
     """The requests whose sampling settings (now over the model's defaults) and prompt could be built, and
     their LLM.stream prompts; the others are written as error lines now."""
     model_defaults = {}
     if not args.no_generation_config:
-        model_defaults = cli_io.model_sampling_defaults(getattr(llm, "generation_config", None) or {})
+        model_defaults = protocol.model_sampling_defaults(getattr(llm, "generation_config", None) or {})
     if model_defaults:
         shown = ", ".join(f"{k}={v}" for k, v in model_defaults.items())
-        _say(f"sampling defaults from the model's generation_config: {shown} (--no-generation-config ignores them)")
+        say(f"sampling defaults from the model's generation_config: {shown} (--no-generation-config ignores them)")
     make_params = _make_params(model_defaults)
     tokenizer = llm.get_tokenizer()
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -491,19 +360,13 @@ def _prepare(args: argparse.Namespace, llm: Any, pending: list[Request], fmt: st
                     r.sampling = make_params(**r.params)
                 except (ValueError, TypeError) as err:
                     raise ValueError(f"bad sampling setting: {err}") from None
-            prompts.append(cli_io.engine_prompt(r, tokenizer, chat, args.system, vocab_size))
+            prompts.append(batch_run.engine_prompt(r, tokenizer, chat, args.system, vocab_size))
             ok.append(r)
         except ValueError as err:
             if args.prompt is not None and not args.output:
                 raise CliError(str(err)) from None
-            _say(f"line {r.line}: {_one_line(err)}")
-            record = (cli_io.openai_error(r.id, "invalid_request", str(err)) if fmt == "openai"
-                      else cli_io.jsonl_error(r, str(err)))
-            out.write(record)
+            say(f"line {r.line}: {one_line(err)}")
+            out.write(batch_run.error_record(fmt, r, str(err)))
             stats.requests += 1
             stats.failed += 1
     return ok, prompts
-
-
-if __name__ == "__main__":
-    sys.exit(main())
