@@ -14,7 +14,7 @@ import torch
 
 from fastinfer import _C
 from fastinfer.models.cpu_decoder import CpuDecoder
-from fastinfer.models.loader import load_model
+from fastinfer.loading import load_model
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from model_fixtures import VOCAB, PagedDriver, hf_model  # noqa: E402
@@ -185,10 +185,14 @@ def test_bad_weights_are_refused(tmp_path_factory):
                 gate_up=layer.mlp.gate_up_proj.packed, gate_up_bias=None, down=layer.mlp.down_proj.packed,
                 down_bias=None, window_left=-1)
 
+    def config(act="silu"):
+        return _C.CpuDecoderConfig(hidden=c.hidden_size, intermediate=c.intermediate_size, heads=4, kv_heads=2,
+                                   head_dim=16, norm_eps=1e-5, softmax_scale=0.25, act=act)
+
     def build(**change):
         d = {**good, **change}
-        return _C.CpuDecoder(c.hidden_size, c.intermediate_size, 4, 2, 16, 1e-5, 0.25, "silu",
-                             model.model.norm.scale32, [{k: v for k, v in d.items() if v is not ...}])
+        layer = _C.DecoderLayerWeights(**{k: v for k, v in d.items() if v is not ...})
+        return _C.CpuDecoder(config(), model.model.norm.scale32, [layer])
 
     build()
     with pytest.raises(ValueError, match="missing 'down'"):
@@ -200,4 +204,6 @@ def test_bad_weights_are_refused(tmp_path_factory):
     with pytest.raises(ValueError, match=r"layers\[0\]\.qkv_bias: expected shape"):
         build(qkv_bias=torch.zeros(3))
     with pytest.raises(ValueError, match="act: expected 'silu' or 'gelu_tanh'"):
-        _C.CpuDecoder(c.hidden_size, c.intermediate_size, 4, 2, 16, 1e-5, 0.25, "relu", model.model.norm.scale32, [good])
+        config(act="relu")
+    with pytest.raises(TypeError, match=r"layers\[0\]: expected a DecoderLayerWeights, got dict"):
+        _C.CpuDecoder(config(), model.model.norm.scale32, [good])

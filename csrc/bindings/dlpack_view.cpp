@@ -1,4 +1,4 @@
-#include "dlpack_view.h"
+#include "bindings/dlpack_view.h"
 
 #include <algorithm>
 #include <sstream>

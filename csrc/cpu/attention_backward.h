@@ -48,7 +48,4 @@ BackwardKernels backward_kernels_scalar();
 BackwardKernels backward_kernels_avx2();
 BackwardKernels backward_kernels_avx512();
 
-// Writes dq, dk, dv (every element: rows outside all sequences of a varlen tensor get zeros).
-void attention_backward(const AttentionBackwardParams& p);
-
 }  // namespace fastinfer::cpu

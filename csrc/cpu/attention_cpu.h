@@ -1,11 +1,10 @@
 // Interface between the ISA-independent CPU attention driver (attention_dispatch.cpp)
 // and the per-ISA tile kernels (attention_<isa>.cpp, all built from attention_kernel.h).
 #pragma once
-#include "fastinfer/attention.h"
+#include "fastinfer/cpu.h"
 
 namespace fastinfer::cpu {
 
-constexpr int kMaxHeadDim = 256;
 constexpr int kBlockN = 64;   // keys per tile
 constexpr int kMaxRows = 32;  // query rows per tile (two 16-lane vectors)
 // Tiles with at most this many rows (decode: seqlen_q * GQA group) use a kernel that
@@ -87,10 +86,5 @@ IsaKernels kernels_amx();
 // o[r*row_stride + d*dim_stride], m the running max in log2 units and l the softmax denominator per row.
 void store_tile(const AttentionParams& p, const TileJob& job, const float* o, int row_stride, int dim_stride, const float* m,
                 const float* l);
-
-void attention_forward(const AttentionParams& p);
-// Varlen: writes zeros (and lse +inf) to the rows of out outside every sequence, of total_q rows.
-void zero_rows_outside(const AttentionParams& p, int64_t total_q);
-void kv_write(const KVWriteParams& p);
 
 }  // namespace fastinfer::cpu

@@ -104,4 +104,8 @@ Isa active_isa() { return static_cast<Isa>(forced().load(std::memory_order_relax
 
 void set_isa(const std::string& name) { forced().store(static_cast<int>(parse(name))); }
 
+const char* active_isa_name() { return isa_name(active_isa()); }
+
+const char* best_isa_name() { return isa_name(best_isa()); }
+
 }  // namespace fastinfer::cpu

@@ -1,6 +1,6 @@
 // Run-time choice of the CPU SIMD level (wheels are built without -march=native).
 #pragma once
-#include <string>
+#include "fastinfer/cpu.h"  // set_isa, active_isa_name, best_isa_name
 
 namespace fastinfer::cpu {
 
@@ -11,8 +11,5 @@ const char* isa_name(Isa isa);
 Isa best_isa();
 // Level used by the kernels: best_isa() unless forced by FASTINFER_CPU_ISA or set_isa().
 Isa active_isa();
-// Forces a level by name ("auto", "scalar", "avx2", "avx512", "avx512_bf16", "amx").
-// Throws std::invalid_argument for an unknown name or a level this CPU lacks.
-void set_isa(const std::string& name);
 
 }  // namespace fastinfer::cpu

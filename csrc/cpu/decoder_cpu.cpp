@@ -1,6 +1,6 @@
 // The decoder stack as one call: the same CPU kernels the per-op path runs (linear, RMSNorm with
 // the residual add fused, rotary, cache write, attention, gated activation), in the same order.
-#include "cpu/decoder_cpu.h"
+#include "fastinfer/cpu.h"
 
 #include <cstddef>
 

@@ -1,7 +1,7 @@
 // Interface between the ISA-independent CPU linear driver (linear_dispatch.cpp) and the
 // per-ISA tile kernels (linear_<isa>.cpp, all built from linear_kernel.h).
 #pragma once
-#include "fastinfer/linear.h"
+#include "fastinfer/cpu.h"
 
 namespace fastinfer::cpu {
 
@@ -16,8 +16,5 @@ LinearTileFn linear_tile_scalar();
 LinearTileFn linear_tile_avx2();
 LinearTileFn linear_tile_avx512();
 LinearTileFn linear_tile_avx512bf16();
-
-void linear_forward(const LinearParams& p);
-void linear_pack(const LinearPackParams& p);
 
 }  // namespace fastinfer::cpu

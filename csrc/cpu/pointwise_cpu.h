@@ -1,7 +1,7 @@
 // Interface between the CPU pointwise driver (pointwise_dispatch.cpp) and the per-ISA row
 // kernels (pointwise_<isa>.cpp, built from pointwise_kernel.h).
 #pragma once
-#include "fastinfer/pointwise.h"
+#include "fastinfer/cpu.h"
 
 namespace fastinfer::cpu {
 
@@ -14,9 +14,5 @@ struct PointwiseKernels {
 PointwiseKernels pointwise_scalar();
 PointwiseKernels pointwise_avx2();
 PointwiseKernels pointwise_avx512();
-
-void rms_norm(const RmsNormParams& p);
-void act_mul(const ActMulParams& p);
-void rotary(const RotaryParams& p);
 
 }  // namespace fastinfer::cpu

@@ -2,8 +2,9 @@
 
 At decode sizes the Python between kernels (about ten calls per layer: checks, DLPack views, output
 allocation) costs more than the small ops themselves. ``CpuDecoder`` hands the packed weights to
-``fastinfer._C.CpuDecoder`` once, binds the engine's KV caches once, and then runs every layer and the
-final norm in C++ with the same kernels, in the same order, as the per-op path: results are identical.
+``fastinfer._C.CpuDecoder`` once (typed: a ``CpuDecoderConfig`` and one ``DecoderLayerWeights`` per layer,
+each tensor checked by its field's name), binds the engine's KV caches once, and then runs every layer and
+the final norm in C++ with the same kernels, in the same order, as the per-op path: results are identical.
 
 ``CpuDecoder.build(model)`` returns None where the stack has something the native loop does not do
 (Gemma's extra norms, q/k norms, softcapping, several rotary tables, unpacked projections); the model
@@ -12,17 +13,41 @@ then keeps its per-op forward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
 from fastinfer import _C
-from fastinfer._arrays import kernel_view
+from fastinfer.kernels.arrays import kernel_view
 from fastinfer.models.attention_metadata import AttentionMetadata
 from fastinfer.models.layers import token_rows
 
-if TYPE_CHECKING:
-    from fastinfer.models.llama import LlamaForCausalLM
+# The parts of a pre-norm block the native loop runs; a layer with any other child module
+# (Gemma's extra norms, say) is something else.
+PRE_NORM_PARTS = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
+
+
+class DecoderModel(Protocol):
+    """What CpuDecoder reads of a Llama-style causal LM (fastinfer.models.llama.LlamaForCausalLM and
+    its subclasses); taken by duck typing, so that this module does not import the model."""
+
+    config: Any           # hidden_size, intermediate_size, rms_norm_eps
+    dtype: torch.dtype
+    model: Any            # .layers (pre-norm blocks), .norm (final RMSNorm, .scale32)
+    embed_scale: Optional[torch.Tensor]
+    norm_offset: bool
+    rotaries: list        # distinct rotary tables
+    layer_rotary: list    # the rotary table of each layer
+
+
+def layer_weights(layer: Any) -> "_C.DecoderLayerWeights":
+    """The typed hand-over of one pre-norm layer: its norms and packed projections, by name."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return _C.DecoderLayerWeights(
+        input_norm=layer.input_layernorm.scale32, post_norm=layer.post_attention_layernorm.scale32,
+        qkv=attn.qkv_proj.packed, qkv_bias=attn.qkv_proj.bias, o=attn.o_proj.packed, o_bias=attn.o_proj.bias,
+        gate_up=mlp.gate_up_proj.packed, gate_up_bias=mlp.gate_up_proj.bias,
+        down=mlp.down_proj.packed, down_bias=mlp.down_proj.bias, window_left=attn.window[0])
 
 
 class CpuDecoder:
@@ -32,31 +57,23 @@ class CpuDecoder:
     ``x`` is used as the residual stream (overwritten).
     """
 
-    def __init__(self, model: "LlamaForCausalLM") -> None:
+    def __init__(self, model: DecoderModel) -> None:
         c = model.config
-        layers = []
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            layers.append(dict(
-                input_norm=layer.input_layernorm.scale32, post_norm=layer.post_attention_layernorm.scale32,
-                qkv=attn.qkv_proj.packed, qkv_bias=attn.qkv_proj.bias, o=attn.o_proj.packed, o_bias=attn.o_proj.bias,
-                gate_up=mlp.gate_up_proj.packed, gate_up_bias=mlp.gate_up_proj.bias,
-                down=mlp.down_proj.packed, down_bias=mlp.down_proj.bias, window_left=attn.window[0]))
         first = model.model.layers[0].self_attn
         self.dtype = model.dtype
         self.rotary = model.layer_rotary[0]
-        self.native = _C.CpuDecoder(
-            c.hidden_size, c.intermediate_size, first.heads, first.kv_heads, first.head_dim, c.rms_norm_eps,
-            first.scale, "gelu_tanh" if model.model.layers[0].mlp.gelu else "silu", model.model.norm.scale32,
-            layers)
+        config = _C.CpuDecoderConfig(
+            hidden=c.hidden_size, intermediate=c.intermediate_size, heads=first.heads, kv_heads=first.kv_heads,
+            head_dim=first.head_dim, norm_eps=c.rms_norm_eps, softmax_scale=first.scale,
+            act="gelu_tanh" if model.model.layers[0].mlp.gelu else "silu")
+        self.native = _C.CpuDecoder(config, model.model.norm.scale32,
+                                    [layer_weights(layer) for layer in model.model.layers])
         self._bound: Optional[list] = None
         self._workspace = torch.empty(0, dtype=torch.uint8)
 
     @staticmethod
-    def unsupported(model: "LlamaForCausalLM") -> Optional[str]:
+    def unsupported(model: DecoderModel) -> Optional[str]:
         """Why the native loop cannot run ``model`` (None if it can)."""
-        from fastinfer.models.llama import LlamaDecoderLayer
-
         if model.dtype not in (torch.float32, torch.bfloat16):
             return f"dtype {model.dtype}"
         if model.embed_scale is not None or model.norm_offset or len(model.rotaries) != 1:
@@ -64,8 +81,8 @@ class CpuDecoder:
         if model.model.norm.scale32 is None:
             return "weights not loaded"
         for i, layer in enumerate(model.model.layers):
-            if type(layer) is not LlamaDecoderLayer:
-                return f"layer {i} is a {type(layer).__name__}"
+            if {name for name, _ in layer.named_children()} != PRE_NORM_PARTS:
+                return f"layer {i} is a {type(layer).__name__}, not a plain pre-norm block"
             attn, mlp = layer.self_attn, layer.mlp
             if attn.q_norm is not None or attn.softcap:
                 return f"layer {i}: q/k norm or attention softcapping"
@@ -76,7 +93,7 @@ class CpuDecoder:
         return None
 
     @classmethod
-    def build(cls, model: "LlamaForCausalLM") -> Optional["CpuDecoder"]:
+    def build(cls, model: DecoderModel) -> Optional["CpuDecoder"]:
         """The native stack for ``model``, or None where it does not apply (see ``unsupported``)."""
         return None if cls.unsupported(model) is not None else cls(model)
 

@@ -1,0 +1,79 @@
+// Bindings of the CPU packed linear: linear_pack (weight into panels, once at load),
+// linear_packed_numel, and linear (out = x @ W^T + bias).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <limits>
+#include <string>
+
+#include "bindings/bindings.h"
+#include "bindings/checks.h"
+#include "fastinfer/cpu.h"
+
+namespace fastinfer::bindings {
+
+namespace {
+
+void linear_pack(const py::object& w_obj, const py::object& packed_obj) {
+  TensorView w(w_obj, "weight"), packed(packed_obj, "packed");
+  check_cpu(w);
+  check_rank(w, 2, "(out_features, in_features)");
+  check_last_contiguous(w);
+  const DType dtype = linear_dtype(w);
+  check_packed(packed, dtype, w.size(0), w.size(1));
+  check_disjoint(packed, {&w});
+  LinearPackParams p{dtype, w.size(0), w.size(1), w.data<const void>(), w.stride(0), packed.data<void>()};
+  py::gil_scoped_release release;
+  cpu::linear_pack(p);
+}
+
+void linear(const py::object& x_obj, const py::object& packed_obj, const py::object& bias_obj, const py::object& out_obj) {
+  TensorView x(x_obj, "x"), packed(packed_obj, "packed_weight"), out(out_obj, "out");
+  const OptTensor bias = view(bias_obj, "bias");
+  check_cpu(x);
+  check_rank(x, 2, "(num_tokens, in_features)");
+  check_last_contiguous(x);
+  const DType dtype = linear_dtype(x);
+  check_cpu(out);
+  check_rank(out, 2, "(num_tokens, out_features)");
+  check_last_contiguous(out);
+  const DType out_dtype = float_dtype(out);
+  if (out_dtype != dtype && out_dtype != DType::kFloat32)
+    throw py::type_error(cat("out: expected dtype ", dtype_name(dtype), " (same as x)",
+                             dtype == DType::kFloat32 ? "" : " or float32", ", got ", out.dtype_str()));
+  check(out.size(0) == x.size(0), "out: expected ", x.size(0), " rows (as x), got shape ", out.shape());
+  const int64_t n = out.size(1), k = x.size(1);
+  check_packed(packed, dtype, n, k);
+  if (bias) {
+    check_cpu(*bias);
+    if (float_dtype(*bias) != dtype)
+      throw py::type_error(cat("bias: expected dtype ", dtype_name(dtype), " (same as x), got ", bias->dtype_str()));
+    check_shape(*bias, {n});
+    check(n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
+  }
+  check_writable(out);
+  check_disjoint(out, {&x, &packed, ptr(bias)});
+  LinearParams p{dtype, out_dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
+                 bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0)};
+  py::gil_scoped_release release;
+  cpu::linear_forward(p);
+}
+
+}  // namespace
+
+void bind_linear(py::module_& m) {
+  m.def("linear_pack", &linear_pack, py::arg("weight"), py::arg("packed"),
+        "Pack an (out_features, in_features) float32/bfloat16 weight into `packed` (1-D, linear_packed_numel elements).");
+  m.def("linear_packed_numel", [](const py::object& n_obj, const py::object& k_obj, const std::string& dtype) {
+    constexpr int64_t lo = std::numeric_limits<int64_t>::min(), hi = std::numeric_limits<int64_t>::max();
+    const int64_t n = int_arg(n_obj, "linear_packed_numel: n", lo, hi), k = int_arg(k_obj, "linear_packed_numel: k", lo, hi);
+    check(n >= 0 && k >= 0 && n <= kInt32Max && k <= kInt32Max, "linear_packed_numel: n and k must be in [0, 2**31-1], got n=", n,
+          ", k=", k);
+    check(dtype == "float32" || dtype == "bfloat16", "linear_packed_numel: dtype must be 'float32' or 'bfloat16', got ", dtype);
+    return linear_packed_numel(n, k, dtype == "float32" ? DType::kFloat32 : DType::kBFloat16);
+  }, py::arg("n"), py::arg("k"), py::arg("dtype"));
+  m.def("linear", &linear, py::arg("x"), py::arg("packed_weight"), py::arg("bias"), py::arg("out"),
+        "out = x @ W^T (+ bias) on the CPU with W packed by linear_pack; accumulates in float32.");
+}
+
+}  // namespace fastinfer::bindings
