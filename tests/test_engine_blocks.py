@@ -141,7 +141,8 @@ def test_scheduler_config_validation(field, value):
     config = SchedulerConfig if field in SchedulerConfig.__dataclass_fields__ else CacheConfig
     with pytest.raises(ValueError, match=field):
         config(**{field: value})
-    assert Scheduler(SchedulerConfig(max_model_len=100), CacheConfig(block_size=4, num_blocks=10)).max_seq_len == 40
+    scheduler = Scheduler(SchedulerConfig(max_model_len=100), CacheConfig(block_size=4, num_blocks=10))
+    assert scheduler.max_seq_len == 40
 
 
 def test_stats_count_admissions_not_retries():

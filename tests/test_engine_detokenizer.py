@@ -11,6 +11,8 @@ from test_engine_fakes import ByteTokenizer
 TOK = ByteTokenizer()
 EOS = TOK.eos_token_ids[0]
 
+CACHE = CacheConfig(block_size=4, num_blocks=64)
+
 
 class ScriptRunner:
     """A model that emits a fixed token script per request (one-hot logits), then EOS."""
@@ -33,7 +35,7 @@ def generate(script: list[int] | str, prompt: str = "Hi", collect: list | None =
     """Run one request whose model output is `script`; return its final CompletionOutput."""
     ids = TOK.encode(script) if isinstance(script, str) else script
     kwargs.setdefault("max_tokens", 64)
-    engine = LLMEngine(ScriptRunner({"r": ids}), TOK, SchedulerConfig(), CacheConfig(block_size=4, num_blocks=64), seed=0)
+    engine = LLMEngine(ScriptRunner({"r": ids}), TOK, SchedulerConfig(), CACHE, seed=0)
     engine.add_request("r", prompt, SamplingParams(temperature=0.0, **kwargs))
     final = None
     while engine.has_unfinished():
@@ -125,7 +127,7 @@ def test_logprobs_carry_decoded_tokens_and_cumulative_logprob():
 
 
 def test_text_prompt_is_encoded():
-    engine = LLMEngine(ScriptRunner({"r": TOK.encode("ok")}), TOK, SchedulerConfig(), CacheConfig(block_size=4, num_blocks=64))
+    engine = LLMEngine(ScriptRunner({"r": TOK.encode("ok")}), TOK, SchedulerConfig(), CACHE)
     engine.add_request("r", "héllo", SamplingParams(temperature=0.0))
     outs = []
     while engine.has_unfinished():

@@ -97,7 +97,8 @@ def test_tiny_cache_matches_huge_cache(reqs, num_blocks, block_size, budget, max
                               CacheConfig(block_size, num_blocks, enable_prefix_caching=prefix))
     tiny = run(tiny_engine, requests)
     cap = tiny_engine.scheduler.max_seq_len
-    huge_engine = make_engine(SchedulerConfig(64, 4096, cap), CacheConfig(block_size, 4096, enable_prefix_caching=not prefix))
+    huge_engine = make_engine(SchedulerConfig(64, 4096, cap),
+                              CacheConfig(block_size, 4096, enable_prefix_caching=not prefix))
     huge = run(huge_engine, [(rid, 0, p, sp) for rid, _, p, sp in requests])
     for rid, _, prompt, params in requests:
         a, b = tiny[rid], huge[rid]
@@ -125,7 +126,8 @@ def test_preemption_recomputes_and_matches():
     small = make_engine(SchedulerConfig(8, 64, 64), CacheConfig(2, 12, enable_prefix_caching=False))
     got = run(small, requests)
     assert small.scheduler.num_preemptions > 0
-    ref = run(make_engine(SchedulerConfig(8, 64, 64), CacheConfig(2, 100, enable_prefix_caching=False)), requests)
+    roomy = make_engine(SchedulerConfig(8, 64, 64), CacheConfig(2, 100, enable_prefix_caching=False))
+    ref = run(roomy, requests)
     for rid in got:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
         assert len(got[rid].outputs[0].token_ids) == 12
