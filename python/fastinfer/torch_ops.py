@@ -160,9 +160,9 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     out and lse: (dq, dk, dv) shaped like (q, k, v), allocated contiguous."""
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     backward.attention_backward(dout, q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-              window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
-              deterministic=deterministic, dq=dq, dk=dk, dv=dv)
+                                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
+                                causal=causal, window_size=(window_left, window_right), softcap=softcap,
+                                alibi_slopes=alibi_slopes, deterministic=deterministic, dq=dq, dk=dk, dv=dv)
     return dq, dk, dv
 
 
