@@ -1,6 +1,8 @@
-"""fastinfer's model implementations and checkpoint loading.
+"""fastinfer's model implementations: one file per model family, the registry of supported architectures
+(registry.py), the generic config (config.py) and weight filling (weights.py). Reading checkpoint files is
+``fastinfer.loading``'s.
 
->>> from fastinfer.models.loader import load_model
+>>> from fastinfer.loading import load_model
 >>> loaded = load_model("/path/to/hf_folder", dtype="bfloat16")   # doctest: +SKIP
 >>> hidden = loaded.model(input_ids, positions, kv_caches, meta)    # doctest: +SKIP
 >>> logits = loaded.model.compute_logits(hidden[last_rows])        # doctest: +SKIP
@@ -8,20 +10,23 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from fastinfer.models.config import ARCHITECTURES, ConfigError, ModelConfig
-from fastinfer.models.gemma3 import Gemma3ForCausalLM
-from fastinfer.models.llama import LlamaForCausalLM, WeightError, load_weights
+from fastinfer.models.registry import REGISTRY
+from fastinfer.models.weights import WeightError, load_weights
 
-# ModelConfig.architecture -> model class.
-MODEL_REGISTRY: dict[str, type] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-    "qwen3": LlamaForCausalLM,
-    "gemma3": Gemma3ForCausalLM,
-}
+
+def _import_class(path: str) -> type:
+    """The class a registry entry names as "module:Class"."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ModelConfig.architecture -> model class, from the registry.
+MODEL_REGISTRY: dict[str, type] = {arch.name: _import_class(arch.model_class) for arch in REGISTRY}
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -1,33 +1,24 @@
-"""Model settings read from a Hugging Face config.json, normalised across config versions and architectures."""
+"""Model settings read from a Hugging Face config.json, normalised across config versions and architectures.
+
+ModelConfig and its checks are generic; what differs between architectures is read from their entries in
+registry.py (``Architecture.hf_config``).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
-# config.json "architectures" entry -> our architecture name.
-ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma3ForCausalLM": "gemma3",
-}
+from fastinfer.models import registry
+from fastinfer.models.registry import Architecture, HFConfig, HFFields
+
+# config.json "architectures" entry -> our architecture name (from the registry).
+ARCHITECTURES: dict[str, str] = {c: a.name for c, a in registry.BY_HF_CLASS.items()}
 # config.json "model_type" -> architecture, used when "architectures" is absent.
-MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                               "gemma3_text": "gemma3"}
-# Image-text checkpoints whose text decoder we run (text_config; the vision tower is not loaded).
-MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
-# transformers' Gemma3TextConfig defaults: Gemma 3 image-text configs write only the non-default text fields.
-GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
-                            rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
-                            query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
-                            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+MODEL_TYPES: dict[str, str] = {t: a.name for t, a in registry.BY_HF_MODEL_TYPE.items()}
 LAYER_TYPES = ("full_attention", "sliding_attention")
-# Where config "attention_bias" puts biases on q/k/v/o (Qwen2 has them on q/k/v always, Mistral never).
-BIAS_OPTION = ("llama", "qwen3", "gemma3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose frequencies do not depend on the input length
 # Upper bounds on the sizes a config may declare, checked before anything is built from them: far above any
 # released model (126 layers, hidden 16384, 262k-token vocabulary, 10M-token context), far below what would
@@ -86,8 +77,8 @@ class ModelConfig:
     torch_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.architecture not in MODEL_TYPES.values():
-            raise ConfigError(f"architecture {self.architecture!r} is not one of {sorted(set(MODEL_TYPES.values()))}")
+        if self.architecture not in registry.BY_NAME:
+            raise ConfigError(f"architecture {self.architecture!r} is not one of {sorted(registry.BY_NAME)}")
         for name, limit in SIZE_LIMITS.items():
             check_int(name, getattr(self, name), 1, limit)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -135,20 +126,22 @@ class ModelConfig:
             raise ConfigError(f"must be a JSON object, got {_show(d)}")
         d = text_config(d)
         arch = _architecture(d)
-        if arch == "gemma3":
-            d = {**GEMMA3_TEXT_DEFAULTS, **d}
+        hf = arch.hf_config
+        if hf.defaults:
+            d = {**hf.defaults, **d}
         heads = _int(d, "num_attention_heads")
         hidden = _int(d, "hidden_size")
-        gemma = arch == "gemma3"
         rope_full, rope_local = _rope(d, arch)
         eos = d.get("eos_token_id")
         sliding = _int(d, "sliding_window", None, lo=0, hi=MAX_POSITIONS)
-        if arch in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        if hf.sliding_window == "opt_in" and not d.get("use_sliding_window", False):
             sliding = None  # Qwen configs carry a window that is off unless use_sliding_window
-        if arch == "llama":
+        if hf.sliding_window == "never":
             sliding = None
+        fields = HFFields(d, partial(_int, d), partial(_float, d))
+        bias = bool(d.get("attention_bias"))
         return ModelConfig(
-            architecture=arch,
+            architecture=arch.name,
             vocab_size=_int(d, "vocab_size"),
             hidden_size=hidden,
             intermediate_size=_int(d, "intermediate_size"),
@@ -161,17 +154,15 @@ class ModelConfig:
             rope_theta=_number("rope_theta", rope_full.pop("rope_theta")),
             rope_scaling=None if rope_full.get("rope_type", "default") == "default" else rope_full,
             rope_local_base_freq=_number("rope_local_base_freq", rope_local["rope_theta"]) if rope_local else None,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_window=sliding or None,
-            layer_types=_layer_types(d, arch, sliding),
+            layer_types=_layer_types(fields, hf, sliding),
             hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
-            attention_bias=arch == "qwen2" or (bool(d.get("attention_bias")) and arch in BIAS_OPTION),
-            o_proj_bias=bool(d.get("attention_bias")) and arch in BIAS_OPTION,
-            mlp_bias=bool(d.get("mlp_bias", False)) and arch == "llama",
-            qk_norm=arch in ("qwen3", "gemma3"),
-            query_pre_attn_scalar=_float(d, "query_pre_attn_scalar", 256) if gemma else None,
-            attn_logit_softcapping=_float(d, "attn_logit_softcapping", None) if gemma else None,
-            final_logit_softcapping=_float(d, "final_logit_softcapping", None) if gemma else None,
+            attention_bias=hf.attention_bias == "qkv" or (bias and hf.attention_bias == "config"),
+            o_proj_bias=bias and hf.attention_bias == "config",
+            mlp_bias=bool(d.get("mlp_bias", False)) and hf.mlp_bias,
+            qk_norm=hf.qk_norm,
+            **(hf.extra(fields) if hf.extra else {}),
             bos_token_id=d.get("bos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             eos_token_id=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],
@@ -180,7 +171,8 @@ class ModelConfig:
 
 
 def is_multimodal(d: dict) -> bool:
-    return any(name in MULTIMODAL for name in _architectures(d))
+    """Whether ``d`` is an image-text config whose text decoder (text_config) we run."""
+    return any(name in registry.BY_HF_MULTIMODAL_CLASS for name in _architectures(d))
 
 
 def _architectures(d: dict) -> list:
@@ -196,29 +188,31 @@ def text_config(d: dict) -> dict:
     if not is_multimodal(d):
         return d
     text = dict(_dict(d, "text_config"))
-    text["architectures"] = [MULTIMODAL[next(n for n in d["architectures"] if n in MULTIMODAL)]]
+    arch = registry.BY_HF_MULTIMODAL_CLASS[next(n for n in d["architectures"] if n in registry.BY_HF_MULTIMODAL_CLASS)]
+    text["architectures"] = [arch.hf_classes[0]]
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
         if d.get(key) is not None and text.get(key) is None:
             text[key] = d[key]
     return text
 
 
-def _architecture(d: dict) -> str:
+def _architecture(d: dict) -> Architecture:
     names = _architectures(d)
     for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    if not names and d.get("model_type") in MODEL_TYPES:
-        return MODEL_TYPES[d["model_type"]]
+        if name in registry.BY_HF_CLASS:
+            return registry.BY_HF_CLASS[name]
+    if not names and d.get("model_type") in registry.BY_HF_MODEL_TYPE:
+        return registry.BY_HF_MODEL_TYPE[d["model_type"]]
     raise ConfigError(f"unsupported model: architectures={names}, model_type={d.get('model_type')!r}; "
                       f"supported architectures: {', '.join(ARCHITECTURES)}")
 
 
-def _rope(d: dict, arch: str) -> tuple[dict, Optional[dict]]:
+def _rope(d: dict, arch: Architecture) -> tuple[dict, Optional[dict]]:
     """(full-attention rope parameters incl. rope_theta, sliding-layer parameters or None).
 
     transformers 5 writes ``rope_parameters`` (nested per layer type for Gemma 3); 4.x wrote ``rope_theta``,
-    ``rope_scaling`` (with "type" in old files) and Gemma 3's ``rope_local_base_freq``.
+    ``rope_scaling`` (with "type" in old files) and, where sliding layers have their own base (Gemma 3),
+    ``rope_local_base_freq``.
     """
     params: dict[str, Any] = dict(_dict(d, "rope_parameters"))
     local = None
@@ -232,32 +226,27 @@ def _rope(d: dict, arch: str) -> tuple[dict, Optional[dict]]:
         params["rope_type"] = params.pop("type")
     params.pop("type", None)
     params.setdefault("rope_type", "default")
-    params.setdefault("rope_theta", d.get("rope_theta", 1_000_000.0 if arch == "gemma3" else 10_000.0))
+    params.setdefault("rope_theta", d.get("rope_theta", 10_000.0))  # an entry's defaults may say otherwise
     if params["rope_type"] in ("llama3", "yarn"):
         params.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
-    if arch == "gemma3":
+    if arch.hf_config.local_rope:
         local = local or {}
         local.setdefault("rope_theta", d.get("rope_local_base_freq", 10_000.0))
         if local.get("rope_type", "default") != "default":
-            raise ConfigError(f"scaled rope on Gemma 3 sliding layers ({local['rope_type']!r}) is not supported")
+            raise ConfigError(f"scaled rope on {arch.title} sliding layers ({local['rope_type']!r}) is not supported")
     return params, local
 
 
-def _layer_types(d: dict, arch: str, sliding: Optional[int]) -> tuple:
+def _layer_types(f: HFFields, hf: HFConfig, sliding: Optional[int]) -> tuple:
+    d = f.d
     n = _int(d, "num_hidden_layers", hi=MAX_LAYERS)  # bounded before a tuple of n entries is built
-    if arch == "llama" or not sliding:
+    if not sliding:
         return ("full_attention",) * n
     if d.get("layer_types"):
         if not isinstance(d["layer_types"], list) or len(d["layer_types"]) != n:
             raise ConfigError(f"layer_types must list {n} of {LAYER_TYPES}, got {_show(d['layer_types'])}")
         return tuple(d["layer_types"])
-    if arch == "mistral":
-        return ("sliding_attention",) * n
-    if arch == "gemma3":
-        pattern = _int(d, "sliding_window_pattern", None) or _int(d, "_sliding_window_pattern", None) or 6
-        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n))
-    first = _int(d, "max_window_layers", n, lo=0)  # Qwen: layers from max_window_layers on slide
-    return tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
+    return hf.sliding_layers(f, n) if hf.sliding_layers else ("sliding_attention",) * n
 
 
 # ------------------------------------------------------------------------------------------- checks

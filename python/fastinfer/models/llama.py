@@ -2,7 +2,8 @@
 
 The families differ only in flags of ModelConfig: q/k/v bias (Qwen2), per-head q/k norm (Qwen3),
 sliding-window layers (Mistral, Qwen with use_sliding_window), tied head, rope scaling.
-Gemma 3 (gemma3.py) subclasses this with its own layer and embedding scale.
+Gemma 3 (gemma3.py) subclasses this with its own layer and embedding scale. Which checkpoints map to these
+classes, and how their tensors are named, is in registry.py; ``load_weights`` is weights.py's.
 """
 
 from __future__ import annotations
@@ -18,22 +19,7 @@ from fastinfer.models.config import ModelConfig
 from fastinfer.models.cpu_decoder import CpuDecoder
 from fastinfer.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param, \
     use_cpu_kernels
-
-# Hugging Face tensor name piece -> (our fused parameter's name piece, shard index).
-FUSED = {
-    ".self_attn.q_proj.": (".self_attn.qkv_proj.", 0),
-    ".self_attn.k_proj.": (".self_attn.qkv_proj.", 1),
-    ".self_attn.v_proj.": (".self_attn.qkv_proj.", 2),
-    ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
-    ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
-}
-# Tensors some checkpoints carry that the forward pass never reads.
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-class WeightError(ValueError):
-    """A checkpoint's tensors do not match the model: missing, unexpected or wrongly shaped tensors."""
-
+from fastinfer.models.weights import load_weights
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
@@ -138,55 +124,4 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the (fused) parameters; see ``load_weights``."""
         load_weights(self, named_tensors)
-
-
-def _shards(model: LlamaForCausalLM) -> dict[str, tuple[str, int, int]]:
-    """HF name -> (our parameter name, row offset, rows) for every tensor the model needs."""
-    c, d = model.config, model.config.head_dim
-    sizes = {".self_attn.qkv_proj.": [c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d],
-             ".mlp.gate_up_proj.": [c.intermediate_size] * 2}
-    out = {}
-    for name, p in model.named_parameters():
-        fused = [(hf, i, piece) for hf, (piece, i) in FUSED.items() if piece in name]
-        for hf_piece, i, piece in fused:
-            rows = sizes[piece]
-            out[name.replace(piece, hf_piece)] = (name, sum(rows[:i]), rows[i])
-        if not fused:
-            out[name] = (name, 0, p.shape[0])
-    return out
-
-
-def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Fill every parameter of ``model`` from (Hugging Face name, tensor) pairs, converting dtype.
-
-    All tensors are checked before this returns: an unknown name, a shape mismatch or a tensor that never
-    arrived raises WeightError listing every problem. ``lm_head.weight`` is accepted and ignored for tied models.
-    """
-    targets = _shards(model)
-    params = dict(model.named_parameters())
-    seen: set[str] = set()
-    problems: list[str] = []
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    for name, tensor in named_tensors:
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-            continue
-        if name not in targets:
-            problems.append(f"unexpected tensor {name!r} {tuple(tensor.shape)}")
-            continue
-        pname, start, rows = targets[name]
-        dest = params[pname].data.narrow(0, start, rows)
-        if name in seen:
-            problems.append(f"{name}: given twice")
-        seen.add(name)  # a wrongly shaped tensor is that problem, not also a missing one
-        if tuple(tensor.shape) != tuple(dest.shape):
-            problems.append(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, model expects {tuple(dest.shape)}")
-            continue
-        dest.copy_(tensor)
-    problems += [f"missing tensor {name!r}" for name in targets if name not in seen]
-    if problems:  # one line
-        shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise WeightError(f"{len(problems)} weight problem(s): {shown}")
-    for m in model.modules():
-        if hasattr(m, "post_load"):
-            m.post_load()
 

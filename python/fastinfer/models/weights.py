@@ -1,0 +1,69 @@
+"""Filling a built model's parameters from Hugging Face-named tensors (``load_weights``), whatever file they came
+from: separate q/k/v and gate/up tensors go into their slices of the fused parameters (the architecture's
+registry entry names them), and every problem is reported at once as one WeightError line."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from fastinfer.models import registry
+
+
+class WeightError(ValueError):
+    """A checkpoint's tensors do not match the model: missing, unexpected or wrongly shaped tensors."""
+
+
+def _shards(model: nn.Module, fused: dict) -> dict[str, tuple[str, int, int]]:
+    """HF name -> (our parameter name, row offset, rows) for every tensor the model needs."""
+    c, d = model.config, model.config.head_dim
+    sizes = {".self_attn.qkv_proj.": [c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d],
+             ".mlp.gate_up_proj.": [c.intermediate_size] * 2}
+    out = {}
+    for name, p in model.named_parameters():
+        pieces = [(hf, i, piece) for hf, (piece, i) in fused.items() if piece in name]
+        for hf_piece, i, piece in pieces:
+            rows = sizes[piece]
+            out[name.replace(piece, hf_piece)] = (name, sum(rows[:i]), rows[i])
+        if not pieces:
+            out[name] = (name, 0, p.shape[0])
+    return out
+
+
+def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Fill every parameter of ``model`` from (Hugging Face name, tensor) pairs, converting dtype.
+
+    All tensors are checked before this returns: an unknown name, a shape mismatch or a tensor that never
+    arrived raises WeightError listing every problem. ``lm_head.weight`` is accepted and ignored for tied models.
+    """
+    arch = registry.BY_NAME[model.config.architecture]
+    targets = _shards(model, registry.fused_names(arch))
+    ignored = arch.hf_tensors.ignored
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    problems: list[str] = []
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in named_tensors:
+        if name.endswith(ignored) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in targets:
+            problems.append(f"unexpected tensor {name!r} {tuple(tensor.shape)}")
+            continue
+        pname, start, rows = targets[name]
+        dest = params[pname].data.narrow(0, start, rows)
+        if name in seen:
+            problems.append(f"{name}: given twice")
+        seen.add(name)  # a wrongly shaped tensor is that problem, not also a missing one
+        if tuple(tensor.shape) != tuple(dest.shape):
+            problems.append(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, model expects {tuple(dest.shape)}")
+            continue
+        dest.copy_(tensor)
+    problems += [f"missing tensor {name!r}" for name in targets if name not in seen]
+    if problems:  # one line
+        shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise WeightError(f"{len(problems)} weight problem(s): {shown}")
+    for m in model.modules():
+        if hasattr(m, "post_load"):
+            m.post_load()
