@@ -118,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import fastinfer
     from fastinfer import LLM
-    from fastinfer.models.loader import default_model_path
+    from fastinfer.loading import default_model_path
 
     fastinfer.set_num_threads(args.threads)
     path = Path(args.model or default_model_path())

@@ -1,4 +1,4 @@
-"""GGUF loading (fastinfer.models.gguf.read_gguf).
+"""GGUF loading (fastinfer.loading.gguf.read_gguf).
 
 1. Tiny random transformers models written as GGUF files here, the way llama.cpp's convert_hf_to_gguf.py
    writes them (tensor names from gguf's own name map, Llama q/k permuted for interleaved rotary, Gemma3
@@ -26,8 +26,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from fastinfer.models.attention_metadata import AttentionMetadata  # noqa: E402
 from fastinfer.models.config import ModelConfig  # noqa: E402
-from fastinfer.models.gguf import GGUFError, read_gguf, read_gguf_metadata  # noqa: E402
-from fastinfer.models.loader import load_model  # noqa: E402
+from fastinfer.loading.gguf import GGUFError, read_gguf, read_gguf_metadata  # noqa: E402
+from fastinfer.loading import load_model  # noqa: E402
 from model_fixtures import hf_model_from_gguf  # noqa: E402
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -417,7 +417,7 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path, arch, add_dummy
 def test_pre_tokenizer_regexes_match_transformers():
     """The split regexes per tokenizer.ggml.pre agree with transformers' GGUF tables where both have one."""
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    from fastinfer.models.gguf_tokenizer import _PRE_TOKENIZERS
+    from fastinfer.loading.gguf_tokenizer import _PRE_TOKENIZERS
 
     theirs = mapping.GGUF_PRE_TOKENIZER_SPLITS
     shared = set(theirs) & set(_PRE_TOKENIZERS)

@@ -19,7 +19,7 @@ PROMPTS = ["The capital of France is", "def add(a, b):", [1, 2, 3, 4, 5], "Once 
 
 @pytest.fixture(scope="module")
 def llm():
-    from fastinfer.models.loader import default_model_path
+    from fastinfer.loading import default_model_path
 
     try:
         default_model_path()

@@ -20,9 +20,9 @@ import textwrap
 import pytest
 
 from fastinfer.models import ConfigError, WeightError
-from fastinfer.models.loader import LoadError, default_model_path, load_model
-from fastinfer.models import tokenizer as tokenizer_module
-from fastinfer.models.tokenizer import Tokenizer
+from fastinfer.loading import LoadError, default_model_path, load_model
+from fastinfer.loading import tokenizer as tokenizer_module
+from fastinfer.loading.tokenizer import Tokenizer
 
 CHILD_MEMORY = 4 << 30
 CHILD_TIMEOUT_S = 90
@@ -133,7 +133,7 @@ def test_gguf_sizes_are_bounded_before_allocating(default_gguf, tmp_path):
         with open(paths[case], "wb") as f:
             f.write(data)
     results = _isolated(f"""
-        from fastinfer.models.loader import load_model
+        from fastinfer.loading import load_model
         for case, path in {paths!r}.items():
             report(case, lambda: load_model(path))
     """)
@@ -144,7 +144,7 @@ def test_gguf_arrays_of_arrays_as_gguf_writer_writes_them(tmp_path):
     """Item 14: an array of arrays is (type, count, items) per element; the old reader took an extra type tag
     per element and rejected gguf.GGUFWriter's valid files."""
     gguf = pytest.importorskip("gguf")
-    from fastinfer.models.gguf import read_gguf_metadata
+    from fastinfer.loading.gguf import read_gguf_metadata
 
     path = tmp_path / "nested.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -166,7 +166,7 @@ def test_gguf_arrays_of_arrays_as_gguf_writer_writes_them(tmp_path):
 @pytest.mark.parametrize("alignment", [0, 3, 1 << 40])
 def test_gguf_alignment_checked(tmp_path, alignment):
     gguf = pytest.importorskip("gguf")
-    from fastinfer.models.gguf import GGUFError, read_gguf_metadata
+    from fastinfer.loading.gguf import GGUFError, read_gguf_metadata
 
     path = tmp_path / "align.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -181,7 +181,7 @@ def test_gguf_alignment_checked(tmp_path, alignment):
 
 
 def test_gguf_not_a_regular_file(tmp_path):
-    from fastinfer.models.gguf import GGUFError, read_gguf
+    from fastinfer.loading.gguf import GGUFError, read_gguf
 
     link = tmp_path / "zero.gguf"
     link.symlink_to("/dev/zero")
@@ -243,7 +243,7 @@ def test_hf_config_sizes_and_files_are_bounded(tiny_folder, tmp_path):
         os.mkfifo(dest / name)
         paths[case], expected[case] = str(dest), (str(dest / name), "not a regular file")
     results = _isolated(f"""
-        from fastinfer.models.loader import load_model
+        from fastinfer.loading import load_model
         for case, path in {paths!r}.items():
             report(case, lambda: load_model(path))
     """)
@@ -251,7 +251,7 @@ def test_hf_config_sizes_and_files_are_bounded(tiny_folder, tmp_path):
 
 
 def test_hf_json_over_its_cap(tiny_folder, tmp_path, monkeypatch):
-    import fastinfer.models.loader as loader
+    import fastinfer.loading.files as loader
 
     dest = _variant(tiny_folder, tmp_path / "m")
     monkeypatch.setattr(loader, "MAX_JSON_BYTES", 64)
@@ -320,7 +320,7 @@ def test_chat_template_rendering_is_bounded(default_gguf):
     error naming the template's source."""
     results = _isolated(f"""
         import threading, time
-        import fastinfer.models.tokenizer as tokenizer_module
+        import fastinfer.loading.tokenizer as tokenizer_module
         from fastinfer import LLM
 
         tokenizer_module.RENDER_TIMEOUT_S = 0.5
@@ -387,7 +387,7 @@ def test_chat_template_rendering_is_bounded(default_gguf):
 
 def test_template_errors_name_the_gguf_key(default_gguf):
     path = default_model_path()
-    from fastinfer.models.gguf import read_gguf
+    from fastinfer.loading.gguf import read_gguf
 
     _, _, tokenizer, _ = read_gguf(path)
     tokenizer.chat_template = "{{ raise_exception('no tools here') }}"

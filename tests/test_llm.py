@@ -144,7 +144,7 @@ def test_bad_arguments(checkpoints):
 
 @pytest.fixture(scope="module")
 def default_llm():
-    from fastinfer.models.loader import default_model_path
+    from fastinfer.loading import default_model_path
 
     try:
         default_model_path()

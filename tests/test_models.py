@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fastinfer.models import ConfigError, WeightError
-from fastinfer.models.loader import LoadError, load_model
-from fastinfer.models.tokenizer import Tokenizer
+from fastinfer.loading import LoadError, load_model
+from fastinfer.loading.tokenizer import Tokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from model_fixtures import VOCAB, PagedDriver, hf_model  # noqa: E402
@@ -364,7 +364,7 @@ def test_dtype_auto_honours_checkpoint(tmp_path_factory, tmp_path):
 
 
 def test_gguf_goes_to_gguf_reader(tmp_path_factory, tmp_path, monkeypatch):
-    """A .gguf path is read by fastinfer.models.gguf.read_gguf; the model is built from what it returns."""
+    """A .gguf path is read by fastinfer.loading.gguf.read_gguf; the model is built from what it returns."""
     from safetensors.torch import load_file
 
     _, folder = saved("llama", tmp_path_factory)
@@ -378,7 +378,7 @@ def test_gguf_goes_to_gguf_reader(tmp_path_factory, tmp_path, monkeypatch):
         cfg.pop("dtype")
         return cfg, iter(load_file(folder / "model.safetensors").items()), None, {"eos_token_id": 2}
 
-    monkeypatch.setitem(sys.modules, "fastinfer.models.gguf", types.SimpleNamespace(read_gguf=read_gguf))
+    monkeypatch.setitem(sys.modules, "fastinfer.loading.gguf", types.SimpleNamespace(read_gguf=read_gguf))
     loaded = load_model(str(fake))
     assert calls == [str(fake)] and loaded.generation_config == {"eos_token_id": 2}
     assert loaded.model.dtype == torch.bfloat16  # no dtype in a GGUF config: bfloat16

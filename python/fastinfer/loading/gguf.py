@@ -11,9 +11,10 @@ llama.cpp's converter (``convert_hf_to_gguf.py``) changes three things on the wa
   one (``LlamaModel.permute``); Qwen2, Qwen3 and Gemma3 are written as they are;
 - Gemma3 RMSNorm weights are stored as ``1 + w`` (Gemma's norm multiplies by ``1 + w``; ggml's by ``w``).
 
-Llama 3's rope scaling arrives as a ``rope_freqs`` tensor and goes back into ``rope_scaling``. The header is
-parsed here over a memory map (gguf's GGUFReader spends seconds on a 49k-token vocabulary); the ``gguf``
-package (llama.cpp's own) dequantises.
+Llama 3's rope scaling arrives as a ``rope_freqs`` tensor and goes back into ``rope_scaling``. What differs
+between architectures (names, tensors, the q/k permutation, the norm offset) is their registry entry's ``gguf``
+field (fastinfer.models.registry). The header is parsed by gguf_file.py; the ``gguf`` package (llama.cpp's
+own) dequantises.
 
 Example::
 
@@ -23,19 +24,18 @@ Example::
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import stat
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .config import (
+from fastinfer.loading.gguf_file import GGUFError, TensorInfo, open_gguf, read_gguf_metadata
+from fastinfer.loading.gguf_tokenizer import tokenizer_from_gguf
+from fastinfer.models import registry
+from fastinfer.models.config import (
     MAX_HEAD_DIM,
     MAX_HEADS,
     MAX_HIDDEN,
@@ -46,36 +46,17 @@ from .config import (
     check_float,
     check_int,
 )
+from fastinfer.models.registry import Architecture, GGUFFields
 
 if TYPE_CHECKING:
-    from gguf import GGMLQuantizationType
-
-    from .tokenizer import Tokenizer
+    from fastinfer.loading.tokenizer import Tokenizer
 
 __all__ = ["GGUFError", "SUPPORTED_ARCHITECTURES", "SUPPORTED_TENSOR_TYPES", "read_gguf", "read_gguf_metadata"]
 
-GGUF_MAGIC = b"GGUF"
-
-# What a GGUF header may declare, checked (with the bytes left in the file) before anything is allocated or
-# looped over: far above any real model's (a 262k-token vocabulary, ~500k merges, a few thousand tensors).
-MAX_METADATA_KEYS = 1 << 16
-MAX_TENSORS = 1 << 20
-MAX_KEY_BYTES = 1 << 16
-MAX_STRING_BYTES = 256 << 20  # one metadata string (tokenizer.huggingface.json can be tens of MB)
-MAX_ARRAY_ITEMS = 1 << 22  # items of one metadata array
-MAX_METADATA_ITEMS = 1 << 23  # array items in the whole header (each becomes a Python object)
-MAX_ARRAY_DEPTH = 4  # arrays of arrays of ...
-MAX_TENSOR_DIMS = 4  # GGML_MAX_DIMS
-MAX_ALIGNMENT = 1 << 20
-
-# GGUF architecture name -> Hugging Face model_type and class. Mistral is stored as "llama".
-SUPPORTED_ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
-}
-_MISTRAL = ("mistral", "MistralForCausalLM")
+# GGUF architecture name -> Hugging Face model_type and class (the registry's entries; Mistral is stored as
+# "llama" and recognised by its sliding window or name).
+SUPPORTED_ARCHITECTURES = {a.gguf.name: (a.hf_model_types[0], a.hf_classes[0])
+                           for a in registry.REGISTRY if a.gguf and not a.gguf.claims}
 
 # ggml tensor types that gguf.quants.dequantize turns into float32 (named as in gguf.GGMLQuantizationType).
 SUPPORTED_TENSOR_TYPES = (
@@ -84,42 +65,7 @@ SUPPORTED_TENSOR_TYPES = (
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
 
-# Gemma3 alternates five sliding-window layers with one global layer; llama.cpp hard-codes the pattern
-# (llama-model.cpp: hparams.set_swa_pattern(6)) and the local rope base unless the file states them.
-_GEMMA3_SWA_PATTERN = 6
-_GEMMA3_LOCAL_ROPE_BASE = 10_000.0
-
-# GGUF tensor name -> Hugging Face parameter name. ``{i}`` is the layer index.
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_norm": "post_attention_layernorm",
-}
-# Gemma3 has four norms per layer; its ffn_norm is the one before the MLP.
-_GEMMA3_LAYER_NAMES = {
-    **_LAYER_NAMES,
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be loaded; the message names the file and the problem."""
 
 
 def read_gguf(
@@ -131,13 +77,11 @@ def read_gguf(
     is memory-mapped, so only the tensor being dequantised is in memory). Every check that can fail (format,
     architecture, tensor types, missing or unknown tensors, truncation) runs before this returns.
     """
-    from .gguf_tokenizer import tokenizer_from_gguf
-
     path = os.fspath(path)
-    file = _open(path)
+    file = open_gguf(path)
     meta, tensors = file.metadata, file.tensors
-    config = _hf_config(path, meta, tensors)
-    plan = _tensor_plan(path, config, meta, tensors)
+    config, arch = _hf_config(path, meta, tensors)
+    plan = _tensor_plan(path, config, arch, meta, tensors)
     tokenizer, special = tokenizer_from_gguf(path, meta)
     config.update({k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     generation_config = {
@@ -146,224 +90,22 @@ def read_gguf(
     }
     if special.get("pad_token_id") is not None:
         generation_config["pad_token_id"] = special["pad_token_id"]
-    return config, _dequantised(path, config, plan), tokenizer, generation_config
-
-
-def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file as Python values (arrays as lists)."""
-    return _open(os.fspath(path)).metadata
-
-
-# ----------------------------------------------------------------------------------------------- file
-
-
-@dataclass(slots=True)
-class _TensorInfo:
-    """One tensor's entry in the file header; ``data`` is a read-only view of its bytes in the memory map."""
-
-    name: str
-    dims: tuple[int, ...]  # ggml order: dims[0] varies fastest (Hugging Face shape reversed)
-    type: GGMLQuantizationType
-    data: np.ndarray  # uint8, (rows, bytes per row)
-
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        return tuple(reversed(self.dims))
-
-
-@dataclass(slots=True)
-class _GGUFFile:
-    path: str
-    metadata: dict[str, Any]
-    tensors: dict[str, _TensorInfo]
-
-
-# GGUF metadata value types: fixed-size scalars by struct format; 8 = string, 9 = array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
-_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
-# Fewest bytes one item of each type takes in the file: a declared count is checked against the bytes left.
-_MIN_BYTES = {**{k: struct.calcsize(f) for k, f in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
-_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
-_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
-
-
-class _Header:
-    """Sequential little-endian reader over the memory-mapped header. ``field`` names what is being read, for
-    errors; every count and length is checked against the bytes left and the MAX_* bounds before use."""
-
-    def __init__(self, buf: np.ndarray, path: str):
-        self.buf, self.path, self.pos = buf, path, 0
-        self.field, self.items, self.string_limit = "header", 0, MAX_STRING_BYTES
-
-    def error(self, problem: str) -> GGUFError:
-        return GGUFError(f"{self.path}: corrupt GGUF header: {self.field}: {problem}")
-
-    def take(self, n: int) -> memoryview:
-        if self.pos + n > len(self.buf):
-            raise GGUFError(
-                f"{self.path}: truncated GGUF file: {self.field} needs {n} bytes at byte {self.pos}, "
-                f"the file has {len(self.buf)}"
-            )
-        view = memoryview(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return view
-
-    def count(self, what: str, n: int, limit: int, min_bytes: int) -> int:
-        """``n`` items of ``what``, each at least ``min_bytes`` long: within ``limit`` and the bytes left."""
-        if n > limit:
-            raise self.error(f"{n} {what}, more than the limit of {limit}")
-        if n * min_bytes > len(self.buf) - self.pos:
-            raise GGUFError(
-                f"{self.path}: truncated GGUF file: {self.field}: {n} {what} need at least {n * min_bytes} bytes, "
-                f"{len(self.buf) - self.pos} are left"
-            )
-        return n
-
-    def scalar(self, kind: int) -> Any:
-        fmt = _SCALARS.get(kind)
-        if fmt is None:
-            raise self.error(f"unknown value type {kind} at byte {self.pos}")
-        value = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-        return _float32_value(value) if kind == _FLOAT32 else value
-
-    def string(self, limit: int | None = None) -> str:
-        n = self.scalar(10)
-        limit = self.string_limit if limit is None else limit
-        if n > limit:
-            raise self.error(f"a string of {n} bytes, more than the limit of {limit}")
-        try:
-            return bytes(self.take(n)).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise self.error(f"the string at byte {self.pos - n} is not UTF-8") from e
-
-    def value(self, kind: int) -> Any:
-        if kind == _STRING:
-            return self.string()
-        return self.array() if kind == _ARRAY else self.scalar(kind)
-
-    def array(self, depth: int = 0) -> list:
-        """(item type u32, count u64, items); an item that is itself an array is (type, count, items) again."""
-        if depth >= MAX_ARRAY_DEPTH:
-            raise self.error(f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
-        item, count = self.scalar(4), self.scalar(10)
-        if item not in _MIN_BYTES:
-            raise self.error(f"unknown array item type {item} at byte {self.pos - 12}")
-        self.count("array items", count, MAX_ARRAY_ITEMS, _MIN_BYTES[item])
-        self.items += count
-        if self.items > MAX_METADATA_ITEMS:
-            raise self.error(f"more than {MAX_METADATA_ITEMS} array items in the header")
-        if item == _STRING:
-            return [self.string() for _ in range(count)]
-        if item == _ARRAY:
-            return [self.array(depth + 1) for _ in range(count)]
-        dtype = np.dtype(_NUMPY[item])
-        return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
-
-
-def _float32_value(value: float) -> float:
-    """A float32 as the shortest decimal that reads back as it (1e-05, not 9.999999747378752e-06)."""
-    return float(str(np.float32(value)))
-
-
-def _open(path: str) -> _GGUFFile:
-    """Parse the header (metadata and tensor table) and map the tensor data; nothing is dequantised yet."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    from .tokenizer import MAX_CHAT_TEMPLATE_BYTES
-
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or /dev/zero would block or never end
-            raise GGUFError(f"{path}: not a regular file")
-        buf = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # plain ndarray: numpy is faster on it
-    except (OSError, ValueError) as e:  # ValueError: empty file
-        if isinstance(e, GGUFError):
-            raise
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise GGUFError(f"{path}: not a GGUF file (empty)") from e
-        raise GGUFError(f"{path}: cannot open GGUF file ({e})") from e
-    magic = bytes(buf[:4])
-    if magic != GGUF_MAGIC:
-        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    h = _Header(buf, path)
-    h.pos = 4
-    version = h.scalar(4)
-    if version not in (2, 3):
-        raise GGUFError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
-    n_tensors, n_kv = h.scalar(10), h.scalar(10)
-    h.field = "metadata key count"
-    h.count("metadata keys", n_kv, MAX_METADATA_KEYS, _MIN_KV_BYTES)
-    metadata: dict[str, Any] = {}
-    for i in range(n_kv):
-        h.field = f"metadata key #{i}"
-        key = h.string(MAX_KEY_BYTES)
-        if key in metadata:
-            raise h.error(f"{key} appears twice")
-        h.field = key
-        h.string_limit = MAX_CHAT_TEMPLATE_BYTES if key.startswith("tokenizer.chat_template") else MAX_STRING_BYTES
-        metadata[key] = h.value(h.scalar(4))
-
-    h.field = "tensor count"
-    h.count("tensors", n_tensors, MAX_TENSORS, _MIN_TENSOR_BYTES)
-    entries = []
-    for i in range(n_tensors):
-        h.field = f"tensor #{i}"
-        name = h.string(MAX_KEY_BYTES)
-        h.field = f"tensor {name!r}"
-        n_dims = h.scalar(4)
-        if not 1 <= n_dims <= MAX_TENSOR_DIMS:
-            raise h.error(f"{n_dims} dimensions (1 to {MAX_TENSOR_DIMS} are valid)")
-        dims = tuple(h.scalar(10) for _ in range(n_dims))
-        raw_type, offset = h.scalar(4), h.scalar(10)
-        entries.append((name, dims, raw_type, offset))
-    h.field = "general.alignment"
-    alignment = metadata.get("general.alignment", 32)
-    if isinstance(alignment, bool) or not isinstance(alignment, int) or not 1 <= alignment <= MAX_ALIGNMENT \
-            or alignment & (alignment - 1):
-        raise h.error(f"{alignment!r} is not a power of two up to {MAX_ALIGNMENT}")
-    data_start = -(-h.pos // alignment) * alignment
-
-    tensors = {}
-    for name, dims, raw_type, offset in entries:
-        h.field = f"tensor {name!r}"
-        if name in tensors:
-            raise h.error("appears twice in the tensor table")
-        try:
-            ggml_type = GGMLQuantizationType(raw_type)
-        except ValueError:
-            raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type id {raw_type}") from None
-        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        if min(dims) < 1:
-            raise h.error(f"shape {list(dims)} has an empty dimension")
-        if dims[0] % block:
-            raise GGUFError(f"{path}: tensor {name!r} of shape {list(dims)} does not fit {ggml_type.name} blocks")
-        if offset % alignment:
-            raise h.error(f"data offset {offset} is not a multiple of the alignment {alignment}")
-        # Python integers: a dimension of 2**64 - 1 cannot wrap around to a small size here.
-        row_bytes = dims[0] // block * block_bytes
-        rows = math.prod(dims[1:])
-        start, end = data_start + offset, data_start + offset + rows * row_bytes
-        if end > len(buf):
-            raise GGUFError(
-                f"{path}: truncated GGUF file: tensor {name!r} of shape {list(dims)} ends at byte {end}, "
-                f"the file has {len(buf)} bytes"
-            )
-        tensors[name] = _TensorInfo(name, dims, ggml_type, buf[start:end].reshape(rows, row_bytes))
-    return _GGUFFile(path, metadata, tensors)
+    return config, _dequantised(path, config, arch, plan), tokenizer, generation_config
 
 
 # --------------------------------------------------------------------------------------------- config
 
 
-def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo]) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` the file was converted from, as far as its metadata says. Every size is
+def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> tuple[dict[str, Any], Architecture]:
+    """The Hugging Face ``config.json`` the file was converted from, as far as its metadata says, and the registry
+    entry it is (the generic keys are read here, the architecture's own by its entry's hook). Every size is
     type-checked and bounded, the layer count by the layers the file holds and the widths by the first layer's
     tensors, before anything is built from them; errors name the metadata key."""
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in registry.GGUF_NAMES:
         raise GGUFError(
             f"{path}: unsupported architecture {arch!r:.60} (general.architecture); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"supported: {', '.join(registry.GGUF_NAMES)}"
         )
 
     def get(key: str, default: Any = None, *, required: bool = False) -> Any:
@@ -412,13 +154,11 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
         sliding_window = _checked(path, check_int, f"{arch}.attention.sliding_window", sliding_window, 1, MAX_POSITIONS)
     name = meta.get("general.name")
     name = name if isinstance(name, str) else ""
-    model_type, hf_class = SUPPORTED_ARCHITECTURES[arch]
-    if arch == "llama" and (sliding_window is not None or "mistral" in name.lower()):
-        model_type, hf_class = _MISTRAL
+    entry = registry.gguf_architecture(arch, sliding_window, name)
 
     config: dict[str, Any] = {
-        "architectures": [hf_class],
-        "model_type": model_type,
+        "architectures": [entry.hf_classes[0]],
+        "model_type": entry.hf_model_types[0],
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": ffn,
@@ -434,18 +174,8 @@ def _hf_config(path: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo])
     }
     if (dtype := _file_dtype(tensors)) is not None:
         config["torch_dtype"] = dtype
-    if model_type in ("llama", "mistral", "qwen3"):
-        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        config["hidden_act"] = "silu"
-    if model_type == "mistral":
-        config["sliding_window"] = sliding_window
-    if model_type in ("qwen2", "qwen3"):
-        config["use_sliding_window"] = False
-        config["sliding_window"] = None
-    if model_type == "gemma3_text":
-        config.update(_gemma3_config(config, get, number, sliding_window))
-    return config
+    config.update(entry.gguf.config(GGUFFields(config, get, number, sliding_window, tensors)))
+    return config, entry
 
 
 def _checked(path: str, check: Any, key: str, *args: Any) -> Any:
@@ -465,31 +195,8 @@ def _per_model(path: str, key: str, value: Any) -> Any:
     return value
 
 
-def _gemma3_config(config: dict[str, Any], get: Any, number: Any, sliding_window: Any) -> dict[str, Any]:
-    layers = config["num_hidden_layers"]
-    pattern = get("attention.sliding_window_pattern")
-    if isinstance(pattern, list) and len(pattern) == layers:  # newer files: one bool per layer, True = sliding
-        sliding = [bool(p) for p in pattern]
-    else:
-        sliding = [(i + 1) % _GEMMA3_SWA_PATTERN != 0 for i in range(layers)]
-    # llama.cpp scales queries by 1/sqrt(head_dim), except the 27B model (62 layers): 1/sqrt(hidden/heads).
-    scalar = config["head_dim"]
-    if layers == 62:
-        scalar = config["hidden_size"] // config["num_attention_heads"]
-    return {
-        "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": scalar,
-        "sliding_window": sliding_window,
-        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-        "rope_local_base_freq": number("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE),
-        "final_logit_softcapping": number("final_logit_softcapping", None),
-        "attn_logit_softcapping": None,
-        "attention_bias": False,
-    }
-
-
 def _rope_scaling(
-    path: str, arch: str, meta: dict[str, Any], tensors: dict[str, _TensorInfo], head_dim: int
+    path: str, arch: str, meta: dict[str, Any], tensors: dict[str, TensorInfo], head_dim: int
 ) -> dict[str, Any] | None:
     """Hugging Face ``rope_scaling`` from ``{arch}.rope.scaling.*`` or, for Llama 3, the ``rope_freqs`` tensor."""
     if "rope_freqs.weight" in tensors:
@@ -516,7 +223,7 @@ def _rope_scaling(
     raise GGUFError(f"{path}: unsupported rope scaling type {kind!r:.60} ({prefix}type)")
 
 
-def _llama3_rope_scaling(path: str, meta: dict[str, Any], tensor: _TensorInfo, head_dim: int) -> dict[str, Any]:
+def _llama3_rope_scaling(path: str, meta: dict[str, Any], tensor: TensorInfo, head_dim: int) -> dict[str, Any]:
     """Recover Llama 3's rope_scaling parameters from the per-frequency factors llama.cpp stores instead.
 
     The converter writes ``rope_freqs[i]``, the divisor of rotary frequency i (1 for short wavelengths,
@@ -552,7 +259,7 @@ def _llama3_factors(theta: float, dim: int, factor: float, low: float, high: flo
     )
 
 
-def _file_dtype(tensors: dict[str, _TensorInfo]) -> str | None:
+def _file_dtype(tensors: dict[str, TensorInfo]) -> str | None:
     """The dtype the weights were stored in when they are all plain floats; None when any is quantised (the
     dequantised values are float32, and which precision to run in is the loader's choice)."""
     kinds = {t.type.name for t in tensors.values() if len(t.dims) > 1}
@@ -566,10 +273,10 @@ def _file_dtype(tensors: dict[str, _TensorInfo]) -> str | None:
 
 
 def _tensor_plan(
-    path: str, config: dict[str, Any], meta: dict[str, Any], tensors: dict[str, _TensorInfo]
-) -> list[tuple[str, _TensorInfo]]:
+    path: str, config: dict[str, Any], arch: Architecture, meta: dict[str, Any], tensors: dict[str, TensorInfo]
+) -> list[tuple[str, TensorInfo]]:
     """``(hf_name, tensor)`` for every tensor, checking types and that nothing is missing or unexpected."""
-    layer_names = _GEMMA3_LAYER_NAMES if config["model_type"] == "gemma3_text" else _LAYER_NAMES
+    layer_names = registry.gguf_layer_tensors(arch)
     plan = []
     for name, t in tensors.items():
         if name == "rope_freqs.weight":  # folded into rope_scaling
@@ -579,7 +286,7 @@ def _tensor_plan(
                 f"{path}: tensor {name!r} has unsupported type {t.type.name}; "
                 f"supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
             )
-        hf_name = _GLOBAL_NAMES.get(name)
+        hf_name = registry.GGUF_GLOBAL_TENSORS.get(name)
         if hf_name is None and (m := _LAYER_TENSOR.match(name)) and m.group(2) in layer_names:
             if int(m.group(1)) < config["num_hidden_layers"]:
                 hf_name = f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
@@ -587,21 +294,16 @@ def _tensor_plan(
             raise GGUFError(f"{path}: unexpected tensor {name!r} for architecture {meta['general.architecture']}")
         plan.append((hf_name, t))
 
-    missing = sorted(set(_required_tensors(config)) - set(tensors))
+    missing = sorted(set(_required_tensors(config, arch)) - set(tensors))
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise GGUFError(f"{path}: missing tensors: {shown}")
     return plan
 
 
-def _required_tensors(config: dict[str, Any]) -> list[str]:
+def _required_tensors(config: dict[str, Any], arch: Architecture) -> list[str]:
     names = ["token_embd.weight", "output_norm.weight"]
-    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "ffn_norm"]
-    if config["model_type"] in ("qwen3", "gemma3_text"):
-        per_layer += ["attn_q_norm", "attn_k_norm"]
-    if config["model_type"] == "gemma3_text":
-        per_layer += ["post_attention_norm", "post_ffw_norm"]
-    biases = ["attn_q", "attn_k", "attn_v"] if config["model_type"] == "qwen2" else []
+    per_layer, biases = arch.gguf.required, arch.gguf.required_bias
     for i in range(config["num_hidden_layers"]):
         names += [f"blk.{i}.{n}.weight" for n in per_layer]
         names += [f"blk.{i}.{n}.bias" for n in biases]
@@ -609,12 +311,11 @@ def _required_tensors(config: dict[str, Any]) -> list[str]:
 
 
 def _dequantised(
-    path: str, config: dict[str, Any], plan: list[tuple[str, _TensorInfo]]
+    path: str, config: dict[str, Any], arch: Architecture, plan: list[tuple[str, TensorInfo]]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import dequantize
 
-    unpermute = config["model_type"] in ("llama", "mistral")
-    norm_offset = config["model_type"] == "gemma3_text"
+    unpermute, norm_offset = arch.gguf.unpermute_qk, arch.gguf.norm_offset
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     for hf_name, t in plan:
         try:

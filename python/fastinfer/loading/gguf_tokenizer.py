@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from fastinfer.loading.gguf_file import GGUFError
+
 if TYPE_CHECKING:
     import tokenizers
 
-    from .tokenizer import Tokenizer
+    from fastinfer.loading.tokenizer import Tokenizer
 
 __all__ = ["build_backend", "tokenizer_from_gguf"]
 
@@ -92,7 +94,7 @@ _END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endof
 def tokenizer_from_gguf(path: str, meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:
     """The fastinfer Tokenizer of a GGUF file and its special token ids
     (``bos_token_id``, ``eos_token_id`` (int or list), ``pad_token_id``, ``unk_token_id``)."""
-    from .tokenizer import Tokenizer
+    from fastinfer.loading.tokenizer import Tokenizer
 
     backend, info = build_backend(path, meta)
     tokenizer = Tokenizer(
@@ -118,7 +120,6 @@ def tokenizer_from_gguf(path: str, meta: dict[str, Any]) -> tuple[Tokenizer, dic
 
 def build_backend(path: str, meta: dict[str, Any]) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
     """``(backend, info)``: the tokenizers.Tokenizer and the special tokens, flags and chat template."""
-    from .gguf import GGUFError
 
     _check_types(path, meta)
     model = meta.get("tokenizer.ggml.model")
@@ -138,7 +139,6 @@ def build_backend(path: str, meta: dict[str, Any]) -> tuple[tokenizers.Tokenizer
 
 
 def _check_types(path: str, meta: dict[str, Any]) -> None:
-    from .gguf import GGUFError
 
     for key, kind in _SCHEMA.items():
         value = meta.get(key)
@@ -154,7 +154,6 @@ def _check_types(path: str, meta: dict[str, Any]) -> None:
 
 
 def _merge_pairs(path: str, merges: list[str]) -> list[tuple[str, str]]:
-    from .gguf import GGUFError
 
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     bad = next((m for m, p in zip(merges, pairs) if len(p) != 2), None)
@@ -209,7 +208,6 @@ def _adds_bos(meta: dict[str, Any], model: str) -> bool:
 def _byte_level_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from .gguf import GGUFError
 
     merges = meta.get("tokenizer.ggml.merges")
     if merges is None:
@@ -262,7 +260,6 @@ def _byte_alphabet() -> dict[int, str]:
 def _sentencepiece_bpe(path: str, meta: dict[str, Any], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
     from tokenizers import Tokenizer, decoders, models, normalizers
 
-    from .gguf import GGUFError
 
     # A piece of only spaces is stored with real spaces by some converters; SentencePiece spells them ▁.
     tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]

@@ -4,9 +4,7 @@ BOS/EOS insertion, chat templates), matching transformers' fast tokenizers witho
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 import sys
 import time
 from datetime import datetime
@@ -18,12 +16,10 @@ import jinja2
 import tokenizers
 from tokenizers import processors
 
+from fastinfer.loading.files import MAX_CHAT_TEMPLATE_BYTES, MAX_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, read_text
+from fastinfer.loading.files import size_text as _size
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Size caps of the files read from a model folder (a real model's are ~35 MB for tokenizer.json, a few MB for
-# the rest); a file over its cap, or one that is not a regular file (a FIFO, /dev/zero), is refused unread.
-MAX_JSON_BYTES = 64 << 20  # config.json, tokenizer_config.json, generation_config.json, shard indexes
-MAX_TOKENIZER_JSON_BYTES = 512 << 20
-MAX_CHAT_TEMPLATE_BYTES = 1 << 20  # released templates are under 20 kB
 # Bounds on rendering a chat template (released templates take milliseconds and write what the messages hold):
 RENDER_TIMEOUT_S = 2.0
 MAX_RENDERED_CHARS = 32 << 20  # also the largest string one template expression may build
@@ -32,35 +28,6 @@ MAX_RENDERED_CHARS = 32 << 20  # also the largest string one template expression
 class ChatTemplateError(jinja2.TemplateError, ValueError):
     """A chat template that cannot be used: too large, too slow, too long an output, or raising an error (its
     own ``raise_exception`` included); the message names where the template came from."""
-
-
-def read_text(path: str | os.PathLike[str], limit: int) -> str:
-    """The UTF-8 text of ``path``, a regular file of at most ``limit`` bytes.
-
-    Raises FileNotFoundError when absent and ValueError naming the file otherwise (not a regular file, over
-    the limit, not UTF-8); the file is opened non-blocking, so a FIFO is refused rather than waited on.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except OSError as err:
-        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        data = f.read(limit + 1)
-    if info.st_size > limit or len(data) > limit:
-        raise ValueError(f"{path}: larger than the {_size(limit)} this file may have")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-
-
-def _size(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 class Tokenizer:
