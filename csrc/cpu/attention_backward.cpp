@@ -21,17 +21,13 @@ namespace {
 
 constexpr int64_t kInlineWork = int64_t(1) << 18;  // below this many row x key x dim products, run on the caller
 
+// One getter per level of isa_list.h. The backward has no bf16 dot-product kernels yet: the
+// bf16/AMX levels (null here) run the AVX-512 float kernels.
 BackwardKernels pick_backward_kernels() {
-  switch (active_isa()) {
-#if defined(FASTINFER_X86)
-    // The backward has no bf16 dot-product kernels yet: the bf16/AMX levels run the AVX-512 float kernels.
-    case Isa::kAmx:
-    case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return backward_kernels_avx512();
-    case Isa::kAvx2: return backward_kernels_avx2();
-#endif
-    default: return backward_kernels_scalar();
-  }
+#define FI_ISA_ROW(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) FI_ISA_ENTRY(arch, bwd, backward_kernels_##suffix)
+  static constexpr BackwardKernels (*kTable[])() = {FI_CPU_ISAS(FI_ISA_ROW)};
+#undef FI_ISA_ROW
+  return pick_isa(kTable)();
 }
 
 struct AlignedDelete {

@@ -44,8 +44,9 @@ struct BackwardKernels {
   BwdFn dq;    // pass 2
 };
 
-BackwardKernels backward_kernels_scalar();
-BackwardKernels backward_kernels_avx2();
-BackwardKernels backward_kernels_avx512();
+// backward_kernels_<suffix>() of every level of isa_list.h (defined where it has its own kernels).
+#define FI_ISA_DECLARE(suffix, ...) BackwardKernels backward_kernels_##suffix();
+FI_CPU_ISAS(FI_ISA_DECLARE)
+#undef FI_ISA_DECLARE
 
 }  // namespace fastinfer::cpu

@@ -1,6 +1,7 @@
 // Interface between the ISA-independent CPU attention driver (attention_dispatch.cpp)
 // and the per-ISA tile kernels (attention_<isa>.cpp, all built from attention_kernel.h).
 #pragma once
+#include "cpu/isa_list.h"
 #include "fastinfer/cpu.h"
 
 namespace fastinfer::cpu {
@@ -76,11 +77,10 @@ struct IsaKernels {
   int staged_element_bytes(DType dtype) const { return bf16_native && dtype == DType::kBFloat16 ? 2 : 4; }
 };
 
-IsaKernels kernels_scalar();
-IsaKernels kernels_avx2();
-IsaKernels kernels_avx512();
-IsaKernels kernels_avx512bf16();
-IsaKernels kernels_amx();
+// kernels_<suffix>() of every level of isa_list.h (defined where the level has its own kernels).
+#define FI_ISA_DECLARE(suffix, ...) IsaKernels kernels_##suffix();
+FI_CPU_ISAS(FI_ISA_DECLARE)
+#undef FI_ISA_DECLARE
 
 // Writes a finished tile: o holds the unnormalised output of row r, dim d at
 // o[r*row_stride + d*dim_stride], m the running max in log2 units and l the softmax denominator per row.

@@ -21,16 +21,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMinKeysPerSplit = 256;
 constexpr int64_t kInlineWork = int64_t(1) << 18;  // ~10 us of one core: below it, threads cost more than they save
 
+// One getter per level of isa_list.h (null: the level runs the next lower level's kernels).
 IsaKernels pick_kernels() {
-  switch (active_isa()) {
-#if defined(FASTINFER_X86)
-    case Isa::kAmx: return kernels_amx();
-    case Isa::kAvx512Bf16: return kernels_avx512bf16();
-    case Isa::kAvx512: return kernels_avx512();
-    case Isa::kAvx2: return kernels_avx2();
-#endif
-    default: return kernels_scalar();
-  }
+#define FI_ISA_ROW(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) FI_ISA_ENTRY(arch, att, kernels_##suffix)
+  static constexpr IsaKernels (*kTable[])() = {FI_CPU_ISAS(FI_ISA_ROW)};
+#undef FI_ISA_ROW
+  return pick_isa(kTable)();
 }
 
 constexpr int64_t kMaxStagedBytes = int64_t(256) << 20;

@@ -64,3 +64,14 @@ void tile_entry(const AttentionParams& p, const TileJob& job, float* scratch) {
 
 }  // namespace
 }  // namespace fastinfer::cpu::FI_ISA_NS
+
+namespace fastinfer::cpu {
+// This level's kernels (kernels_<suffix>, declared in attention_cpu.h); bf16 levels stage bf16 as bf16.
+IsaKernels FI_ISA_CAT(kernels_, FI_ISA_NS)() {
+#if defined(__AVX512BF16__)
+  return {&FI_ISA_NS::tile_entry, &FI_ISA_NS::stage_kv, true};
+#else
+  return {&FI_ISA_NS::tile_entry, &FI_ISA_NS::stage_kv, false};
+#endif
+}
+}  // namespace fastinfer::cpu

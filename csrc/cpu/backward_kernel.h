@@ -286,3 +286,8 @@ void dq_entry(const AttentionBackwardParams& bp, const BwdTask& task, float* scr
 
 }  // namespace
 }  // namespace fastinfer::cpu::FI_ISA_NS
+
+namespace fastinfer::cpu {
+// This level's kernels (backward_kernels_<suffix>, declared in attention_backward.h).
+BackwardKernels FI_ISA_CAT(backward_kernels_, FI_ISA_NS)() { return {&FI_ISA_NS::dkdv_entry, &FI_ISA_NS::dq_entry}; }
+}  // namespace fastinfer::cpu

@@ -1,8 +1,11 @@
+// Detection and forcing of the CPU SIMD level. The levels, their names and the CPU features each
+// needs are the rows of isa_list.h; this file only reads cpuid/XCR0 into Features.
 #include "cpu/cpu_features.h"
 
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 #if defined(FASTINFER_X86)
 #include <cpuid.h>
@@ -13,6 +16,13 @@
 namespace fastinfer::cpu {
 
 namespace {
+
+// The CPU and OS features the predicates of isa_list.h read (all false off x86).
+struct Features {
+  bool fma = false, f16c = false, avx2 = false, avx512 = false, bf16 = false, amx = false;
+  bool ymm_os = false, zmm_os = false;  // the OS saves the 256-bit / 512-bit registers
+  unsigned long long xcr0 = 0;
+};
 
 #if defined(FASTINFER_X86)
 // XCR0 says whether the OS saves the wide registers; cpuid alone is not enough.
@@ -29,44 +39,66 @@ bool amx_usable(unsigned long long xcr0) {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-Isa detect() {
+Features features() {
+  Features f;
   unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::kScalar;
-  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
-  if (!osxsave) return Isa::kScalar;
-  const unsigned long long xcr0 = read_xcr0();
-  const bool ymm_os = (xcr0 & 0x6) == 0x6, zmm_os = (xcr0 & 0xe6) == 0xe6;
-  if (__get_cpuid_max(0, nullptr) < 7) return Isa::kScalar;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27);
+  if (!osxsave || __get_cpuid_max(0, nullptr) < 7) return f;
+  f.fma = c & (1u << 12);
+  f.f16c = c & (1u << 29);
+  f.xcr0 = read_xcr0();
+  f.ymm_os = (f.xcr0 & 0x6) == 0x6;
+  f.zmm_os = (f.xcr0 & 0xe6) == 0xe6;
   __cpuid_count(7, 0, a, b, c, d);
-  const bool avx2 = b & (1u << 5);
-  const bool amx = (d & (1u << 24)) && (d & (1u << 22));  // AMX-TILE, AMX-BF16
-  const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
+  f.avx2 = b & (1u << 5);
+  f.amx = (d & (1u << 24)) && (d & (1u << 22));  // AMX-TILE, AMX-BF16
+  f.avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
   __cpuid_count(7, 1, a, b, c, d);
-  const bool bf16 = a & (1u << 5);
-  if (avx512 && zmm_os && fma && f16c && bf16 && amx && amx_usable(xcr0)) return Isa::kAmx;
-  if (avx512 && zmm_os && fma && f16c) return bf16 ? Isa::kAvx512Bf16 : Isa::kAvx512;
-  if (avx2 && ymm_os && fma && f16c) return Isa::kAvx2;
-  return Isa::kScalar;
+  f.bf16 = a & (1u << 5);
+  return f;
 }
 #else
-Isa detect() { return Isa::kScalar; }
+bool amx_usable(unsigned long long) { return false; }
+Features features() { return {}; }
 #endif
+
+constexpr const char* kNames[] = {
+#define FI_ISA_NAME(suffix, Enum, name, ...) name,
+    FI_CPU_ISAS(FI_ISA_NAME)
+#undef FI_ISA_NAME
+};
+constexpr int kNumIsas = sizeof(kNames) / sizeof(kNames[0]);
+
+// The highest level built here whose predicate holds. Predicates run highest first, so amx_usable
+// asks the OS for the tile state only when everything else about AMX holds.
+Isa detect() {
+  using Predicate = bool (*)(const Features&);
+  static const Predicate kPredicates[] = {
+#define FI_ISA_PREDICATE(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) \
+  [](const Features& f) { return FI_ISA_BUILT_##arch && (pred); },
+      FI_CPU_ISAS(FI_ISA_PREDICATE)
+#undef FI_ISA_PREDICATE
+  };
+  const Features f = features();
+  for (int i = kNumIsas - 1; i > 0; --i)
+    if (kPredicates[i](f)) return static_cast<Isa>(i);
+  return static_cast<Isa>(0);
+}
 
 Isa parse(const std::string& name) {
   if (name == "auto" || name.empty()) return best_isa();
-  Isa want;
-  if (name == "scalar") want = Isa::kScalar;
-  else if (name == "avx2") want = Isa::kAvx2;
-  else if (name == "avx512") want = Isa::kAvx512;
-  else if (name == "avx512_bf16") want = Isa::kAvx512Bf16;
-  else if (name == "amx") want = Isa::kAmx;
-  else
-    throw std::invalid_argument("unknown CPU ISA '" + name +
-                                "': expected one of auto, scalar, avx2, avx512, avx512_bf16, amx");
-  if (static_cast<int>(want) > static_cast<int>(best_isa()))
+  int want = -1;
+  std::string all = "auto";
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (name == kNames[i]) want = i;
+    all += std::string(", ") + kNames[i];
+  }
+  if (want < 0) throw std::invalid_argument("unknown CPU ISA '" + name + "': expected one of " + all);
+  if (want > static_cast<int>(best_isa()))
     throw std::invalid_argument(std::string("CPU ISA '") + name + "' is not supported by this CPU/build (best is '" +
                                 isa_name(best_isa()) + "')");
-  return want;
+  return static_cast<Isa>(want);
 }
 
 std::atomic<int>& forced() {
@@ -85,14 +117,8 @@ std::atomic<int>& forced() {
 }  // namespace
 
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar: return "scalar";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx512Bf16: return "avx512_bf16";
-    case Isa::kAmx: return "amx";
-  }
-  return "?";
+  const int i = static_cast<int>(isa);
+  return i >= 0 && i < kNumIsas ? kNames[i] : "?";
 }
 
 Isa best_isa() {

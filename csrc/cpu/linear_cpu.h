@@ -1,6 +1,7 @@
 // Interface between the ISA-independent CPU linear driver (linear_dispatch.cpp) and the
 // per-ISA tile kernels (linear_<isa>.cpp, all built from linear_kernel.h).
 #pragma once
+#include "cpu/isa_list.h"
 #include "fastinfer/cpu.h"
 
 namespace fastinfer::cpu {
@@ -12,9 +13,9 @@ using LinearTileFn = void (*)(const LinearParams& p, int64_t panel, int64_t row_
                               int64_t prefetch_panel, float* scratch);
 inline int64_t linear_scratch_floats(int64_t k) { return 8 * (k + 1) + 2 * kLinearPanel; }
 
-LinearTileFn linear_tile_scalar();
-LinearTileFn linear_tile_avx2();
-LinearTileFn linear_tile_avx512();
-LinearTileFn linear_tile_avx512bf16();
+// linear_tile_<suffix>() of every level of isa_list.h (defined where it has its own kernel).
+#define FI_ISA_DECLARE(suffix, ...) LinearTileFn linear_tile_##suffix();
+FI_CPU_ISAS(FI_ISA_DECLARE)
+#undef FI_ISA_DECLARE
 
 }  // namespace fastinfer::cpu

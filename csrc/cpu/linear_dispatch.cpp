@@ -17,16 +17,12 @@ constexpr int64_t kInlineMacs = int64_t(1) << 17;
 constexpr int64_t kRowChunk = 48;
 constexpr int64_t kTileRows = 6;  // rows a tile kernel keeps in registers at most
 
+// One getter per level of isa_list.h (null: the level runs the next lower level's tile; AMX the bf16 one).
 LinearTileFn pick_tile() {
-  switch (active_isa()) {
-#if defined(FASTINFER_X86)
-    case Isa::kAmx:
-    case Isa::kAvx512Bf16: return linear_tile_avx512bf16();
-    case Isa::kAvx512: return linear_tile_avx512();
-    case Isa::kAvx2: return linear_tile_avx2();
-#endif
-    default: return linear_tile_scalar();
-  }
+#define FI_ISA_ROW(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) FI_ISA_ENTRY(arch, lin, linear_tile_##suffix)
+  static constexpr LinearTileFn (*kTable[])() = {FI_CPU_ISAS(FI_ISA_ROW)};
+#undef FI_ISA_ROW
+  return pick_isa(kTable)();
 }
 
 struct LinearScratch;  // tag of this driver's per-thread buffer

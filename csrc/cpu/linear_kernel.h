@@ -215,3 +215,8 @@ void linear_tile(const LinearParams& p, int64_t panel_idx, int64_t row_begin, in
 
 }  // namespace
 }  // namespace fastinfer::cpu::FI_ISA_NS
+
+namespace fastinfer::cpu {
+// This level's tile kernel (linear_tile_<suffix>, declared in linear_cpu.h).
+LinearTileFn FI_ISA_CAT(linear_tile_, FI_ISA_NS)() { return &FI_ISA_NS::linear_tile; }
+}  // namespace fastinfer::cpu

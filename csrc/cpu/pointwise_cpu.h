@@ -1,6 +1,7 @@
 // Interface between the CPU pointwise driver (pointwise_dispatch.cpp) and the per-ISA row
 // kernels (pointwise_<isa>.cpp, built from pointwise_kernel.h).
 #pragma once
+#include "cpu/isa_list.h"
 #include "fastinfer/cpu.h"
 
 namespace fastinfer::cpu {
@@ -11,8 +12,9 @@ struct PointwiseKernels {
   void (*rotary_token)(const RotaryParams& p, int64_t token);
 };
 
-PointwiseKernels pointwise_scalar();
-PointwiseKernels pointwise_avx2();
-PointwiseKernels pointwise_avx512();
+// pointwise_<suffix>() of every level of isa_list.h (defined where it has its own kernels).
+#define FI_ISA_DECLARE(suffix, ...) PointwiseKernels pointwise_##suffix();
+FI_CPU_ISAS(FI_ISA_DECLARE)
+#undef FI_ISA_DECLARE
 
 }  // namespace fastinfer::cpu

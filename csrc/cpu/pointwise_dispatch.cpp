@@ -13,16 +13,12 @@ namespace {
 
 constexpr int64_t kInlineElements = int64_t(1) << 14;  // ~5 us of one core; the pool worker spins, so it starts at once
 
+// One getter per level of isa_list.h (null: the level runs the next lower level's; bf16/AMX the AVX-512 ones).
 PointwiseKernels pick() {
-  switch (active_isa()) {
-#if defined(FASTINFER_X86)
-    case Isa::kAmx:
-    case Isa::kAvx512Bf16:
-    case Isa::kAvx512: return pointwise_avx512();
-    case Isa::kAvx2: return pointwise_avx2();
-#endif
-    default: return pointwise_scalar();
-  }
+#define FI_ISA_ROW(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) FI_ISA_ENTRY(arch, pw, pointwise_##suffix)
+  static constexpr PointwiseKernels (*kTable[])() = {FI_CPU_ISAS(FI_ISA_ROW)};
+#undef FI_ISA_ROW
+  return pick_isa(kTable)();
 }
 
 template <class Fn>

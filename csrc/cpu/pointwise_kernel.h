@@ -174,3 +174,10 @@ void rotary_token(const RotaryParams& p, int64_t i) {
 
 }  // namespace
 }  // namespace fastinfer::cpu::FI_ISA_NS
+
+namespace fastinfer::cpu {
+// This level's row kernels (pointwise_<suffix>, declared in pointwise_cpu.h).
+PointwiseKernels FI_ISA_CAT(pointwise_, FI_ISA_NS)() {
+  return {&FI_ISA_NS::rms_norm_row, &FI_ISA_NS::act_mul_row, &FI_ISA_NS::rotary_token};
+}
+}  // namespace fastinfer::cpu
