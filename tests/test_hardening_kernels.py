@@ -405,11 +405,14 @@ ARG_CASES = [
     ("raw_num_splits_float", lambda t: setattr(_C.AttentionOptions(), "num_splits", 1.5), TypeError, r"^num_splits"),
     ("raw_max_seqlen_bool", lambda t: setattr(_C.AttentionOptions(), "max_seqlen_q", True), TypeError, r"^max_seqlen_q"),
     ("raw_scale_huge", lambda t: setattr(_C.AttentionOptions(), "softmax_scale", 10**400), ValueError, r"^softmax_scale"),
-    ("raw_decoder_hidden", lambda t: _C.CpuDecoder(2**70, 8, 1, 1, 8, 1e-6, 1.0, "silu", torch.ones(8), []), ValueError,
+    ("raw_decoder_hidden", lambda t: _C.CpuDecoderConfig(hidden=2**70, intermediate=8, heads=1, kv_heads=1, head_dim=8, norm_eps=1e-6,
+                                                                  softmax_scale=1.0, act="silu"), ValueError,
      r"^hidden: expected an int"),
-    ("raw_decoder_heads_float", lambda t: _C.CpuDecoder(8, 8, 1.5, 1, 8, 1e-6, 1.0, "silu", torch.ones(8), []), TypeError,
+    ("raw_decoder_heads_float", lambda t: _C.CpuDecoderConfig(hidden=8, intermediate=8, heads=1.5, kv_heads=1, head_dim=8,
+                                                                       norm_eps=1e-6, softmax_scale=1.0, act="silu"), TypeError,
      r"^heads: expected an int"),
-    ("raw_decoder_eps", lambda t: _C.CpuDecoder(8, 8, 1, 1, 8, 10**400, 1.0, "silu", torch.ones(8), []), ValueError,
+    ("raw_decoder_eps", lambda t: _C.CpuDecoderConfig(hidden=8, intermediate=8, heads=1, kv_heads=1, head_dim=8, norm_eps=10**400,
+                                                               softmax_scale=1.0, act="silu"), ValueError,
      r"^norm_eps"),
 ]
 

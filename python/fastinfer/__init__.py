@@ -51,7 +51,7 @@ _hf_transformers.install()
 
 _LAZY = {"scaled_dot_product_attention": "fastinfer.sdpa", "sdpa_override": "fastinfer.sdpa",
          "SDPAFallbackWarning": "fastinfer.sdpa", "torch_ops": None,
-         "LLM": "fastinfer.llm", "SamplingParams": "fastinfer.engine.sampling_params",
+         "LLM": "fastinfer.entrypoints.llm", "SamplingParams": "fastinfer.engine.sampling_params",
          "RequestOutput": "fastinfer.engine.outputs", "CompletionOutput": "fastinfer.engine.outputs"}
 
 

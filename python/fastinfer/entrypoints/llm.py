@@ -19,7 +19,7 @@ from fastinfer.engine.config import SchedulerConfig
 from fastinfer.engine.llm_engine import LLMEngine
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.engine.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
-from fastinfer.models.loader import load_model
+from fastinfer.loading import load_model
 
 Prompt = Union[str, list[int], dict]
 Conversation = list[dict]

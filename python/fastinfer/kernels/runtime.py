@@ -43,7 +43,7 @@ def get_cpu_isa() -> str:
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels; ``n <= 0`` restores the default
     (``FASTINFER_NUM_THREADS``, else every CPU this process may run on)."""
-    _C.set_num_threads(int(n))
+    _C.set_num_threads(n)
 
 
 def get_num_threads() -> int:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastinfer.attention
+import fastinfer.kernels.attention
 import fastinfer.ops
 from fastinfer.models.attention_metadata import AttentionMetadata
 
@@ -271,7 +271,7 @@ class Attention(nn.Module):
         q, k = qk[:, : self.heads], qk[:, self.heads:]
         k_cache, v_cache = kv_cache
         fastinfer.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = fastinfer.attention.flash_attn_varlen_func(
+        out = fastinfer.kernels.attention.flash_attn_varlen_func(
             q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
             softmax_scale=self.scale, causal=True, window_size=self.window, softcap=self.softcap,
             block_table=meta.block_table)
