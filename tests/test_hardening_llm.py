@@ -11,6 +11,7 @@ import torch
 
 from fastinfer import LLM, SamplingParams
 from fastinfer.engine import LLMEngine
+from model_fixtures import default_model_or_skip
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=4, ignore_eos=True)
@@ -19,12 +20,7 @@ PROMPTS = ["The capital of France is", "def add(a, b):", [1, 2, 3, 4, 5], "Once 
 
 @pytest.fixture(scope="module")
 def llm():
-    from fastinfer.loading import default_model_path
-
-    try:
-        default_model_path()
-    except Exception as err:  # the package is an optional test input
-        pytest.skip(str(err))
+    default_model_or_skip()
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # a 135M model: more threads only add wake-ups on this shared machine
     yield LLM(None, dtype="float32", kv_cache_memory_bytes=1 << 26)

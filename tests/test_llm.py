@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 from fastinfer import LLM, SamplingParams  # noqa: E402
-from model_fixtures import hf_model, hf_model_from_gguf  # noqa: E402
+from model_fixtures import default_model_or_skip, hf_model, hf_model_from_gguf  # noqa: E402
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 PROMPTS = [[5, 17, 99, 3, 42, 8, 120, 7, 64], [11, 12, 13], [200, 150, 100, 50, 25, 12, 6, 3, 1, 77, 88, 99, 111]]
@@ -144,12 +144,7 @@ def test_bad_arguments(checkpoints):
 
 @pytest.fixture(scope="module")
 def default_llm():
-    from fastinfer.loading import default_model_path
-
-    try:
-        default_model_path()
-    except Exception as err:  # the package is an optional test input
-        pytest.skip(str(err))
+    default_model_or_skip()
     return LLM(None, dtype="float32", kv_cache_memory_bytes=1 << 26)
 
 

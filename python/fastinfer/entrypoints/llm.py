@@ -113,6 +113,11 @@ class LLM:
         self._inboxes: dict[str, deque[RequestOutput]] = {}  # request id -> its call's outputs not yet taken
         self._dropped: deque[tuple[str, bool]] = deque()  # (request id, unfinished) of calls that ended
         self._busy = False  # inside an engine call (a reentrant _drop must not touch the engine then)
+        # Threads waiting to queue requests. A stepping thread lets them in before its next step: Python's locks are
+        # not fair, so a thread stepping in a loop would otherwise re-take the lock ahead of them every time.
+        self._arrivals = 0  # guarded by _arrivals_lock, which is never held while waiting for _lock
+        self._arrivals_lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -246,13 +251,23 @@ class LLM:
         """(prompt index, output) for each output of this call's requests, until all finished."""
         requests = self._requests(_as_list(prompts), params, request_ids)
         inbox: deque[RequestOutput] = deque()
-        with self._lock:
-            ids = self._queue(requests, inbox)
+        with self._arrivals_lock:
+            self._arrivals += 1
+        try:
+            with self._lock:
+                ids = self._queue(requests, inbox)
+        finally:
+            with self._arrivals_lock:
+                self._arrivals -= 1
+            with self._arrived:
+                self._arrived.notify_all()
         index = {rid: i for i, rid in enumerate(ids)}
         unfinished = set(ids)
         try:
             while unfinished:
                 with self._lock:
+                    while self._arrivals and not inbox:  # let waiting callers queue: their requests join this step
+                        self._arrived.wait(timeout=0.05)
                     if not inbox:
                         self._step()
                         if not inbox and not any(rid in self.engine.requests for rid in unfinished):
