@@ -273,6 +273,35 @@ class LLMEngine:
         """Prefix-cache hit counters since the engine started."""
         return self.scheduler.block_manager.stats
 
+    # Read-only views for monitoring (a server's /metrics reads them from another thread: each is one len() or a
+    # small set, safe to read while a step runs, and at worst one step old).
+
+    @property
+    def num_running(self) -> int:
+        """Requests with a sequence in the running batch."""
+        return len({s.request_id for s in list(self.scheduler.running)})
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests with a sequence waiting to be scheduled (new or preempted)."""
+        return len({s.request_id for s in list(self.scheduler.waiting)})
+
+    @property
+    def num_free_blocks(self) -> int:
+        """KV-cache blocks not held by any sequence (cached prefixes that may be evicted count as free)."""
+        return self.scheduler.block_manager.num_free_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV-cache blocks held by sequences, in [0, 1]."""
+        total = self.cache_config.num_blocks
+        return 1.0 - self.num_free_blocks / total
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest prompt + output a request can run: max_model_len, or the whole cache when that is smaller."""
+        return self.scheduler.max_seq_len
+
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

@@ -124,7 +124,11 @@ def add_parser(sub: Any) -> None:
                    help="most logprobs a request may ask for; input lines above it are bad lines "
                         "(default: %(default)s)")
 
-    e = g.add_argument_group("engine")
+    add_engine_args(g.add_argument_group("engine"))
+
+
+def add_engine_args(e: Any) -> None:
+    """The engine's flags (model loading and KV cache), shared by every subcommand that loads a model."""
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="(default: auto)")
     e.add_argument("--device", type=arg_types.device, help="auto, cpu or cuda[:i] (default: auto)")
     e.add_argument("--max-model-len", type=arg_types.positive_int, metavar="N",
@@ -164,7 +168,8 @@ def _check_sampling_flags(args: argparse.Namespace, defaults: dict) -> None:
         raise CliError(f"--logprobs must be <= {args.max_logprobs} (--max-logprobs), got {args.logprobs}", 2)
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict:
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM keyword arguments from the engine flags given (and --seed, --max-logprobs)."""
     d: dict[str, Any] = {}
     for name in ("dtype", "device", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                  "kv_cache_memory_bytes", "seed"):
@@ -248,7 +253,7 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
             if fmt == "openai" and b.id is not None and batch_input.id_key(b.id) not in done:
                 out.write(protocol.batch_error(b.id, "invalid_request", b.message))
         if pending:
-            llm = _load(args, llm_factory, stats)
+            llm = load_llm(args, llm_factory, stats)
             pending, prompts = _prepare(args, llm, pending, fmt, out, stats)
         if pending and single:
             try:
@@ -302,7 +307,8 @@ def _resume(args: argparse.Namespace, out: Output, fmt: str) -> set[str]:
     return found.done
 
 
-def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: batch_run.Stats) -> Any:
+def load_llm(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: batch_run.Stats) -> Any:
+    """The LLM for the engine flags (--threads applied first); a load failure is one CliError line."""
     if args.threads:
         import torch
 
@@ -314,9 +320,9 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: batc
         except (ValueError, RuntimeError) as err:
             raise CliError(f"--threads: {one_line(err)}", 2) from None
     t0 = time.perf_counter()
-    engine_kwargs = _engine_kwargs(args)
+    kwargs = engine_kwargs(args)
     try:
-        llm = llm_factory(args.model, **engine_kwargs)
+        llm = llm_factory(args.model, **kwargs)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # any load failure is reported as one line, not a traceback
@@ -325,7 +331,7 @@ def _load(args: argparse.Namespace, llm_factory: Callable[..., Any], stats: batc
         message = one_line(err)
         # An engine setting the model cannot run with is the setting's error, not the model's: the engine's
         # errors name their field first ("kv_cache_memory_bytes: ...", "max_model_len must be ...").
-        field = next((k for k in engine_kwargs if re.match(rf"{k}\b", message)), None)
+        field = next((k for k in kwargs if re.match(rf"{k}\b", message)), None)
         if field is not None:
             raise CliError(f"{flag(field)}: {message.removeprefix(f'{field}: ')}") from None
         name = args.model or "the default model"

@@ -1,5 +1,5 @@
-"""The ``fastinfer`` command: its parser, one subcommand per module (generate.py now; a server's ``serve`` would be
-serve.py, added to COMMANDS), and the exit statuses every subcommand shares.
+"""The ``fastinfer`` command: its parser, one subcommand per module (generate.py, serve.py, each in COMMANDS), and
+the exit statuses every subcommand shares.
 
 ``main(argv)`` returns the exit status; ``make_llm`` builds the LLM and is the seam tests replace (or pass
 ``llm_factory``).
@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from . import generate
+from . import generate, serve
 from .batch_output import OutputError
 from .messages import CliError, one_line, say
 
@@ -23,11 +23,12 @@ fastinfer: LLM inference on CPU and CUDA with a paged KV cache.
 
 Commands:
   generate   complete one prompt, or a file of prompts (text, JSONL or OpenAI Batch API format)
+  serve      an OpenAI-compatible HTTP server (streaming, metrics, health)
 
-Run `fastinfer generate --help` for the details."""
+Run `fastinfer generate --help` or `fastinfer serve --help` for the details."""
 
 # Subcommand name -> its module: ``add_parser(subparsers)`` and ``run(args, llm_factory) -> exit status``.
-COMMANDS = {"generate": generate}
+COMMANDS = {"generate": generate, "serve": serve}
 
 
 def make_llm(model: str | None, **engine_kwargs: Any) -> Any:

@@ -112,6 +112,12 @@ class CompletionRequest:
     messages: list[dict] | None  # the chat's conversation, content parts joined into strings; None for a completion
     sampling: dict  # SamplingParams keyword arguments: the defaults given, overridden by the body's fields
     model: str | None  # the body's "model" when a string (echoed in the response, otherwise ignored)
+    # Server-only fields (parse_completion_body(server=True)); a batch line leaves them at these defaults.
+    prompts: list[str | list[int]] | None = None  # every prompt of a completion (a list of them is allowed)
+    stream: bool = False  # answer as server-sent events
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    echo: bool = False  # a completion's text starts with its prompt
+    top_logprobs: int = 0  # a chat's top_logprobs (its logprobs are SamplingParams.logprobs)
 
 
 @dataclass(slots=True)
@@ -176,8 +182,12 @@ def parse_messages(value: Any) -> list[dict]:
     return out
 
 
-def parse_completion_body(body: Any, chat: bool, defaults: dict, max_logprobs: int) -> CompletionRequest:
-    """A (chat) completion request body; ``defaults`` are SamplingParams keyword arguments its fields override."""
+def parse_completion_body(body: Any, chat: bool, defaults: dict, max_logprobs: int, *,
+                          server: bool = False) -> CompletionRequest:
+    """A (chat) completion request body; ``defaults`` are SamplingParams keyword arguments its fields override.
+
+    server=True reads it as the HTTP server does: stream, stream_options, echo and a list of prompts are allowed,
+    and every unsupported field is refused by name. Without it, a Batch API line's body."""
     if not isinstance(body, dict):
         raise ProtocolError("body must be a JSON object")
     body = dict(body)
@@ -185,6 +195,8 @@ def parse_completion_body(body: Any, chat: bool, defaults: dict, max_logprobs: i
     for alias, name in OPENAI_ALIASES.items():
         if alias in body:
             body[name] = body.pop(alias)
+    if server:
+        return _parse_server_body(body, chat, params, max_logprobs)
     if body.pop("stream", False):
         raise ProtocolError("stream is not supported in a batch")
     if chat:
@@ -216,6 +228,74 @@ def parse_completion_body(body: Any, chat: bool, defaults: dict, max_logprobs: i
     if not chat:
         check_logprobs(body.get("logprobs"), "logprobs", max_logprobs)
     return CompletionRequest(chat, prompt, messages, params, model)
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.pop(name, None)
+    if value is not None and not isinstance(value, bool):
+        raise ProtocolError(f"{name} must be a boolean, got {short(value)}")
+    return bool(value)
+
+
+def parse_prompts(value: Any) -> list[str | list[int]]:
+    """A completion's prompts: a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        if all(isinstance(p, str) for p in value):
+            return list(value)
+        if all(isinstance(p, list) for p in value):
+            return [parse_prompt(p, f"prompt[{i}]") for i, p in enumerate(value)]
+    return [parse_prompt(value)]
+
+
+def _parse_server_body(body: dict, chat: bool, params: dict, max_logprobs: int) -> CompletionRequest:
+    """parse_completion_body(server=True) after the aliases: the fields an HTTP client may send."""
+    stream = _flag(body, "stream")
+    options = body.pop("stream_options", None)
+    if options is not None and not isinstance(options, dict):
+        raise ProtocolError("stream_options must be an object")
+    options = options or {}
+    if set(options) - {"include_usage", "continuous_usage_stats"}:
+        raise ProtocolError(f"unsupported stream_options field {short(sorted(set(options))[0])}")
+    include_usage = _flag(dict(options), "include_usage")
+    if options and not stream:
+        raise ProtocolError("stream_options is only allowed with stream")
+    best_of = body.pop("best_of", None)
+    n = body.get("n") if body.get("n") is not None else params.get("n", 1)
+    if best_of is not None and best_of != n:
+        raise ProtocolError(f"unsupported body field 'best_of' (only best_of == n, {short(n)}, is)")
+    top_logprobs, echo, prompts, messages = 0, False, None, None
+    if chat:
+        want = _flag(body, "logprobs")
+        top = body.pop("top_logprobs", None)
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
+            raise ProtocolError(f"top_logprobs must be a non-negative integer, got {short(top)}")
+        if top and not want:
+            raise ProtocolError("top_logprobs needs logprobs: true")
+        check_logprobs(top, "top_logprobs", max_logprobs)
+        if want:
+            params["logprobs"] = top_logprobs = top or 0
+        if "messages" not in body:
+            raise ProtocolError('a chat completion body needs "messages"')
+        messages = parse_messages(body.pop("messages"))
+    else:
+        echo = _flag(body, "echo")
+        if body.get("suffix") is None:
+            body.pop("suffix", None)
+        if "prompt" not in body:
+            raise ProtocolError('a completion body needs "prompt"')
+        prompts = parse_prompts(body.pop("prompt"))
+        check_logprobs(body.get("logprobs"), "logprobs", max_logprobs)
+        if echo and body.get("logprobs") is not None:
+            raise ProtocolError("unsupported: echo together with logprobs (prompt logprobs are not computed)")
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    for name, value in body.items():
+        if name in OPENAI_IGNORED:
+            continue
+        if name not in SAMPLING_FIELDS:
+            raise ProtocolError(f"unsupported body field {short(name)}")
+        set_sampling_field(params, name, value)
+    return CompletionRequest(chat, prompts[0] if prompts else None, messages, params, model, prompts=prompts,
+                             stream=stream, include_usage=include_usage, echo=echo, top_logprobs=top_logprobs)
 
 
 def parse_batch_line(obj: dict, defaults: dict, max_logprobs: int) -> BatchRequest:
