@@ -116,7 +116,7 @@ def build_app(state: AppState) -> FastAPI:
                         yield event
                 finally:
                     state.in_flight.discard(job)
-                    access["output_tokens"] = s.usage(job)["completion_tokens"]
+                    access["output_tokens"] = job.output_tokens
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -125,7 +125,7 @@ def build_app(state: AppState) -> FastAPI:
             result = await _until_disconnect(request, s.respond(job))
         finally:
             state.in_flight.discard(job)
-            access["output_tokens"] = s.usage(job)["completion_tokens"]
+            access["output_tokens"] = job.output_tokens
         return JSONResponse(result)
 
     @app.post("/v1/completions")
@@ -359,11 +359,15 @@ def run_server(config: ServeConfig, load: Callable[[], Loaded]) -> int:
             status[0] = 1
             server.should_exit = True
 
-    threading.Thread(target=load_in_background, name="fastinfer-load", daemon=True).start()
+    loader = threading.Thread(target=load_in_background, name="fastinfer-load", daemon=True)
+    loader.start()
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if loader.is_alive():  # stopped while loading: let the load end (exiting inside native code aborts)
+            log.info("waiting for the model load to end before exiting")
+            loader.join()
         for client in clients:
             client.stop()
     return status[0]

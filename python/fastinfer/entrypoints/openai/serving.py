@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -66,6 +67,11 @@ class _Job:
     first_token: float | None = None
     last_token: float | None = None
     finals: dict[str, RequestOutput] = field(default_factory=dict)
+    generated: dict[str, int] = field(default_factory=dict)  # output tokens so far per engine request
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.generated.values())
 
 
 class Serving:
@@ -90,7 +96,7 @@ class Serving:
             req = protocol.parse_completion_body(body, chat, self.settings.sampling_defaults,
                                                  self.settings.max_logprobs, server=True)
         except protocol.ProtocolError as err:
-            raise ApiError(400, err.message) from None
+            raise ApiError(400, err.message, param=_param(err.message)) from None
         self.check_model(body.get("model"))
         return req
 
@@ -122,7 +128,7 @@ class Serving:
         try:
             params = SamplingParams(**kwargs)
         except (ValueError, TypeError) as err:
-            raise ApiError(400, str(err)) from None
+            raise ApiError(400, str(err), param=_param(str(err))) from None
         if len(ids) + params.max_tokens > self.max_len:
             where = "messages" if req.chat else "prompt"
             raise ApiError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
@@ -175,6 +181,7 @@ class Serving:
                     raise ApiError(500, str(item), "internal_error") from None
                 now = time.perf_counter()
                 n_tokens = sum(len(c.token_ids) for c in item.outputs)
+                job.generated[item.request_id] = n_tokens
                 if n_tokens:
                     if job.first_token is None:
                         job.first_token = now
@@ -285,6 +292,12 @@ class Serving:
         if finish is not None:
             choice["stop_reason"] = c.stop_reason
         return choice
+
+
+def _param(message: str) -> str | None:
+    """The request field an error message names first (protocol's and SamplingParams' messages start with it)."""
+    m = re.match(r"(?:unsupported body field |bad sampling setting: )?'?([a-z_]+)", message)
+    return m.group(1) if m and (m.group(1) in protocol.SAMPLING_FIELDS or "'" in message[:40]) else None
 
 
 def _sse(obj: dict) -> str:
