@@ -36,7 +36,9 @@ def start(*flags, api_key=None):
 
 @pytest.fixture(scope="module")
 def server():
-    s = start()
+    """One server for every test here: it wants a key (the clients and Server.post send it) and it runs one
+    sequence with one waiting, so a burst overflows its queue."""
+    s = start("--api-key", KEY, "--max-num-seqs", "1", "--max-waiting", "1", api_key=KEY)
     yield s
     s.kill()
 
@@ -125,7 +127,8 @@ def test_over_the_model_length_is_400(server):
     with pytest.raises(openai.BadRequestError):
         server.client().completions.create(model=MODEL, prompt="Hello", max_tokens=600)
     # Streamed: refused before the stream starts.
-    with server.http.stream("POST", "/v1/completions", json={**COMPLETION, "max_tokens": 600, "stream": True}) as r:
+    with server.http.stream("POST", "/v1/completions", json={**COMPLETION, "max_tokens": 600, "stream": True},
+                            headers=server.headers()) as r:
         r.read()
         assert_openai_error(r, 400)
 
@@ -183,14 +186,8 @@ def test_no_500_and_no_traceback_in_the_log(server):
 # -- 401 ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def keyed():
-    s = start("--api-key", KEY, api_key=KEY)
-    yield s
-    s.kill()
-
-
-def test_api_key_is_enforced(keyed):
+def test_api_key_is_enforced(server):
+    keyed = server
     plain = httpx.Client(base_url=keyed.url, timeout=30)
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic x"}):
@@ -214,14 +211,8 @@ def test_api_key_is_enforced(keyed):
 # -- 429 / 503 ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def busy():
-    s = start("--max-num-seqs", "1", "--max-waiting", "1")
-    yield s
-    s.kill()
-
-
-def test_full_waiting_queue_is_429_or_503_with_retry_after(busy):
+def test_full_waiting_queue_is_429_or_503_with_retry_after(server):
+    busy = server
     n = 10
     results: list = [None] * n
     go = threading.Barrier(n)
@@ -229,7 +220,7 @@ def test_full_waiting_queue_is_429_or_503_with_retry_after(busy):
     def send(i):
         body = {**COMPLETION, "prompt": f"Request {i} says", "max_tokens": 24, "ignore_eos": True,
                 "stream": i % 2 == 1}
-        with httpx.Client(base_url=busy.url, timeout=120) as c:
+        with httpx.Client(base_url=busy.url, headers=busy.headers(), timeout=120) as c:
             go.wait(timeout=30)
             with c.stream("POST", "/v1/completions", json=body) as r:
                 r.read()
