@@ -169,6 +169,17 @@ def test_chat_logprobs_and_top_logprobs(client):
     assert plain.choices[0].logprobs is None
 
 
+def test_chat_stream_carries_logprobs(client):
+    ref = client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True, top_logprobs=2, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True, top_logprobs=2,
+                                                 stream=True, **GREEDY))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in ref.choices[0].logprobs.content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in ref.choices[0].logprobs.content],
+                                                          abs=1e-4)
+    assert all(len(t.top_logprobs) == 2 for t in streamed)
+
+
 def test_completion_integer_logprobs(client):
     r = client.completions.create(model=MODEL, prompt=PROMPT, logprobs=2, **GREEDY)
     lp = r.choices[0].logprobs

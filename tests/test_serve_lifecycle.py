@@ -171,6 +171,15 @@ def test_openai_client_closing_a_chat_stream_stops_it(server):
     assert "Traceback" not in idle.log()
 
 
+def test_timed_out_non_streamed_request_stops(server):
+    """A client that gives up on a non-streamed request (its read timeout) disconnects: the request is aborted."""
+    kv0 = metric(server.metrics(), "fastinfer:kv_cache_usage_perc")
+    body = {"model": MODEL, "prompt": "An endless story:", "max_tokens": 450, "temperature": 0.0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.5)
+    wait_until(lambda: idle_again(server, kv0), 20, "running 0 and KV usage back to its baseline")
+
+
 def test_sigint_when_idle_exits_0(server):
     """Last in this module: it stops the module's server."""
     idle = server
