@@ -145,11 +145,20 @@ def test_unsupported_output_changing_field_is_400_with_param(server, path, field
     assert_openai_error(server.post(path, body), 400, param=field)
 
 
-@pytest.mark.xfail(strict=True, reason="server defect: echo with logprobs is refused with param null (the message "
-                   "names both fields, param names neither)")
 def test_unsupported_combination_echo_with_logprobs_names_its_param(server):
     err = assert_openai_error(server.post("/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1}), 400)
     assert err["param"] in ("echo", "logprobs"), err
+
+
+def test_unsupported_stream_option_is_400_not_ignored(server):
+    body = {**COMPLETION, "stream": True, "stream_options": {"continuous_usage_stats": True}}
+    err = assert_openai_error(server.post("/v1/completions", body), 400, param="stream_options")
+    assert "continuous_usage_stats" in err["message"]
+
+
+def test_mixed_prompt_list_names_prompt(server):
+    err = assert_openai_error(server.post("/v1/completions", {**COMPLETION, "prompt": ["a", [1, 2]]}), 400)
+    assert err["param"] == "prompt", err
 
 
 def test_openai_client_raises_bad_request(server):

@@ -92,12 +92,14 @@ def loads(raw: bytes | str) -> Any:
 
 
 class ProtocolError(ValueError):
-    """A request that cannot be served; ``message`` names the field, ``id`` is the request's id when known."""
+    """A request that cannot be served; ``message`` names the field, ``id`` is the request's id when known,
+    ``param`` the body field at fault where the message's first word is not it (the server reports it)."""
 
-    def __init__(self, message: str, id: Any = None) -> None:
+    def __init__(self, message: str, id: Any = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.id = id
+        self.param = param
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -158,7 +160,7 @@ def parse_prompt(value: Any, where: str = "prompt") -> str | list[int]:
         return value
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         return value
-    raise ProtocolError(f"{where} must be a string or a non-empty list of token ids")
+    raise ProtocolError(f"{where} must be a string or a non-empty list of token ids", param="prompt")
 
 
 def parse_messages(value: Any) -> list[dict]:
@@ -254,8 +256,9 @@ def _parse_server_body(body: dict, chat: bool, params: dict, max_logprobs: int) 
     if options is not None and not isinstance(options, dict):
         raise ProtocolError("stream_options must be an object")
     options = options or {}
-    if set(options) - {"include_usage", "continuous_usage_stats"}:
-        raise ProtocolError(f"unsupported stream_options field {short(sorted(set(options))[0])}")
+    if set(options) - {"include_usage"}:  # vLLM's continuous_usage_stats would change the chunks: not silently ignored
+        raise ProtocolError(f"unsupported stream_options field {short(sorted(set(options) - {'include_usage'})[0])}",
+                            param="stream_options")
     include_usage = _flag(dict(options), "include_usage")
     if options and not stream:
         raise ProtocolError("stream_options is only allowed with stream")
@@ -286,7 +289,8 @@ def _parse_server_body(body: dict, chat: bool, params: dict, max_logprobs: int) 
         prompts = parse_prompts(body.pop("prompt"))
         check_logprobs(body.get("logprobs"), "logprobs", max_logprobs)
         if echo and body.get("logprobs") is not None:
-            raise ProtocolError("unsupported: echo together with logprobs (prompt logprobs are not computed)")
+            raise ProtocolError("unsupported: echo together with logprobs (prompt logprobs are not computed)",
+                                param="echo")
     model = body.get("model") if isinstance(body.get("model"), str) else None
     for name, value in body.items():
         if name in OPENAI_IGNORED:

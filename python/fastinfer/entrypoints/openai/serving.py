@@ -96,7 +96,7 @@ class Serving:
             req = protocol.parse_completion_body(body, chat, self.settings.sampling_defaults,
                                                  self.settings.max_logprobs, server=True)
         except protocol.ProtocolError as err:
-            raise ApiError(400, err.message, param=_param(err.message)) from None
+            raise ApiError(400, err.message, param=err.param or _param(err.message)) from None
         self.check_model(body.get("model"))
         return req
 
