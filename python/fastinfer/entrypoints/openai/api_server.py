@@ -105,7 +105,7 @@ def build_app(state: AppState) -> FastAPI:
     async def complete(request: Request, chat: bool) -> Response:
         body = await json_body(request)
         s = serving()
-        job = s.submit(body, chat)
+        job = await s.submit(body, chat)
         access = request.state.access
         access.update(id=job.id, prompt_tokens=sum(len(ids) for _, ids in job.prompts))
         if job.req.stream:

@@ -137,10 +137,25 @@ class Serving:
                                 f"{where} or completion.", param=where)
         return params
 
-    def submit(self, body: Any, chat: bool) -> _Job:
-        """Check a body and queue its engine requests; raises ApiError (queueing nothing) for a bad one."""
+    async def submit(self, body: Any, chat: bool) -> _Job:
+        """Check a body and queue its engine requests; raises ApiError (queueing nothing) for a bad one.
+        Parsing, the chat template and tokenization run in a worker thread, so a long prompt or a slow
+        template never stalls the event loop that streams every other response."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", "service_unavailable", headers={"Retry-After": "5"})
+        job, adds = await asyncio.to_thread(self._prepare, body, chat)
+        limit = self.settings.max_waiting
+        if limit is not None and self.client.num_waiting + len(adds) > limit:
+            raise ApiError(429, f"too many requests waiting ({limit}, --max-waiting); retry later",
+                           "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        for add in adds:
+            job.request_ids.append(add.request_id)
+            self.client.add(add, loop, job.queue)
+        return job
+
+    def _prepare(self, body: Any, chat: bool) -> tuple[_Job, list]:
+        """The job and its checked engine requests (not queued yet)."""
         req = self.parse(body, chat)
         prompts = self.encode_prompts(req)
         prefix = "chatcmpl-" if chat else "cmpl-"
@@ -156,15 +171,7 @@ class Serving:
             if problem is not None:
                 raise ApiError(400, problem, param="prompt")
             adds.append(make_add(rid, ids, params, text))
-        limit = self.settings.max_waiting
-        if limit is not None and self.client.num_waiting + len(adds) > limit:
-            raise ApiError(429, f"too many requests waiting ({limit}, --max-waiting); retry later",
-                           "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        for add in adds:
-            job.request_ids.append(add.request_id)
-            self.client.add(add, loop, job.queue)
-        return job
+        return job, adds
 
     # -- outputs ---------------------------------------------------------------------------------
 
