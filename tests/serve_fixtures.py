@@ -180,3 +180,20 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
             return last
         time.sleep(interval)
     raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {last!r})")
+
+
+MODEL = "smol"  # the served model name the tests use
+
+
+def start_server(*flags: str, api_key: str | None = None) -> "Server":
+    """A ready server of the default model served as MODEL (the test skips without the model), killed if it
+    fails to become ready."""
+    from model_fixtures import default_model_or_skip
+
+    default_model_or_skip()
+    s = Server(*ENGINE_FLAGS, "--served-model-name", MODEL, *flags, api_key=api_key)
+    try:
+        return s.wait_ready()
+    except BaseException:
+        s.kill()
+        raise

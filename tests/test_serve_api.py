@@ -14,10 +14,8 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 pytest.importorskip("httpx")
 
-from model_fixtures import default_model_or_skip  # noqa: E402
-from serve_fixtures import ENGINE_FLAGS, Server, sse_events  # noqa: E402
+from serve_fixtures import MODEL, sse_events, start_server  # noqa: E402
 
-MODEL = "smol"
 MAX_MODEL_LEN = 512
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
@@ -26,10 +24,9 @@ GREEDY = dict(temperature=0.0, max_tokens=8)
 
 @pytest.fixture(scope="module")
 def server():
-    default_model_or_skip()
-    s = Server(*ENGINE_FLAGS, "--served-model-name", MODEL, "--max-waiting", "64")
+    s = start_server("--max-waiting", "64")
     try:
-        yield s.wait_ready()
+        yield s
     finally:
         s.kill()
 

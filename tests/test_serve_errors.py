@@ -14,24 +14,12 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from model_fixtures import default_model_or_skip  # noqa: E402
-from serve_fixtures import ENGINE_FLAGS, Server, assert_openai_error  # noqa: E402
+from serve_fixtures import MODEL, assert_openai_error, start_server as start  # noqa: E402
 
-MODEL = "smol"
 KEY = "sk-test-4d1f"
 CHAT = [{"role": "user", "content": "Hi"}]
 COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0.0}
 CHAT_BODY = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "temperature": 0.0}
-
-
-def start(*flags, api_key=None):
-    default_model_or_skip()
-    s = Server(*ENGINE_FLAGS, "--served-model-name", MODEL, *flags, api_key=api_key)
-    try:
-        return s.wait_ready()
-    except BaseException:
-        s.kill()
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -18,26 +18,14 @@ pytest.importorskip("openai")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
-from model_fixtures import default_model_or_skip  # noqa: E402
-from serve_fixtures import ENGINE_FLAGS, Server, assert_openai_error, metric, wait_until  # noqa: E402
+from serve_fixtures import MODEL, Server, assert_openai_error, metric, start_server as start, wait_until  # noqa: E402
 
-MODEL = "smol"
 LONG_PROMPT = "Shared prefix for the prefix cache, several blocks long: " + "one two three four " * 10
 METRICS = ["fastinfer:num_requests_running", "fastinfer:num_requests_waiting", "fastinfer:kv_cache_usage_perc",
            "fastinfer:prompt_tokens_total", "fastinfer:generation_tokens_total", "fastinfer:request_success_total",
            "fastinfer:prefix_cache_queries_total", "fastinfer:prefix_cache_hits_total",
            "fastinfer:time_to_first_token_seconds_count", "fastinfer:inter_token_latency_seconds_count",
            "fastinfer:e2e_request_latency_seconds_count"]
-
-
-def start(*flags):
-    default_model_or_skip()
-    s = Server(*ENGINE_FLAGS, "--served-model-name", MODEL, *flags)
-    try:
-        return s.wait_ready()
-    except BaseException:
-        s.kill()
-        raise
 
 
 # -- /metrics -----------------------------------------------------------------------------------------------------

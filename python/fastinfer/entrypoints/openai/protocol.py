@@ -220,13 +220,7 @@ def parse_completion_body(body: Any, chat: bool, defaults: dict, max_logprobs: i
             raise ProtocolError('a completion body needs "prompt"')
         prompt = parse_prompt(body.pop("prompt"))
         messages = None
-    model = body.get("model") if isinstance(body.get("model"), str) else None
-    for name, value in body.items():
-        if name in OPENAI_IGNORED:
-            continue
-        if name not in SAMPLING_FIELDS:
-            raise ProtocolError(f"unsupported body field {short(name)}")
-        set_sampling_field(params, name, value)
+    model = _apply_sampling_fields(body, params)
     if not chat:
         check_logprobs(body.get("logprobs"), "logprobs", max_logprobs)
     return CompletionRequest(chat, prompt, messages, params, model)
@@ -247,6 +241,18 @@ def parse_prompts(value: Any) -> list[str | list[int]]:
         if all(isinstance(p, list) for p in value):
             return [parse_prompt(p, f"prompt[{i}]") for i, p in enumerate(value)]
     return [parse_prompt(value)]
+
+
+def _apply_sampling_fields(body: dict, params: dict) -> str | None:
+    """Every field left in ``body`` onto ``params`` (one that is neither a sampling field nor ignorable is refused);
+    returns the model name the body asks for, if any."""
+    for name, value in body.items():
+        if name in OPENAI_IGNORED:
+            continue
+        if name not in SAMPLING_FIELDS:
+            raise ProtocolError(f"unsupported body field {short(name)}")
+        set_sampling_field(params, name, value)
+    return body.get("model") if isinstance(body.get("model"), str) else None
 
 
 def _parse_server_body(body: dict, chat: bool, params: dict, max_logprobs: int) -> CompletionRequest:
@@ -291,13 +297,7 @@ def _parse_server_body(body: dict, chat: bool, params: dict, max_logprobs: int) 
         if echo and body.get("logprobs") is not None:
             raise ProtocolError("unsupported: echo together with logprobs (prompt logprobs are not computed)",
                                 param="echo")
-    model = body.get("model") if isinstance(body.get("model"), str) else None
-    for name, value in body.items():
-        if name in OPENAI_IGNORED:
-            continue
-        if name not in SAMPLING_FIELDS:
-            raise ProtocolError(f"unsupported body field {short(name)}")
-        set_sampling_field(params, name, value)
+    model = _apply_sampling_fields(body, params)
     return CompletionRequest(chat, prompts[0] if prompts else None, messages, params, model, prompts=prompts,
                              stream=stream, include_usage=include_usage, echo=echo, top_logprobs=top_logprobs)
 
