@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from . import generate, serve
 from .batch_output import OutputError
-from .messages import CliError, one_line, say
+from .messages import CliError, one_line, package_version, say
 
 _DESCRIPTION = """\
 fastinfer: LLM inference on CPU and CUDA with a paged KV cache.
@@ -42,20 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every subcommand's flags."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="fastinfer", description=_DESCRIPTION, formatter_class=fmt)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS.values():
         command.add_parser(sub)
     return parser
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("fastinfer")
-    except Exception:  # not installed as a distribution (running from a source tree)
-        return "unknown"
 
 
 def main(argv: list[str] | None = None, *, llm_factory: Callable[..., Any] | None = None) -> int:

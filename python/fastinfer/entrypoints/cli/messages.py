@@ -29,3 +29,13 @@ def one_line(err: BaseException | str, limit: int = 500) -> str:
 def flag(name: str) -> str:
     """The command-line flag of a setting: ``max_tokens`` -> ``--max-tokens``."""
     return "--" + name.replace("_", "-")
+
+
+def package_version() -> str:
+    """fastinfer's installed version ("unknown" when running from a source tree that is not installed)."""
+    try:
+        from importlib.metadata import version
+
+        return version("fastinfer")
+    except Exception:  # not installed as a distribution
+        return "unknown"

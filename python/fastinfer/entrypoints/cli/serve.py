@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable
 
 from . import arg_types, batch_input, batch_run, generate
-from .messages import CliError
+from .messages import CliError, package_version
 
 _DESCRIPTION = """\
 Serve MODEL over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (streaming too),
@@ -89,7 +89,6 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     from fastinfer.entrypoints.openai import protocol
     from fastinfer.entrypoints.openai.api_server import Loaded, ServeConfig, run_server
 
-    from .main import _version
 
     def load() -> Loaded:
         llm = generate.load_llm(args, llm_factory, batch_run.Stats())
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
         return Loaded(llm.engine, llm.get_tokenizer(), defaults, args.max_logprobs)
 
     config = ServeConfig(args.host, args.port, args.served_model_name or model_name(args.model), args.api_key,
-                         args.max_waiting, args.shutdown_timeout, args.log_level, _version())
+                         args.max_waiting, args.shutdown_timeout, args.log_level, package_version())
     try:
         return run_server(config, load)
     except OSError as err:  # the address is taken or cannot be bound
