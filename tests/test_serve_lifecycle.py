@@ -138,6 +138,8 @@ def test_disconnect_mid_stream_stops_the_request(server):
     after = wait_until(lambda: idle_again(idle, kv0), 20, "running 0 and KV usage back to its baseline")
     tokens = "fastinfer:generation_tokens_total"
     assert metric(after, tokens) - metric(baseline, tokens) < 450  # stopped, not run to max_tokens
+    aborted = "fastinfer:request_success_total"
+    assert metric(after, aborted, finished_reason="abort") - metric(baseline, aborted, finished_reason="abort") == 1
     time.sleep(1.0)  # nothing keeps generating for it
     assert metric(idle.metrics(), tokens) == metric(after, tokens)
 

@@ -206,8 +206,9 @@ class Serving:
                 yield index[item.request_id], item
         finally:
             for rid in job.request_ids:
-                if rid not in job.finals:
+                if rid not in job.finals:  # a disconnect or shutdown: counted as vLLM counts it, reason "abort"
                     self.client.abort(rid)
+                    self.metrics.request_done(len(job.prompts[index[rid]][1]), job.generated.get(rid, 0), "abort")
             self.metrics.e2e.labels(self.settings.model_name).observe(time.perf_counter() - job.start)
 
     def usage(self, job: _Job) -> dict:
