@@ -59,6 +59,19 @@ def as_torch(x) -> torch.Tensor:
 # ----------------------------------------------------------------------------- attention
 
 
+def visible_keys(Sq: int, Sk: int, causal: bool, window_size: Sequence[int]) -> torch.Tensor:
+    """(Sq, Sk) bool: which keys each query row sees, flash-attn's bottom-right aligned causal mask and window."""
+    ipos = torch.arange(Sq, dtype=torch.int64)[:, None] + (Sk - Sq)
+    j = torch.arange(Sk, dtype=torch.int64)[None, :]
+    left, right = window_size[0], 0 if causal else window_size[1]
+    visible = torch.ones(Sq, Sk, dtype=torch.bool)
+    if left >= 0:
+        visible &= j >= ipos - left
+    if right >= 0:
+        visible &= j <= ipos + right
+    return visible
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: Optional[float] = None,
                   causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
                   alibi_slopes: Optional[torch.Tensor] = None, upcast: bool = True):
@@ -87,13 +100,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_
         slopes = as_torch(alibi_slopes).to(acc)
         slopes = slopes.reshape(1, H, 1, 1) if slopes.dim() == 1 else slopes.reshape(B, H, 1, 1)
         scores = scores - slopes * (ipos - j).abs().to(acc)
-    left = window_size[0]
-    right = 0 if causal else window_size[1]
-    visible = torch.ones(Sq, Sk, dtype=torch.bool)
-    if left >= 0:
-        visible &= j >= ipos - left
-    if right >= 0:
-        visible &= j <= ipos + right
+    visible = visible_keys(Sq, Sk, causal, window_size)
     scores = scores.masked_fill(~visible, float("-inf"))
 
     lse = torch.logsumexp(scores, dim=-1)  # -inf for rows that see nothing

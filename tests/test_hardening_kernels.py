@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import types
@@ -25,7 +24,7 @@ import torch
 import fastinfer
 from fastinfer import _C, ops
 from fastinfer.kernels.backward import attention_backward
-from reference import check_rejected, randn
+from reference import check_rejected, randn, visible_keys
 
 fa = fastinfer.flash_attn_func
 fv = fastinfer.flash_attn_varlen_func
@@ -60,12 +59,7 @@ def softmax_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, alibi=None)
     j = torch.arange(Sk)[None, :]
     if alibi is not None:
         s = s - alibi.double().reshape(1, H, 1, 1) * (i - j).abs()
-    left, right = window[0], 0 if causal else window[1]
-    vis = torch.ones(Sq, Sk, dtype=torch.bool)
-    if left >= 0:
-        vis &= j >= i - left
-    if right >= 0:
-        vis &= j <= i + right
+    vis = visible_keys(Sq, Sk, causal, window)
     s = s.masked_fill(~vis, float("-inf"))
     p = torch.softmax(s, -1)  # NaN for +inf/NaN scores and for all -inf rows
     # Masked keys take no part (SDPA's matmul would multiply their 0 by an inf in v)
@@ -184,7 +178,7 @@ def test_nonfinite_kvcache_paged_and_split(cpu_isa, gen, dtype, num_splits, bad)
 
 @dtypes2
 def test_nonfinite_varlen(cpu_isa, gen, dtype):
-    lq, lk, H, D = [5, 3], [9, 6], 2, 32
+    H, D = 2, 32  # sequences of 5 and 3 queries over 9 and 6 keys
     q, k, v = randn((8, H, D), dtype, gen), randn((15, H, D), dtype, gen), randn((15, H, D), dtype, gen)
     k[10, 0, 0] = float("inf")  # sequence 1, key 1
     q[5:, 0, 0] = q[5:, 0, 0].abs()  # +inf scores for query head 0 of sequence 1
