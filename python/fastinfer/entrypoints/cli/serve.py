@@ -37,6 +37,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("model_arg", nargs="?", metavar="MODEL",
                    help="HF model folder, .gguf file or cached HF id (default: built-in model)")
     p.add_argument("--model", "-m", metavar="PATH_OR_ID", help="the same as MODEL")
+    p.add_argument("--config", metavar="ROUTER_YAML",
+                   help="serve every model group of a router config (LiteLLM's model_list/router_settings shape: "
+                        "local engines and remote OpenAI-compatible providers) instead of one MODEL")
+    p.add_argument("--preload", action="store_true",
+                   help="with --config: load the local engines before /health says ready (default: on first use)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     s.add_argument("--port", type=arg_types.int_at_least(0), default=8000,
@@ -85,6 +90,10 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
         raise CliError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}", 2)
     if args.api_key is not None and not args.api_key:
         raise CliError("--api-key must not be empty", 2)
+    if args.config is not None:
+        return _run_router(args)
+    if args.preload:
+        raise CliError("--preload needs --config (one MODEL is always loaded at start)", 2)
 
     from fastinfer.entrypoints.openai import protocol
     from fastinfer.entrypoints.openai.api_server import Loaded, ServeConfig, run_server
@@ -101,6 +110,40 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     try:
         return run_server(config, load)
     except OSError as err:  # the address is taken or cannot be bound
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+
+
+# Flags that configure one model; with --config each local deployment has its own (litellm_params.engine_args).
+_ONE_MODEL_FLAGS = ("served_model_name", "max_waiting", "seed", "no_generation_config", "dtype", "device",
+                    "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
+                    "no_prefix_caching", "threads")
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    """``fastinfer serve --config``: the routing layer (fastinfer/router/) over the config's model groups."""
+    missing = [m for m in ("yaml", "httpx") if not _importable(m)]
+    if missing:
+        raise CliError(_MISSING.format(", ".join(missing)))
+    if args.model is not None:
+        raise CliError("--config serves the config's model groups: give no MODEL with it", 2)
+    given = [name for name in _ONE_MODEL_FLAGS if getattr(args, name) not in (None, False)]
+    if given:
+        raise CliError(f"{'--' + given[0].replace('_', '-')} configures one model; with --config set it per "
+                       "deployment in litellm_params.engine_args", 2)
+    from fastinfer.router.config import ConfigError, load_config
+    from fastinfer.router.router import Router
+    from fastinfer.router.server import RouterServeConfig, run_router
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        raise CliError(str(err), 2) from None
+    api_key = args.api_key if args.api_key is not None else config.master_key
+    serve_config = RouterServeConfig(args.host, args.port, api_key, args.preload, args.shutdown_timeout,
+                                     args.log_level, package_version())
+    try:
+        return run_router(serve_config, Router(config, user_agent=f"fastinfer/{package_version()}"))
+    except OSError as err:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
 
 

@@ -26,7 +26,7 @@ from .metrics import ServerMetrics
 from .serving import ApiError, ServerSettings, Serving
 
 log = logging.getLogger("fastinfer.serve")
-_OPEN_PATHS = {"/health", "/metrics", "/version"}  # answered without the API key
+OPEN_PATHS = {"/health", "/metrics", "/version"}  # answered without the API key
 
 
 @dataclass(slots=True)
@@ -50,7 +50,7 @@ def build_app(state: AppState) -> FastAPI:
     """The FastAPI app over ``state`` (no global state: two apps in one process are independent)."""
     app = FastAPI(title="fastinfer", version=state.version, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.fastinfer = state
-    app.add_middleware(_Gate, state=state)
+    app.add_middleware(ApiKeyGate, api_key=state.api_key, model_name=state.model_name)
 
     def serving() -> Serving:
         if state.serving is None:
@@ -122,7 +122,7 @@ def build_app(state: AppState) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         state.in_flight.add(job)
         try:
-            result = await _until_disconnect(request, s.respond(job))
+            result = await until_disconnect(request, s.respond(job))
         finally:
             state.in_flight.discard(job)
             access["output_tokens"] = job.output_tokens
@@ -188,7 +188,7 @@ def build_app(state: AppState) -> FastAPI:
     return app
 
 
-async def _until_disconnect(request: Request, work: Any) -> Any:
+async def until_disconnect(request: Request, work: Any) -> Any:
     """Await ``work``; if the client goes away first, cancel it (its engine requests are aborted) and raise."""
     task = asyncio.ensure_future(work)
     try:
@@ -204,13 +204,14 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
             task.cancel()
 
 
-class _Gate:
-    """ASGI middleware: the API key check (all but _OPEN_PATHS) and one access-log line per request, written when
-    its response (a stream too) has ended."""
+class ApiKeyGate:
+    """ASGI middleware: the API key check (all but OPEN_PATHS) and one access-log line per request, written when
+    its response (a stream too) has ended. Handlers add to the line through ``request.state.access``."""
 
-    def __init__(self, app: Any, state: AppState) -> None:
+    def __init__(self, app: Any, api_key: str | None, model_name: str) -> None:
         self.app = app
-        self.state = state
+        self.key = api_key.encode() if api_key is not None else None
+        self.model_name = model_name  # logged unless the handler sets access["model"]
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -226,20 +227,20 @@ class _Gate:
             await send(message)
 
         try:
-            key = self.state.api_key
-            if key is not None and scope["path"] not in _OPEN_PATHS:
+            if self.key is not None and scope["path"] not in OPEN_PATHS:
                 auth = dict(scope["headers"]).get(b"authorization", b"")
                 given = auth[7:] if auth[:7].lower() == b"bearer " else b""
-                if not hmac.compare_digest(given, key.encode()):
+                if not hmac.compare_digest(given, self.key):
                     err = ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                    "authentication_error", code="invalid_api_key")
                     return await _error(err)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
-            log.info("%s %s %s model=%s prompt_tokens=%s output_tokens=%s status=%d latency=%.3fs",
-                     access.get("id", "-"), scope["method"], scope["path"], self.state.model_name,
-                     access.get("prompt_tokens", "-"), access.get("output_tokens", "-"), status[0],
-                     time.perf_counter() - start)
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s %s %s model=%s prompt_tokens=%s output_tokens=%s status=%d latency=%.3fs",
+                         access.get("id", "-"), scope["method"], scope["path"], access.get("model", self.model_name),
+                         access.get("prompt_tokens", "-"), access.get("output_tokens", "-"), status[0],
+                         time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -252,7 +253,7 @@ class ServeConfig:
     host: str  # address to bind (127.0.0.1 by default: only this machine)
     port: int  # 0 = any free port
     model_name: str  # the served model's name
-    api_key: str | None  # required as "Authorization: Bearer KEY" on every route but _OPEN_PATHS
+    api_key: str | None  # required as "Authorization: Bearer KEY" on every route but OPEN_PATHS
     max_waiting: int | None  # most requests waiting for the engine before 429
     shutdown_timeout: float  # seconds in-flight requests may take to finish after SIGTERM/SIGINT
     log_level: str  # uvicorn's and fastinfer.serve's log level
@@ -284,20 +285,38 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
+@dataclass(slots=True)
+class Lifecycle:
+    """What DrainingServer asks of the app it serves."""
+
+    begin_drain: Callable[[], None]  # refuse new requests from now on (/health says draining)
+    busy: Callable[[], int]  # requests still being answered
+    abort: Callable[[], None]  # end every request still running (each gets a final error)
+    started: Callable[[], Any] | None = None  # a coroutine function run on the server's loop once it serves
+    stopped: Callable[[], Any] | None = None  # a coroutine function run on that loop after it stopped serving
+
+
+class DrainingServer(uvicorn.Server):
     """uvicorn's server, whose first SIGTERM/SIGINT drains: stop accepting, let in-flight requests finish for up
     to shutdown_timeout, abort the rest (each gets a final error), exit. A second signal exits at once."""
 
-    def __init__(self, config: uvicorn.Config, state: AppState, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, life: Lifecycle, shutdown_timeout: float) -> None:
         super().__init__(config)
-        self.state = state
+        self.life = life
         self.shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        starting = asyncio.ensure_future(self.life.started()) if self.life.started is not None else None
+        try:
+            await super().serve(sockets)
+        finally:
+            if starting is not None and not starting.done():
+                starting.cancel()
+            if self.life.stopped is not None:
+                await self.life.stopped()
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # a signal handler: no re-raise on exit, unlike uvicorn's
         if self._draining or self._loop is None:
@@ -307,21 +326,19 @@ class _Server(uvicorn.Server):
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
-        state, loop = self.state, asyncio.get_running_loop()
-        if state.serving is not None:
-            state.serving.draining = True
+        life, loop = self.life, asyncio.get_running_loop()
+        life.begin_drain()
         for server in getattr(self, "servers", []):
             server.close()
-        log.info("shutting down: %d request(s) in flight, waiting up to %.1fs", len(state.in_flight),
-                 self.shutdown_timeout)
+        log.info("shutting down: %d request(s) in flight, waiting up to %.1fs", life.busy(), self.shutdown_timeout)
         deadline = loop.time() + self.shutdown_timeout
-        while state.in_flight and loop.time() < deadline:
+        while life.busy() and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        if state.in_flight and state.serving is not None:
-            log.info("aborting %d request(s) still running", len(state.in_flight))
-            state.serving.client.fail_all(RequestAborted("the server is shutting down; the request was aborted"))
+        if life.busy():
+            log.info("aborting %d request(s) still running", life.busy())
+            life.abort()
             deadline = loop.time() + 2.0
-            while state.in_flight and loop.time() < deadline:
+            while life.busy() and loop.time() < deadline:
                 await asyncio.sleep(0.02)
         self.should_exit = True
 
@@ -334,11 +351,21 @@ def run_server(config: ServeConfig, load: Callable[[], Loaded]) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"fastinfer serve: listening on http://{shown}:{port}", file=sys.stderr, flush=True)
-    metrics = ServerMetrics(config.model_name)
+    metrics = ServerMetrics()
     state = AppState(config.model_name, config.api_key, metrics, config.version)
     uconfig = uvicorn.Config(build_app(state), log_level=config.log_level, access_log=False, lifespan="off",
                              timeout_graceful_shutdown=5, timeout_keep_alive=30)
-    server = _Server(uconfig, state, config.shutdown_timeout)
+
+    def begin_drain() -> None:
+        if state.serving is not None:
+            state.serving.draining = True
+
+    def abort() -> None:
+        if state.serving is not None:
+            state.serving.client.fail_all(RequestAborted("the server is shutting down; the request was aborted"))
+
+    life = Lifecycle(begin_drain, lambda: len(state.in_flight), abort)
+    server = DrainingServer(uconfig, life, config.shutdown_timeout)
     clients: list[EngineClient] = []
     status = [0]
 
@@ -350,7 +377,7 @@ def run_server(config: ServeConfig, load: Callable[[], Loaded]) -> int:
             clients.append(client)
             settings = ServerSettings(config.model_name, loaded.sampling_defaults, loaded.max_logprobs,
                                       config.max_waiting)
-            metrics.attach_engine(loaded.engine)
+            metrics.attach_engine(config.model_name, loaded.engine)
             state.serving = Serving(client, loaded.tokenizer, settings, metrics)
             log.info("model %s loaded; ready", config.model_name)
         except BaseException as err:  # reported once; the server exits with status 1

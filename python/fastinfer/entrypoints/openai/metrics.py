@@ -14,40 +14,42 @@ _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
 
 
 class _EngineCollector:
-    """Values read from the engine at scrape time: queue sizes, KV-cache use, prefix-cache counters."""
+    """Values read from the engines at scrape time: queue sizes, KV-cache use, prefix-cache counters (one sample
+    per loaded model; none while a model loads)."""
 
-    def __init__(self, engine: Any, model_name: str) -> None:
-        self.engine = engine
-        self.labels = {"model_name": model_name}
+    def __init__(self) -> None:
+        self.engines: dict[str, Any] = {}  # model name -> LLMEngine
 
     def collect(self):
-        e = self.engine
-        if e is None:  # still loading
+        engines = list(self.engines.items())
+        families = []
+        for name, doc in (
+            ("fastinfer:num_requests_running", "Requests in the running batch."),
+            ("fastinfer:num_requests_waiting", "Requests waiting to be scheduled."),
+            ("fastinfer:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full)."),
+        ):
+            families.append(GaugeMetricFamily(name, doc, labels=["model_name"]))
+        for name, doc in (
+            ("fastinfer:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+            ("fastinfer:prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+        ):
+            families.append(CounterMetricFamily(name, doc, labels=["model_name"]))
+        if not engines:
             return
-        for name, doc, value in (
-            ("fastinfer:num_requests_running", "Requests in the running batch.", e.num_running),
-            ("fastinfer:num_requests_waiting", "Requests waiting to be scheduled.", e.num_waiting),
-            ("fastinfer:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", e.kv_cache_usage),
-        ):
-            g = GaugeMetricFamily(name, doc, labels=list(self.labels))
-            g.add_metric(list(self.labels.values()), value)
-            yield g
-        stats = e.prefix_cache_stats
-        for name, doc, value in (
-            ("fastinfer:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.queries),
-            ("fastinfer:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.hits),
-        ):
-            c = CounterMetricFamily(name, doc, labels=list(self.labels))
-            c.add_metric(list(self.labels.values()), value)
-            yield c
+        for model, e in engines:
+            stats = e.prefix_cache_stats
+            values = (e.num_running, e.num_waiting, e.kv_cache_usage, stats.queries, stats.hits)
+            for family, value in zip(families, values):
+                family.add_metric([model], value)
+        yield from families
 
 
 class ServerMetrics:
-    """Counters and histograms the request handlers update, plus the engine's own numbers, in ``registry``."""
+    """Counters and histograms the request handlers update, plus the engines' own numbers, in ``registry`` (a new
+    one unless given: the router shares its registry with the local engines it serves)."""
 
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
-        self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         r = self.registry
         self.prompt_tokens = Counter("fastinfer:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
@@ -60,15 +62,19 @@ class ServerMetrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("fastinfer:e2e_request_latency_seconds", "Arrival to last output token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=r)
-        self._engine = _EngineCollector(None, model_name)
-        r.register(self._engine)
+        self._engines = _EngineCollector()
+        r.register(self._engines)
 
-    def attach_engine(self, engine: Any) -> None:
+    def attach_engine(self, model_name: str, engine: Any) -> None:
         """Report the engine's gauges and prefix-cache counters from now on (once the model has loaded)."""
-        self._engine.engine = engine
+        self._engines.engines[model_name] = engine
 
-    def request_done(self, prompt_tokens: int, generation_tokens: int, finished_reason: str) -> None:
-        m = self.model_name
+    def detach_engine(self, model_name: str) -> None:
+        """Stop reporting an engine (it was unloaded) and drop the reference to it."""
+        self._engines.engines.pop(model_name, None)
+
+    def request_done(self, model_name: str, prompt_tokens: int, generation_tokens: int, finished_reason: str) -> None:
+        m = model_name
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.generation_tokens.labels(m).inc(generation_tokens)
         self.request_success.labels(m, finished_reason).inc()

@@ -134,7 +134,7 @@ class Serving:
             raise ApiError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
                                 f"requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the {where}, "
                                 f"{params.max_tokens} in the completion). Please reduce the length of the "
-                                f"{where} or completion.", param=where)
+                                f"{where} or completion.", param=where, code="context_length_exceeded")
         return params
 
     async def submit(self, body: Any, chat: bool) -> _Job:
@@ -200,7 +200,7 @@ class Serving:
                     job.finals[item.request_id] = item
                     if item.error is not None:
                         raise ApiError(400, item.error, param="prompt")
-                    self.metrics.request_done(len(item.prompt_token_ids),
+                    self.metrics.request_done(self.settings.model_name, len(item.prompt_token_ids),
                                               sum(len(c.token_ids) for c in item.outputs),
                                               item.outputs[0].finish_reason or "stop")
                 yield index[item.request_id], item
@@ -208,7 +208,8 @@ class Serving:
             for rid in job.request_ids:
                 if rid not in job.finals:  # a disconnect or shutdown: counted as vLLM counts it, reason "abort"
                     self.client.abort(rid)
-                    self.metrics.request_done(len(job.prompts[index[rid]][1]), job.generated.get(rid, 0), "abort")
+                    self.metrics.request_done(self.settings.model_name, len(job.prompts[index[rid]][1]),
+                                              job.generated.get(rid, 0), "abort")
             self.metrics.e2e.labels(self.settings.model_name).observe(time.perf_counter() - job.start)
 
     def usage(self, job: _Job) -> dict:
