@@ -80,7 +80,13 @@ def add_parser(sub: Any) -> None:
     )
     g.add_argument("prompt", nargs="?", metavar="PROMPT", help="one prompt to complete (or use --input)")
     g.add_argument("--model", "-m", metavar="PATH_OR_ID",
-                   help="HF model folder, .gguf file or cached HF id (default: built-in model)")
+                   help="HF model folder, .gguf file or cached HF id (default: built-in model); with --config, the "
+                        "model group of lines that name none")
+    g.add_argument("--config", metavar="ROUTER_YAML",
+                   help="route each request through a router config (local engines and remote OpenAI-compatible "
+                        "providers, LiteLLM's shape) to the group its \"model\" names (OpenAI lines: body.model)")
+    g.add_argument("--concurrency", type=arg_types.positive_int, metavar="N",
+                   help="with --config: requests in flight at once (default: 32)")
 
     io = g.add_argument_group("input and output")
     io.add_argument("--input", "-i", metavar="FILE", help="file of requests, - for stdin")
@@ -194,18 +200,21 @@ def _read_requests(args: argparse.Namespace, defaults: dict) -> tuple[str, list[
         req = Request(0, 1, "text", args.prompt, None, dict(defaults))
         req.sampling = _make_params()(**req.params)  # checked by _check_sampling_flags
         return "text", [req], []
-    try:
-        if args.input == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            with open(args.input, "rb") as f:
-                data = f.read()
-    except OSError as err:
-        raise CliError(f"cannot read --input {args.input}: {err.strerror or err}") from None
+    data = _read_input(args)
     lines = batch_input.split_lines(data)
     fmt = args.input_format or batch_input.detect_format(lines)
     requests, bad = batch_input.parse_input(data, fmt, defaults, _make_params(), args.max_logprobs)
     return fmt, requests, bad
+
+
+def _read_input(args: argparse.Namespace) -> bytes:
+    try:
+        if args.input == "-":
+            return sys.stdin.buffer.read()
+        with open(args.input, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise CliError(f"cannot read --input {args.input}: {err.strerror or err}") from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -224,6 +233,20 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CliError("--output is the --input file", 2)
 
 
+# Flags that configure the one model a run loads; with --config each local deployment has its own engine_args.
+_ENGINE_FLAGS = ("dtype", "device", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                 "kv_cache_memory_bytes", "no_prefix_caching", "threads", "no_generation_config")
+
+
+def _check_routed_args(args: argparse.Namespace) -> None:
+    given = [name for name in _ENGINE_FLAGS if getattr(args, name) not in (None, False)]
+    if given:
+        raise CliError(f"{flag(given[0])} configures one model; with --config set it per deployment in "
+                       "litellm_params.engine_args", 2)
+    if args.concurrency is None:
+        args.concurrency = 32
+
+
 def _exists(path: str) -> str:
     return f"{path} exists; add --resume to continue it or --overwrite to replace it"
 
@@ -233,6 +256,13 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
     _check_args(args)
     defaults = _sampling_defaults(args)
     _check_sampling_flags(args, defaults)
+    if args.config is not None:
+        _check_routed_args(args)
+        from .batch_routed import run_routed
+
+        return run_routed(args, lambda: _read_input(args), _open_output, _resume)
+    if args.concurrency is not None:
+        raise CliError("--concurrency needs --config (one model batches every request itself)", 2)
     stats = batch_run.Stats()
     fmt, requests, bad = _read_requests(args, defaults)
     for b in bad:
