@@ -212,6 +212,7 @@ def run_router(config: RouterServeConfig, router: Router) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("fastinfer.serve", "fastinfer.router"):
         logging.getLogger(name).setLevel(config.log_level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream call is the access log's job
     sock = listen(config.host, config.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -273,7 +273,9 @@ class Loaded:
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on (host, port) (OSError when it is taken or the address is wrong)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and with it
+    # on, small writes (a stream's events, a short answer) wait for the peer's delayed ACK, ~40 ms each.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
