@@ -120,8 +120,8 @@ async def _events(spec: DeploymentSpec, resp: httpx.Response, timeout: float) ->
             raise _broken(spec, "the stream sent an event that is not JSON") from None
         if isinstance(event, dict) and "error" in event:
             status = _int_code(event.get("error"))
-            raise UpstreamError(status, event if isinstance(event.get("error"), dict) else
-                                error_body(str(event["error"]), "upstream_error"), kind="stream")
+            body = event if isinstance(event.get("error"), dict) else error_body(str(event["error"]), "upstream_error")
+            raise UpstreamError(status, scrub(body, spec.api_key), kind="stream")
         if isinstance(event, dict):
             yield event
 
@@ -154,7 +154,21 @@ def _status_error(spec: DeploymentSpec, resp: httpx.Response, raw: bytes) -> Ups
         text = raw[:500].decode("utf-8", "replace").strip() or resp.reason_phrase
         body = error_body(f"deployment {spec.id} answered {resp.status_code}: {text}",
                           "upstream_error", resp.status_code)
-    return UpstreamError(resp.status_code, body, retry_after=retry_after_seconds(resp.headers))
+    return UpstreamError(resp.status_code, scrub(body, spec.api_key), retry_after=retry_after_seconds(resp.headers))
+
+
+def scrub(value: Any, secret: str | None) -> Any:
+    """``value`` with every occurrence of ``secret`` replaced: an upstream that quotes the key it was sent in its
+    error ("invalid key sk-...") must not pass it on to the client or the log."""
+    if not secret:
+        return value
+    if isinstance(value, str):
+        return value.replace(secret, "<redacted>")
+    if isinstance(value, dict):
+        return {k: scrub(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, secret) for v in value]
+    return value
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
