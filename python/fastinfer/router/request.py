@@ -88,8 +88,9 @@ def _matches(d: Deployment, names: tuple[str, ...]) -> bool:
     return any(n in mine for n in names)
 
 
-def parse_route(body: dict, known_groups: set[str]) -> RouteRequest:
-    """Read ``body`` (a JSON object) for routing; a bad routing field is a 400 naming it, an unknown model 404."""
+def parse_route(body: dict, known_groups: set[str], count_tokens: bool = False) -> RouteRequest:
+    """Read ``body`` (a JSON object) for routing; a bad routing field is a 400 naming it, an unknown model 404.
+    ``count_tokens``: estimate the request's size (only usage-based routing needs it)."""
     model = body.get("model")
     models = body.get("models")
     groups: list[str] = []
@@ -119,7 +120,7 @@ def parse_route(body: dict, known_groups: set[str]) -> RouteRequest:
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     forward = {k: v for k, v in body.items() if k not in _ROUTER_FIELDS}
-    req = RouteRequest(groups, forward, stream, include_usage, tokens=_rough_tokens(body))
+    req = RouteRequest(groups, forward, stream, include_usage, tokens=_rough_tokens(body) if count_tokens else 0)
     provider = body.get("provider")
     if provider is not None:
         _parse_provider(provider, req)

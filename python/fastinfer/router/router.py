@@ -86,6 +86,7 @@ class Router:
             self.deployments[spec.id] = d
             self.groups[spec.group].append(d)
         self.group_names = set(self.groups)
+        self._count_tokens = self.settings.routing_strategy == "usage-based-routing"
         self.metrics = RouterMetrics(self.registry, lambda: list(self.deployments.values()))
         self.rng = random.Random(seed)
         self.started = time.time()
@@ -108,7 +109,7 @@ class Router:
     async def complete(self, body: dict, chat: bool) -> Answer:
         """Answer a non-streaming completion body; raises UpstreamError (with ``attempts`` and ``deployment``
         attributes) when no deployment could."""
-        req = parse_route(body, self.group_names)
+        req = parse_route(body, self.group_names, self._count_tokens)
         if req.stream:
             raise bad_request("this call does not stream; use open_stream", "stream")
 
@@ -132,7 +133,7 @@ class Router:
     async def open_stream(self, body: dict, chat: bool) -> "RelayedStream":
         """Start a streaming completion: every attempt up to the first upstream event is retried and falls back
         as a non-streaming one; the returned stream relays the rest as it arrives."""
-        req = parse_route(body, self.group_names)
+        req = parse_route(body, self.group_names, self._count_tokens)
 
         async def call(d: Deployment, group: str) -> tuple:
             """(the first event, the rest of the stream, start time, time to the first event)."""
