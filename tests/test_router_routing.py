@@ -293,9 +293,6 @@ def test_retry_after_sends_the_retry_to_the_other_deployment_at_once(a, b):
     assert hits(a, b) == (1, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="router bug: a group whose only deployment is held back by Retry-After has "
-                                       "nothing available, yet a new request waits the Retry-After out instead "
-                                       "of going to the group's healthy fallback (router.py _pick)")
 def test_a_group_held_back_by_retry_after_hands_over_to_its_fallback(a, b):
     a.configure(mode="status", status=429, retry_after=1, fail_first=1)
     cfg = config(dep("g", a), dep("h", b), num_retries=0, allowed_fails=10, fallbacks=[{"g": ["h"]}])
@@ -786,9 +783,6 @@ def test_usage_based_routing_answers_429_when_every_deployment_is_at_its_limit(a
     assert hits(a, b) == (3, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="router bug: usage-based routing gives up instead of retrying on the "
-                                       "deployment just tried when the untried ones are at their rpm "
-                                       "(router.py _pick: rank(fresh) is empty, no fallback to all available)")
 def test_usage_based_routing_retries_on_the_deployment_with_room(a, b):
     away_from_minute_edge()
     cfg = config(dep("g", a), dep("g", b, rpm=1), routing_strategy="usage-based-routing", num_retries=2)
@@ -802,9 +796,6 @@ def test_usage_based_routing_retries_on_the_deployment_with_room(a, b):
     run(cfg, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="router bug: latency-based routing tries a deployment whose every attempt "
-                                       "times out first on every request (a failure records no latency, and an "
-                                       "unmeasured deployment always goes first: strategy.py rank)")
 def test_latency_based_routing_stops_trying_a_deployment_that_times_out(a, b):
     a.configure(mode="timeout")
     cfg = config(dep("g", a, timeout=0.2), dep("g", b), routing_strategy="latency-based-routing",
@@ -818,8 +809,6 @@ def test_latency_based_routing_stops_trying_a_deployment_that_times_out(a, b):
     assert hits(a)[0] <= 2, hits(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="router bug: provider.sort bypasses usage-based routing's rpm limit "
-                                       "(router.py _pick: sort_by replaces rank, which alone filters by rpm/tpm)")
 def test_provider_sort_does_not_lift_a_deployments_rpm(a, b):
     away_from_minute_edge()
     cfg = config(dep("g", a, rpm=2, info={"input_cost_per_token": 1e-7}),
@@ -987,8 +976,6 @@ def test_provider_only_never_leaves_its_deployments(a, b, c):
     assert hits(a, b, c) == (4, 3, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="router bug: a fallback group with nothing to try (provider preferences "
-                                       "exclude all) replaces the real upstream error by its 404")
 def test_the_upstreams_error_is_returned_when_the_fallback_has_nothing_to_try(a, b, c):
     b.configure(mode="status", status=500)
     cfg = config(dep("g", a), dep("g", b), dep("h", c), num_retries=2, allowed_fails=10, fallbacks=[{"g": ["h"]}])

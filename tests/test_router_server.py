@@ -154,6 +154,9 @@ def test_stream_broken_after_first_event_ends_with_error_event_no_retry(remote_r
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2] if e.get("choices"))
     assert text == "a says: w0"  # the two content chunks sent before the cut
     assert a.hits() == 1 and b.hits() == 0  # committed at the first event: no retry, no fallback
+    # counted as a failed answer, not a success
+    m = remote_router.metrics()
+    assert metric(m, "fastinfer:router_responses_total", model_group="remote", status="stream_error") == 1
 
 
 @pytest.fixture

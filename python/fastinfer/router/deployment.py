@@ -107,6 +107,11 @@ class Deployment:
         self.cost += cost
         return cost
 
+    def slow(self, seconds: float) -> None:
+        """A timed-out attempt: count it as an answer that took ``seconds`` (both speed measures)."""
+        self.latency = _ewma(self.latency, seconds)
+        self.ttft = _ewma(self.ttft, seconds)
+
     def failed(self, now: float, allowed_fails: int, cooldown_time: float, retry_after: float | None) -> bool:
         """Record a failure that counts against the deployment; True when it starts a cooldown now."""
         self.failures += 1

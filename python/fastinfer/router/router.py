@@ -128,6 +128,7 @@ class Router:
             return data
 
         (data, d, group), attempt = await self._route(req, call)
+        self._answered(group, "200")
         return Answer(data, group, d.id, attempt.count)
 
     async def open_stream(self, body: dict, chat: bool) -> "RelayedStream":
@@ -172,7 +173,8 @@ class Router:
 
     async def _route(self, req: RouteRequest, call: Callable[[Deployment, str], Awaitable[Any]]) -> tuple:
         """Run ``call`` on deployments until one succeeds, by the rule in this module's docstring; returns
-        (call's result plus its deployment and group, the attempt record)."""
+        (call's result plus its deployment and group, the attempt record). The caller counts the answer
+        (_answered), a stream once it has ended."""
         self.totals["requests"] += 1
         attempt = _Attempt()
         queue = list(req.groups)
@@ -191,34 +193,43 @@ class Router:
                     self.metrics.fallbacks.labels(previous, group, reason).inc()
                     log.info("falling back from %s to %s (%s)", previous, group, reason)
                 tried.append(group)
+                fallbacks = self.settings.fallbacks.get(group) or self.settings.default_fallbacks
+                # Waiting out a Retry-After is for a request with nowhere else to go.
+                may_wait = not queue and not (req.allow_fallbacks and fallbacks)
                 try:
-                    result = await self._try_group(group, req, call, attempt)
-                    self.totals["succeeded"] += 1
-                    self.metrics.responses.labels(group, "200").inc()
-                    return result, attempt
+                    return await self._try_group(group, req, call, attempt, may_wait), attempt
                 except UpstreamError as err:
-                    last = err
-                if not last.retryable and not last.context_window:
+                    # The router's own "nothing to try here" never hides what a deployment answered.
+                    if last is None or err.kind != "unavailable" or last.kind == "unavailable":
+                        last = err
+                    current = err
+                if not current.retryable and not current.context_window:
                     break  # a client error: returned as it is, once
-                if last.context_window:
+                if current.context_window:
                     reason = "context_window"
                     queue = list(self.settings.context_window_fallbacks.get(group, ())) + queue
                 else:
                     reason = "error"
                     if req.allow_fallbacks:
-                        queue += list(self.settings.fallbacks.get(group) or self.settings.default_fallbacks)
+                        queue += [g for g in fallbacks if g not in queue]
                 previous = group
         except BaseException:
             self.totals["failed"] += 1
             raise
-        self.totals["failed"] += 1
         err = last if last is not None else UpstreamError(
             503, error_body("no model group could be tried", "service_unavailable"), kind="unavailable")
         err.attempts, err.deployment = attempt.count, attempt.deployment
-        self.metrics.responses.labels(tried[-1] if tried else req.groups[0], str(err.status)).inc()
+        self._answered(tried[-1] if tried else req.groups[0], str(err.status))
         raise err
 
-    async def _try_group(self, group: str, req: RouteRequest, call: Callable, attempt: _Attempt) -> tuple:
+    def _answered(self, group: str, status: str) -> None:
+        """Count one client request's outcome: "200", an error status, or "stream_error" (a stream that broke
+        after its first event)."""
+        self.totals["succeeded" if status == "200" else "failed"] += 1
+        self.metrics.responses.labels(group, status).inc()
+
+    async def _try_group(self, group: str, req: RouteRequest, call: Callable, attempt: _Attempt,
+                         may_wait: bool) -> tuple:
         ds = [d for d in self.groups[group] if req.allows(d)]
         if not ds:
             raise UpstreamError(404, error_body(f"no deployment of model group '{group}' matches the request's "
@@ -227,7 +238,7 @@ class Router:
         tried: set[str] = set()
         last: UpstreamError | None = None
         for n in range(1 + self.settings.num_retries):
-            d = await self._pick(ds, req, tried)
+            d = await self._pick(ds, req, tried, may_wait)
             if d is None:
                 break
             if n > 0:
@@ -246,23 +257,31 @@ class Router:
                 tried.add(d.id)
         raise last if last is not None else self._unavailable(group, ds, req)
 
-    async def _pick(self, ds: list[Deployment], req: RouteRequest, tried: set[str]) -> Deployment | None:
+    async def _pick(self, ds: list[Deployment], req: RouteRequest, tried: set[str],
+                    may_wait: bool) -> Deployment | None:
         """The deployment for the next attempt: the best available one not tried yet (a tried one when no other
-        is left). Waits out a short Retry-After when that is all that holds every deployment back."""
+        is left or has room). With ``may_wait``, waits out a short Retry-After when that is all that holds every
+        deployment back."""
+        usage_based = self.settings.routing_strategy == "usage-based-routing"
         while True:
             now = time.monotonic()
             available = [d for d in ds if d.available(now)]
             if available:
-                fresh = [d for d in available if d.id not in tried] or available
-                if req.sort is not None:
-                    order = sort_by(req.sort, fresh, stream=req.stream)
-                else:
-                    order = rank(self.settings.routing_strategy, fresh, stream=req.stream, now=now,
-                                 tokens=req.tokens, rng=self.rng)
-                order = req.ordered(order)
-                return order[0] if order else None
+                fresh = [d for d in available if d.id not in tried]
+                for pool in (fresh, available) if fresh and len(fresh) < len(available) else (fresh or available,):
+                    if req.sort is not None:
+                        order = sort_by(req.sort, pool, stream=req.stream)
+                        if usage_based:  # a sort picks the order, never lifts rpm/tpm
+                            order = [d for d in order if d.under_limits(now, req.tokens)]
+                    else:
+                        order = rank(self.settings.routing_strategy, pool, stream=req.stream, now=now,
+                                     tokens=req.tokens, rng=self.rng)
+                    order = req.ordered(order)
+                    if order:
+                        return order[0]
+                return None
             waits = [d.not_before - now for d in ds if not d.cooled_down(now) and d.not_before > now]
-            if not waits or min(waits) > MAX_RETRY_AFTER_WAIT:
+            if not may_wait or not waits or min(waits) > MAX_RETRY_AFTER_WAIT:
                 return None
             await asyncio.sleep(min(waits))
 
@@ -295,6 +314,8 @@ class Router:
         outcome = _OUTCOMES.get(err.kind, str(err.status))
         self.metrics.attempt(group, d.id, outcome)
         log.warning("deployment %s (%s): %s: %s", d.id, group, outcome, err.message[:200])
+        if err.kind == "timeout":  # as slow as the timeout: latency-based routing must not keep trying it first
+            d.slow(d.spec.timeout or self.settings.timeout)
         if err.counts_against_deployment:
             cooled = d.failed(time.monotonic(), self.settings.allowed_fails, self.settings.cooldown_time,
                               err.retry_after)
@@ -355,10 +376,12 @@ class RelayedStream:
             ok = True
         except UpstreamError as err:
             self.router._failed(self.d, self.group, err)
+            self.router._answered(self.group, "stream_error")
             yield b"data: " + json.dumps(err.body, ensure_ascii=False).encode() + b"\n\n"
         finally:
             if ok:
                 self.router._succeeded(self.d, self.group, time.perf_counter() - self._t0, self._ttft, self._usage)
+                self.router._answered(self.group, "200")
             await self.aclose()
         yield b"data: [DONE]\n\n"
 
