@@ -95,9 +95,8 @@ async def _events(spec: DeploymentSpec, resp: httpx.Response, timeout: float) ->
     data: list[str] = []
     lines = resp.aiter_lines()
     while True:
-        try:
-            async with asyncio.timeout(timeout):
-                line = await anext(lines)
+        try:  # httpx's read timeout (the request's) bounds the wait for each piece of the body
+            line = await anext(lines)
         except StopAsyncIteration:
             raise _broken(spec, "the stream ended without [DONE]") from None
         except (TimeoutError, httpx.TimeoutException):
@@ -113,6 +112,7 @@ async def _events(spec: DeploymentSpec, resp: httpx.Response, timeout: float) ->
         text = "\n".join(data)
         data = []
         if text.strip() == "[DONE]":
+            await _drain(lines)
             return
         try:
             event = json.loads(text)
@@ -124,6 +124,17 @@ async def _events(spec: DeploymentSpec, resp: httpx.Response, timeout: float) ->
             raise UpstreamError(status, scrub(body, spec.api_key), kind="stream")
         if isinstance(event, dict):
             yield event
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read what follows ``[DONE]`` (normally just the end of the chunked body), so the connection goes back to
+    the pool instead of being closed; a few lines at most, then give up on reuse."""
+    try:
+        async with asyncio.timeout(1.0):
+            for _ in range(8):
+                await anext(lines)
+    except (StopAsyncIteration, TimeoutError, httpx.HTTPError):
+        pass
 
 
 def _int_code(err: Any) -> int:
