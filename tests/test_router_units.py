@@ -158,3 +158,47 @@ def test_routing_fields_are_not_forwarded():
                        "temperature": 0}, {"g"})
     assert req.forward == {"model": "g", "temperature": 0}
     assert req.sort == "price" and req.max_prompt_price == pytest.approx(1e-6)
+
+
+def _sse_response(chunks: list[bytes]) -> httpx.Response:
+    async def body():
+        for c in chunks:
+            yield c
+    return httpx.Response(200, content=body())
+
+
+def _collect(chunks: list[bytes]) -> tuple[list[list[dict]], Exception | None]:
+    import asyncio
+
+    from fastinfer.router.upstream import _events
+
+    spec = DeploymentSpec(group="g", id="d", index=0, provider="openai", model="m", api_base="http://h/v1")
+    out: list[list[dict]] = []
+
+    async def run() -> Exception | None:
+        try:
+            async for batch in _events(spec, _sse_response(chunks), 5.0):
+                out.append(batch)
+        except UpstreamError as err:
+            return err
+        return None
+
+    return out, asyncio.run(run())
+
+
+def test_sse_parsing_batches_split_reads_crlf_and_comments():
+    batches, err = _collect([b': keep-alive\n\ndata: {"a": 1}\n\ndata: {"a"', b': 2}\r\n\r\ndata:{"a": 3}\n\n',
+                             b"event: x\ndata: [DONE]\n\n"])
+    assert err is None
+    assert batches == [[{"a": 1}], [{"a": 2}, {"a": 3}]]
+
+
+def test_sse_error_event_after_events_of_the_same_read():
+    batches, err = _collect([b'data: {"a": 1}\n\ndata: {"error": {"message": "boom", "code": 503}}\n\n'])
+    assert batches == [[{"a": 1}]]
+    assert err is not None and err.kind == "stream" and err.status == 503
+
+
+def test_sse_end_without_done_is_broken():
+    batches, err = _collect([b'data: {"a": 1}\n\n'])
+    assert batches == [[{"a": 1}]] and err is not None and err.kind == "stream"

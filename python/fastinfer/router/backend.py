@@ -81,10 +81,11 @@ class Backend(ABC):
         """The response body (raises UpstreamError)."""
 
     @abstractmethod
-    def stream(self, body: dict, chat: bool, timeout: float) -> AsyncIterator[dict]:
+    def stream(self, body: dict, chat: bool, timeout: float) -> AsyncIterator[list[dict]]:
         """An async generator of the stream's events (parsed ``data:`` payloads) up to, not including,
-        ``[DONE]``; raises UpstreamError when the stream cannot start or breaks. Closing it early (aclose)
-        releases the connection or aborts the engine request."""
+        ``[DONE]``, in batches: the events that arrived together (one network read) come as one list, so they
+        are relayed with one write. Raises UpstreamError when the stream cannot start or breaks. Closing it
+        early (aclose) releases the connection or aborts the engine request."""
 
     async def close(self) -> None:
         """Release what the backend holds (connections, a loaded engine)."""

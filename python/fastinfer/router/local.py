@@ -184,7 +184,7 @@ class LocalBackend(Backend):
         except RequestAborted as err:
             raise UpstreamError(503, error_body(str(err), "service_unavailable")) from None
 
-    async def stream(self, body: dict, chat: bool, timeout: float) -> AsyncIterator[dict]:
+    async def stream(self, body: dict, chat: bool, timeout: float) -> AsyncIterator[list[dict]]:
         try:
             async with asyncio.timeout(timeout):
                 serving = await self.engines.acquire(self.spec)
@@ -217,7 +217,7 @@ class LocalBackend(Backend):
                         code = err.get("code") if isinstance(err, dict) else None
                         raise UpstreamError(code if isinstance(code, int) and 400 <= code < 600 else 500, event,
                                             kind="stream")
-                    yield event
+                    yield [event]
             finally:
                 await events.aclose()  # a stream closed early aborts its engine requests
         finally:

@@ -146,7 +146,7 @@ class Router:
             t0 = self._start(d)
             events = d.backend.stream(fwd, chat, timeout)
             try:
-                first = await anext(events)
+                first = await anext(events)  # the first batch of events
             except StopAsyncIteration:
                 err = UpstreamError(502, error_body(f"deployment {d.id}: the stream ended before any event",
                                                     "upstream_error", "upstream_stream_broken"), kind="stream")
@@ -342,36 +342,41 @@ class RelayedStream:
     the usage chunk only when the client asked for it, ``data: [DONE]`` last, or an error event when the upstream
     breaks). ``aclose()`` releases the upstream whether or not the events were read."""
 
-    def __init__(self, router: Router, req: RouteRequest, d: Deployment, group: str, attempts: int, first: dict,
-                 events: AsyncIterator[dict], t0: float, ttft: float) -> None:
+    def __init__(self, router: Router, req: RouteRequest, d: Deployment, group: str, attempts: int, first: list,
+                 events: AsyncIterator[list[dict]], t0: float, ttft: float) -> None:
         self.router, self.req, self.d, self.group = router, req, d, group
         self.deployment, self.attempts = d.id, attempts
         self._first, self._events, self._t0, self._ttft = first, events, t0, ttft
         self._usage: Any = None
         self._closed = False
 
-    def _encode(self, event: dict) -> bytes | None:
-        if "usage" in event:
-            usage = event["usage"]
-            if usage is not None:
-                self._usage = usage
-            if not self.req.include_usage:
-                if not event.get("choices"):
-                    return None  # the usage chunk the router asked for, not the client
-                event = {k: v for k, v in event.items() if k != "usage"}
-        if "model" in event:
-            event["model"] = self.group
-        return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+    def _encode(self, batch: list[dict]) -> bytes:
+        out = []
+        for event in batch:
+            if "usage" in event:
+                usage = event["usage"]
+                if usage is not None:
+                    self._usage = usage
+                if not self.req.include_usage:
+                    if not event.get("choices"):
+                        continue  # the usage chunk the router asked for, not the client
+                    event = {k: v for k, v in event.items() if k != "usage"}
+            if "model" in event:
+                event["model"] = self.group
+            out.append(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+        return b"".join(out)
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The stream's bytes: one piece per batch of upstream events, an error event if it breaks, then
+        ``data: [DONE]``."""
         ok = False
         try:
             chunk = self._encode(self._first)
-            if chunk is not None:
+            if chunk:
                 yield chunk
-            async for event in self._events:
-                chunk = self._encode(event)
-                if chunk is not None:
+            async for batch in self._events:
+                chunk = self._encode(batch)
+                if chunk:
                     yield chunk
             ok = True
         except UpstreamError as err:

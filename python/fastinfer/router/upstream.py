@@ -68,7 +68,7 @@ class RemoteBackend(Backend):
                                                 "completion", "upstream_error", "bad_upstream_response"))
         return data
 
-    async def stream(self, body: dict, chat: bool, timeout: float) -> AsyncIterator[dict]:
+    async def stream(self, body: dict, chat: bool, timeout: float) -> AsyncIterator[list[dict]]:
         payload = json.dumps(body, ensure_ascii=False).encode()
         request = self.client.build_request("POST", self._url(chat), content=payload, headers=self.stream_headers,
                                             timeout=httpx.Timeout(timeout))
@@ -89,50 +89,79 @@ class RemoteBackend(Backend):
             await resp.aclose()
 
 
-async def _events(spec: DeploymentSpec, resp: httpx.Response, timeout: float) -> AsyncIterator[dict]:
-    """The JSON payloads of a server-sent-event stream until ``[DONE]``; an event that carries an ``error``
-    object, a broken connection or an end without ``[DONE]`` raises UpstreamError (kind "stream")."""
-    data: list[str] = []
-    lines = resp.aiter_lines()
+async def _events(spec: DeploymentSpec, resp: httpx.Response, timeout: float) -> AsyncIterator[list[dict]]:
+    """The JSON payloads of a server-sent-event stream until ``[DONE]``, a list per network read; an event that
+    carries an ``error`` object, a broken connection or an end without ``[DONE]`` raises UpstreamError (kind
+    "stream"). httpx's read timeout (the request's) bounds the wait for each read."""
+    chunks = resp.aiter_bytes()
+    pending = b""
     while True:
-        try:  # httpx's read timeout (the request's) bounds the wait for each piece of the body
-            line = await anext(lines)
+        try:
+            chunk = await anext(chunks)
         except StopAsyncIteration:
             raise _broken(spec, "the stream ended without [DONE]") from None
-        except (TimeoutError, httpx.TimeoutException):
+        except httpx.TimeoutException:
             raise UpstreamError(504, error_body(f"deployment {spec.id} sent nothing for {timeout:g} s mid-stream",
                                                 "timeout", "upstream_timeout"), kind="stream") from None
         except httpx.HTTPError as err:
             raise _broken(spec, f"the stream broke: {type(err).__name__}") from None
-        if line.startswith("data:"):
-            data.append(line[6:] if line.startswith("data: ") else line[5:])
-            continue
-        if line or not data:  # comments (":"), "event:"/"id:" lines, keep-alive blank lines
-            continue
-        text = "\n".join(data)
-        data = []
-        if text.strip() == "[DONE]":
-            await _drain(lines)
+        pending += chunk
+        if b"\r" in pending and not pending.endswith(b"\r"):  # CRLF line ends: one form for the split
+            pending = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *blocks, pending = pending.split(b"\n\n")
+        batch, done, failure = [], False, None
+        for block in blocks:
+            try:
+                event = _parse_block(spec, block)
+            except UpstreamError as err:  # relay what came before it first
+                failure = err
+                break
+            if event is _DONE:
+                done = True
+                break
+            if event is not None:
+                batch.append(event)
+        if batch:
+            yield batch
+        if failure is not None:
+            raise failure
+        if done:
+            await _drain(chunks)
             return
-        try:
-            event = json.loads(text)
-        except ValueError:
-            raise _broken(spec, "the stream sent an event that is not JSON") from None
-        if isinstance(event, dict) and "error" in event:
-            status = _int_code(event.get("error"))
-            body = event if isinstance(event.get("error"), dict) else error_body(str(event["error"]), "upstream_error")
-            raise UpstreamError(status, scrub(body, spec.api_key), kind="stream")
-        if isinstance(event, dict):
-            yield event
 
 
-async def _drain(lines: AsyncIterator[str]) -> None:
+_DONE = object()
+
+
+def _parse_block(spec: DeploymentSpec, block: bytes) -> Any:
+    """One SSE event block: its JSON payload, _DONE for ``[DONE]``, None for comments and keep-alives."""
+    data = [line[6:] if line.startswith(b"data: ") else line[5:] for line in block.split(b"\n")
+            if line.startswith(b"data:")]
+    if not data:
+        return None
+    text = b"\n".join(data).strip()
+    if text == b"[DONE]":
+        return _DONE
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise _broken(spec, "the stream sent an event that is not JSON") from None
+    if not isinstance(event, dict):
+        return None
+    if "error" in event:
+        status = _int_code(event.get("error"))
+        body = event if isinstance(event.get("error"), dict) else error_body(str(event["error"]), "upstream_error")
+        raise UpstreamError(status, scrub(body, spec.api_key), kind="stream")
+    return event
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
     """Read what follows ``[DONE]`` (normally just the end of the chunked body), so the connection goes back to
-    the pool instead of being closed; a few lines at most, then give up on reuse."""
+    the pool instead of being closed; a few reads at most, then give up on reuse."""
     try:
         async with asyncio.timeout(1.0):
             for _ in range(8):
-                await anext(lines)
+                await anext(chunks)
     except (StopAsyncIteration, TimeoutError, httpx.HTTPError):
         pass
 
