@@ -11,16 +11,16 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastinfer.entrypoints.openai import protocol
-from fastinfer.entrypoints.openai.api_server import ApiKeyGate, DrainingServer, Lifecycle, listen, until_disconnect
+from fastinfer.entrypoints.openai.api_server import (ApiKeyGate, DrainingServer, Lifecycle, add_common_routes, listen,
+                                                     until_disconnect)
 from fastinfer.entrypoints.openai.serving import ApiError
 
 from .backend import UpstreamError, error_body
@@ -124,21 +124,14 @@ def build_router_app(state: RouterState) -> FastAPI:
         kind = "invalid_request_error" if err.status_code < 500 else "internal_error"
         return _json(error_body(str(err.detail), kind, err.status_code), err.status_code, dict(err.headers or {}))
 
-    @app.get("/health")
-    async def health() -> Response:
+    def not_ready() -> str | None:
         if state.draining:
-            return _json({"status": "draining"}, 503)
+            return "draining"
         if not state.ready:
-            return _json({"status": "loading" if state.load_error is None else "failed"}, 503)
-        return Response(status_code=200)
+            return "loading" if state.load_error is None else "failed"
+        return None
 
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": state.version}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
+    add_common_routes(app, state.version, router.registry, not_ready)
 
     @app.get("/router/status")
     async def status() -> dict:

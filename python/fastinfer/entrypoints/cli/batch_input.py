@@ -18,6 +18,8 @@ from typing import Any, Callable
 from fastinfer.entrypoints.openai import protocol
 from fastinfer.entrypoints.openai.protocol import ProtocolError, loads, short
 
+from .messages import CliError, say
+
 FORMATS = ("text", "jsonl", "openai")
 # Default cap on logprobs / top_logprobs per token (vLLM's max_logprobs default); --max-logprobs changes it.
 MAX_LOGPROBS = 20
@@ -172,3 +174,22 @@ def _parse_openai(text: str, index: int, defaults: dict, max_logprobs: int) -> R
     req = batch.body
     return Request(batch.custom_id, line, "messages" if req.chat else "completion", req.prompt, req.messages,
                    req.sampling, model=req.model)
+
+
+def report_bad_lines(bad: list[BadLine], on_bad_line: str) -> None:
+    """Say each bad line on stderr; with ``--on-bad-line fail`` any of them stops the run (exit 2) before
+    anything is generated."""
+    for b in bad:
+        say(f"{'bad' if on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
+    if bad and on_bad_line == "fail":
+        raise CliError(f"{len(bad)} bad input line(s); nothing generated (--on-bad-line fail)", 2)
+
+
+def record_bad_lines(out: Any, fmt: str, bad: list[BadLine], done: set[str]) -> None:
+    """An OpenAI batch records its bad lines as error lines in ``out`` (those with a custom_id to match them by,
+    and not already there)."""
+    if fmt != "openai":
+        return
+    for b in bad:
+        if b.id is not None and id_key(b.id) not in done:
+            out.write(protocol.batch_error(b.id, "invalid_request", b.message))

@@ -240,19 +240,14 @@ def run_routed(args: argparse.Namespace, read_input: Any, open_output: Any, resu
         data = read_input()
         fmt = args.input_format or batch_input.detect_format(batch_input.split_lines(data))
     lines, bad = parse_routed(data, fmt, args, set(config.groups))
-    for b in bad:
-        say(f"{'bad' if args.on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
     stats.bad_lines = len(bad)
-    if bad and args.on_bad_line == "fail":
-        raise CliError(f"{len(bad)} bad input line(s); nothing generated (--on-bad-line fail)", 2)
+    batch_input.report_bad_lines(bad, args.on_bad_line)
     out = open_output(args)
     try:
         done = resume(args, out, fmt) if args.resume else set()
         pending = [ln for ln in lines if batch_input.id_key(ln.id) not in done]
         stats.resumed = len(lines) - len(pending)
-        for b in bad:
-            if fmt == "openai" and b.id is not None and batch_input.id_key(b.id) not in done:
-                out.write(protocol.batch_error(b.id, "invalid_request", b.message))
+        batch_input.record_bad_lines(out, fmt, bad, done)
         if pending:
             from fastinfer.entrypoints.cli.messages import package_version
 

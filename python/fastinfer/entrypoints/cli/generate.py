@@ -265,11 +265,8 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
         raise CliError("--concurrency needs --config (one model batches every request itself)", 2)
     stats = batch_run.Stats()
     fmt, requests, bad = _read_requests(args, defaults)
-    for b in bad:
-        say(f"{'bad' if args.on_bad_line == 'fail' else 'skipping'} line {b.line}: {b.message}")
     stats.bad_lines = len(bad)
-    if bad and args.on_bad_line == "fail":
-        raise CliError(f"{len(bad)} bad input line(s); nothing generated (--on-bad-line fail)", 2)
+    batch_input.report_bad_lines(bad, args.on_bad_line)
 
     single = args.prompt is not None and not args.output
     # Locked before anything in it is read, cut or replaced, and before the model loads; held until the end.
@@ -278,10 +275,7 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
         done = _resume(args, out, fmt) if args.resume else set()
         pending = [r for r in requests if batch_input.id_key(r.id) not in done]
         stats.resumed = len(requests) - len(pending)
-        # An OpenAI batch records its bad lines as error lines (when they have a custom_id to match them by).
-        for b in bad:
-            if fmt == "openai" and b.id is not None and batch_input.id_key(b.id) not in done:
-                out.write(protocol.batch_error(b.id, "invalid_request", b.message))
+        batch_input.record_bad_lines(out, fmt, bad, done)
         if pending:
             llm = load_llm(args, llm_factory, stats)
             pending, prompts = _prepare(args, llm, pending, fmt, out, stats)

@@ -79,21 +79,12 @@ def build_app(state: AppState) -> FastAPI:
         return _error(ApiError(err.status_code, str(err.detail), "invalid_request_error" if err.status_code < 500
                                else "internal_error", headers=dict(err.headers or {})))
 
-    @app.get("/health")
-    async def health() -> Response:
+    def health() -> str | None:
         if state.serving is None:
-            return JSONResponse({"status": "loading" if state.load_error is None else "failed"}, status_code=503)
-        if state.serving.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return Response(status_code=200)
+            return "loading" if state.load_error is None else "failed"
+        return "draining" if state.serving.draining else None
 
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": state.version}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    add_common_routes(app, state.version, state.metrics.registry, health)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -186,6 +177,24 @@ def build_app(state: AppState) -> FastAPI:
         return {"prompt": s.tokenizer.decode(ids, skip_special_tokens=False)}
 
     return app
+
+
+def add_common_routes(app: FastAPI, version: str, registry: Any, not_ready: Callable[[], str | None]) -> None:
+    """/health (200, or 503 with {"status": not_ready()} while that says why not), /version and /metrics (the
+    Prometheus text of ``registry``): the routes every fastinfer server has, open without the API key."""
+
+    @app.get("/health")
+    async def health() -> Response:
+        why = not_ready()
+        return Response(status_code=200) if why is None else JSONResponse({"status": why}, status_code=503)
+
+    @app.get("/version")
+    async def version_route() -> dict:
+        return {"version": version}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def until_disconnect(request: Request, work: Any) -> Any:
