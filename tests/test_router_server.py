@@ -417,3 +417,29 @@ def test_generate_config_line_without_group(fakes, tmp_path):
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ["x", "y"]
+
+
+def test_sigterm_drains_then_aborts_a_stream_with_an_error_event(fakes, tmp_path):
+    import threading
+
+    a, _ = fakes
+    a.configure(chunk_delay=0.2)
+    s = _router(_write(tmp_path, _remote_config(*fakes)), "--shutdown-timeout", "1", env={"ROUTER_TEST_KEY": SECRET})
+    events: list = []
+    try:
+        def read() -> None:
+            with s.http.stream("POST", "/v1/chat/completions", json=_chat("remote", stream=True, max_tokens=40)) as r:
+                events.extend(sse_events(r))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_until(lambda: a.stats()["in_flight"] == 1, 10, "the stream upstream")
+        s.terminate()
+        reader.join(20)
+        assert not reader.is_alive()
+        assert s.proc.wait(timeout=20) == 0
+    finally:
+        s.kill()
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == 503 and "shutting down" in events[-2]["error"]["message"]
+    assert len(events) > 3  # what came before the abort was relayed

@@ -85,13 +85,14 @@ class _RelayResponse(Response):
         try:
             await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            client_gone = watching.done()
             watching.cancel()
             aborted = not pumping.done() or pumping.cancelled()
             pumping.cancel()
             await asyncio.gather(pumping, watching, return_exceptions=True)
             self.state.in_flight.discard(pumping)
             await self.stream.aclose()
-            if aborted and self.state.draining and not watching.done():  # shutdown, the client still there
+            if aborted and self.state.draining and not client_gone:  # shutdown, the client still there
                 err = error_body("the server is shutting down; the request was aborted", "service_unavailable", 503)
                 try:
                     await send({"type": "http.response.body", "body": _sse(err) + b"data: [DONE]\n\n",
