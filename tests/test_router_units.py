@@ -202,3 +202,45 @@ def test_sse_error_event_after_events_of_the_same_read():
 def test_sse_end_without_done_is_broken():
     batches, err = _collect([b'data: {"a": 1}\n\n'])
     assert batches == [[{"a": 1}]] and err is not None and err.kind == "stream"
+
+
+def test_a_deployment_refusing_stream_options_still_streams():
+    import asyncio
+
+    from fastinfer.router.backend import Backend
+    from fastinfer.router.config import parse_config
+    from fastinfer.router.router import Router
+
+    class Strict(Backend):
+        """An older OpenAI-compatible server: rejects stream_options."""
+
+        def __init__(self) -> None:
+            self.bodies: list[dict] = []
+
+        async def complete(self, body, chat, timeout):
+            raise AssertionError("not used")
+
+        async def stream(self, body, chat, timeout):
+            self.bodies.append(dict(body))
+            if "stream_options" in body:
+                raise UpstreamError(400, error_body("Unrecognized request argument supplied: stream_options",
+                                                    "invalid_request_error"))
+            yield [{"id": "x", "model": body["model"], "choices": [{"index": 0, "delta": {"content": "hi"}}]}]
+
+    cfg = parse_config("model_list:\n  - model_name: g\n    litellm_params: {model: openai/m, "
+                       "api_base: 'http://127.0.0.1:9/v1'}\n")
+
+    async def run():
+        router = Router(cfg)
+        strict = Strict()
+        router.deployments["g-0"].backend = strict
+        texts = []
+        for _ in range(2):
+            stream = await router.open_stream({"model": "g", "messages": [], "stream": True}, True)
+            texts.append(b"".join([c async for c in stream.events()]))
+        await router.aclose()
+        return strict.bodies, texts
+
+    bodies, texts = asyncio.run(run())
+    assert ["stream_options" in b for b in bodies] == [True, False, False]  # asked once, then never again
+    assert all(b'"content": "hi"' in t and t.endswith(b"data: [DONE]\n\n") for t in texts)

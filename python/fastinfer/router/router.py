@@ -87,6 +87,7 @@ class Router:
             self.groups[spec.group].append(d)
         self.group_names = set(self.groups)
         self._count_tokens = self.settings.routing_strategy == "usage-based-routing"
+        self._no_stream_options: set[str] = set()  # deployments that refused stream_options.include_usage
         self.metrics = RouterMetrics(self.registry, lambda: list(self.deployments.values()))
         self.rng = random.Random(seed)
         self.started = time.time()
@@ -140,13 +141,27 @@ class Router:
             """(the first event, the rest of the stream, start time, time to the first event)."""
             fwd = self._body_for(d, req)
             fwd["stream"] = True
-            options = fwd.get("stream_options") if isinstance(fwd.get("stream_options"), dict) else {}
-            fwd["stream_options"] = {**options, "include_usage": True}  # for the accounting; dropped if unasked
+            asked = not req.include_usage and d.id not in self._no_stream_options
+            if asked:  # the usage chunk, for the accounting; not relayed to a client that did not ask
+                options = fwd.get("stream_options") if isinstance(fwd.get("stream_options"), dict) else {}
+                fwd["stream_options"] = {**options, "include_usage": True}
             timeout = d.spec.stream_timeout or d.spec.timeout or self.settings.timeout
             t0 = self._start(d)
             events = d.backend.stream(fwd, chat, timeout)
             try:
-                first = await anext(events)  # the first batch of events
+                try:
+                    first = await anext(events)  # the first batch of events
+                except UpstreamError as err:
+                    if not (asked and err.status in (400, 422) and "stream_options" in err.message):
+                        raise
+                    # A server that refuses stream_options: stream without it from now on (no token counts).
+                    self._no_stream_options.add(d.id)
+                    log.warning("deployment %s refuses stream_options; its streams are relayed without token "
+                                "or cost accounting", d.id)
+                    await events.aclose()
+                    fwd.pop("stream_options", None)
+                    events = d.backend.stream(fwd, chat, timeout)
+                    first = await anext(events)
             except StopAsyncIteration:
                 err = UpstreamError(502, error_body(f"deployment {d.id}: the stream ended before any event",
                                                     "upstream_error", "upstream_stream_broken"), kind="stream")
