@@ -59,6 +59,90 @@ void linear(const py::object& x_obj, const py::object& packed_obj, const py::obj
   cpu::linear_forward(p);
 }
 
+QType qtype_arg(const std::string& name) {
+  if (name == "q8_0") return QType::kQ8_0;
+  if (name == "q4_0") return QType::kQ4_0;
+  if (name == "q4_1") return QType::kQ4_1;
+  throw py::value_error(cat("qtype: expected one of 'q8_0', 'q4_0', 'q4_1' (the block formats the quantised linear "
+                            "runs), got '", name, "'"));
+}
+
+void check_qk(int64_t k, const char* what) {
+  check(k > 0 && k % kQBlock == 0 && k <= kInt32Max, what, ": in_features must be a positive multiple of ", kQBlock,
+        " (the block size), got ", k);
+}
+
+void check_qpacked(const TensorView& packed, QType t, int64_t n, int64_t k) {
+  check_cpu(packed);
+  if (!packed.is(dl::kUInt, 8)) throw py::type_error(cat(packed.name(), ": expected dtype uint8, got ", packed.dtype_str()));
+  const int64_t want = qlinear_packed_bytes(n, k, t);
+  check(packed.dim() == 1 && packed.size(0) == want, packed.name(), ": expected shape (", want, ",) for a packed (", n, ", ",
+        k, ") weight, got ", packed.shape());
+  check(packed.is_contiguous(), packed.name(), ": must be contiguous");
+}
+
+void qlinear_pack(const py::object& raw_obj, const std::string& qtype, const py::object& k_obj, const py::object& packed_obj,
+                  const std::string& name) {
+  const QType t = qtype_arg(qtype);
+  TensorView raw(raw_obj, "raw"), packed(packed_obj, "packed");
+  const int64_t k = int_arg(k_obj, "k", 0, kInt32Max);
+  const std::string who = name.empty() ? std::string("raw") : name;
+  check_qk(k, who.c_str());
+  check_cpu(raw);
+  if (!raw.is(dl::kUInt, 8)) throw py::type_error(cat(who, ": expected the raw GGUF blocks as uint8, got ", raw.dtype_str()));
+  check_rank(raw, 2, "(out_features, bytes per row)");
+  check_last_contiguous(raw);
+  const int64_t n = raw.size(0), row_bytes = k / kQBlock * qtype_block_bytes(t);
+  check(n <= kInt32Max, who, ": too many rows (", n, ")");
+  check(raw.size(1) == row_bytes, who, ": a ", qtype, " row of ", k, " values is ", row_bytes, " bytes (", k / kQBlock,
+        " blocks of ", qtype_block_bytes(t), "), got ", raw.size(1), " bytes per row");
+  check_qpacked(packed, t, n, k);
+  check_writable(packed);
+  check_disjoint(packed, {&raw});
+  QLinearPackParams p{t, n, k, raw.data<const void>(), raw.stride(0), packed.data<void>()};
+  int64_t bad;
+  {
+    py::gil_scoped_release release;
+    bad = cpu::qlinear_pack(p);
+  }
+  check(bad < 0, who, ": row ", bad, " holds a ", qtype, " block whose scale or offset is not finite (a corrupt block)");
+}
+
+void qlinear(const py::object& x_obj, const py::object& packed_obj, const std::string& qtype, const py::object& bias_obj,
+             const py::object& out_obj) {
+  const QType t = qtype_arg(qtype);
+  TensorView x(x_obj, "x"), packed(packed_obj, "packed_weight"), out(out_obj, "out");
+  const OptTensor bias = view(bias_obj, "bias");
+  check_cpu(x);
+  check_rank(x, 2, "(num_tokens, in_features)");
+  check_last_contiguous(x);
+  const DType dtype = linear_dtype(x);
+  check_cpu(out);
+  check_rank(out, 2, "(num_tokens, out_features)");
+  check_last_contiguous(out);
+  const DType out_dtype = float_dtype(out);
+  if (out_dtype != dtype && out_dtype != DType::kFloat32)
+    throw py::type_error(cat("out: expected dtype ", dtype_name(dtype), " (same as x)",
+                             dtype == DType::kFloat32 ? "" : " or float32", ", got ", out.dtype_str()));
+  check(out.size(0) == x.size(0), "out: expected ", x.size(0), " rows (as x), got shape ", out.shape());
+  const int64_t n = out.size(1), k = x.size(1);
+  check_qk(k, "x");
+  check_qpacked(packed, t, n, k);
+  if (bias) {
+    check_cpu(*bias);
+    if (float_dtype(*bias) != dtype)
+      throw py::type_error(cat("bias: expected dtype ", dtype_name(dtype), " (same as x), got ", bias->dtype_str()));
+    check_shape(*bias, {n});
+    check(n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
+  }
+  check_writable(out);
+  check_disjoint(out, {&x, &packed, ptr(bias)});
+  QLinearParams p{t, dtype, out_dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
+                  bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0)};
+  py::gil_scoped_release release;
+  cpu::qlinear_forward(p);
+}
+
 }  // namespace
 
 void bind_linear(py::module_& m) {
@@ -74,6 +158,20 @@ void bind_linear(py::module_& m) {
   }, py::arg("n"), py::arg("k"), py::arg("dtype"));
   m.def("linear", &linear, py::arg("x"), py::arg("packed_weight"), py::arg("bias"), py::arg("out"),
         "out = x @ W^T (+ bias) on the CPU with W packed by linear_pack; accumulates in float32.");
+  m.def("qlinear_pack", &qlinear_pack, py::arg("raw"), py::arg("qtype"), py::arg("k"), py::arg("packed"),
+        py::arg("name") = std::string(),
+        "Repack a GGUF-quantised (out_features, k) weight, given as its raw blocks (uint8, one row of blocks per "
+        "output), into `packed` (uint8, qlinear_packed_bytes bytes). `name` names the tensor in errors.");
+  m.def("qlinear_packed_bytes", [](const py::object& n_obj, const py::object& k_obj, const std::string& qtype) {
+    const QType t = qtype_arg(qtype);
+    const int64_t n = int_arg(n_obj, "qlinear_packed_bytes: n", 0, kInt32Max);
+    const int64_t k = int_arg(k_obj, "qlinear_packed_bytes: k", 0, kInt32Max);
+    check_qk(k, "qlinear_packed_bytes");
+    return qlinear_packed_bytes(n, k, t);
+  }, py::arg("n"), py::arg("k"), py::arg("qtype"));
+  m.def("qlinear", &qlinear, py::arg("x"), py::arg("packed_weight"), py::arg("qtype"), py::arg("bias"), py::arg("out"),
+        "out = x @ W^T (+ bias) on the CPU with W quantised (packed by qlinear_pack); x is quantised to int8 per "
+        "32-block on the fly.");
 }
 
 }  // namespace fastinfer::bindings

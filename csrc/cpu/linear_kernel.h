@@ -220,3 +220,6 @@ namespace fastinfer::cpu {
 // This level's tile kernel (linear_tile_<suffix>, declared in linear_cpu.h).
 LinearTileFn FI_ISA_CAT(linear_tile_, FI_ISA_NS)() { return &FI_ISA_NS::linear_tile; }
 }  // namespace fastinfer::cpu
+
+// The quantised linear's kernels share this level's flags, helpers and translation unit.
+#include "cpu/qlinear_kernel.h"

@@ -9,6 +9,7 @@
 #include "fastinfer/decoder.h"
 #include "fastinfer/linear.h"
 #include "fastinfer/pointwise.h"
+#include "fastinfer/qlinear.h"
 
 namespace fastinfer::cpu {
 
@@ -26,6 +27,11 @@ void attention_backward(const AttentionBackwardParams& p);
 // Packed linear (linear_dispatch.cpp).
 void linear_forward(const LinearParams& p);
 void linear_pack(const LinearPackParams& p);
+
+// Quantised linear (qlinear_dispatch.cpp). qlinear_pack returns -1, or the first row of W holding a
+// block whose scale or offset is not finite (nothing is packed then).
+void qlinear_forward(const QLinearParams& p);
+int64_t qlinear_pack(const QLinearPackParams& p);
 
 // Pointwise ops (pointwise_dispatch.cpp).
 void rms_norm(const RmsNormParams& p);

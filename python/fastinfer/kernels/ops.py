@@ -7,6 +7,7 @@ each, outputs allocated like the inputs (torch or numpy).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,11 @@ from fastinfer import _C
 from fastinfer.kernels.arrays import (as_index, as_index_traceable, float_arg, int_arg, is_torch, kernel_view,
                                       launch_kwargs, require_array)
 
-__all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "rms_norm", "act_and_mul", "rotary_embedding_"]
+__all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "QuantizedPacked", "QUANT_TYPES", "rms_norm",
+           "act_and_mul", "rotary_embedding_"]
+
+# GGUF block formats the CPU linear runs natively: elements per block and bytes per block.
+QUANT_TYPES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20)}
 
 
 def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -54,28 +59,89 @@ def _dtype_name(x: Any) -> str:
     return str(x.dtype).replace("torch.", "")
 
 
-def pack_linear_weight(weight: Any) -> Any:
+@dataclass(frozen=True, slots=True)
+class QuantizedPacked:
+    """A quantised weight packed by ``pack_linear_weight(raw, qtype=...)``: what :func:`linear` needs."""
+
+    data: Any  # 1-D uint8 (the framework of the raw blocks), _C.qlinear_packed_bytes(out, in, qtype) bytes
+    qtype: str  # "q8_0", "q4_0" or "q4_1"
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes) if hasattr(self.data, "nbytes") else int(self.data.numel())
+
+
+def quant_type_name(qtype: Any) -> str:
+    """"q4_1" from "q4_1", "Q4_1" or gguf's GGMLQuantizationType.Q4_1."""
+    name = getattr(qtype, "name", qtype)
+    if not isinstance(name, str):
+        raise TypeError(f"qtype: expected a GGUF type name such as 'q4_1', got {qtype!r}")
+    return name.lower()
+
+
+def pack_linear_weight(weight: Any, qtype: Any = None, name: str = "weight") -> Any:
     """Repack a projection weight for :func:`linear` (done once, at model load).
 
     Parameters
     ----------
-    weight : (out_features, in_features) float32 or bfloat16, on the CPU, rows contiguous
+    weight : (out_features, in_features) float32 or bfloat16, on the CPU, rows contiguous; or, with
+        ``qtype``, the GGUF-quantised weight as its raw blocks: (out_features, bytes per row) uint8,
+        one row of blocks per output (what gguf's reader and ``gguf.quants.quantize`` give)
+    qtype : None for a float weight, else its GGUF block type: "q8_0", "q4_0" or "q4_1" (any case, or
+        gguf's GGMLQuantizationType); another type is a ValueError naming ``name`` and the type
+    name : the tensor's name in error messages
 
     Returns
     -------
-    packed : 1-D, same dtype and framework, ``_C.linear_packed_numel(out, in, dtype)`` elements:
-        64-output panels, each contiguous, so a decode step streams the weights in memory order.
+    packed : for a float weight, 1-D, same dtype and framework, ``_C.linear_packed_numel(out, in, dtype)``
+        elements: 64-output panels, each contiguous, so a decode step streams the weights in memory
+        order. For a quantised weight, a :class:`QuantizedPacked` whose ``data`` holds the blocks
+        repacked into 8-row interleaved panels (``_C.qlinear_packed_bytes`` bytes), still quantised.
     """
     require_array(weight, "weight")
+    if qtype is not None:
+        return _pack_quantized(weight, quant_type_name(qtype), name)
     if len(weight.shape) != 2:
         raise ValueError(f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(weight.shape)}")
-    name = _dtype_name(weight)
-    if name not in ("float32", "bfloat16"):
-        raise TypeError(f"weight: the CPU linear takes float32 or bfloat16, got {name}")
+    dtype = _dtype_name(weight)
+    if dtype not in ("float32", "bfloat16"):
+        raise TypeError(f"weight: the CPU linear takes float32 or bfloat16, got {dtype}")
     n, k = (int(s) for s in weight.shape)
-    packed = _empty(weight, (_C.linear_packed_numel(n, k, name),))
+    packed = _empty(weight, (_C.linear_packed_numel(n, k, dtype),))
     _C.linear_pack(kernel_view(weight), kernel_view(packed))
     return packed
+
+
+def _pack_quantized(raw: Any, qtype: str, name: str) -> QuantizedPacked:
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"{name}: {qtype} has no native CPU kernel (native: {', '.join(QUANT_TYPES)}); dequantise "
+                         "it first")
+    if len(raw.shape) != 2:
+        raise ValueError(f"{name}: expected the raw blocks as (out_features, bytes per row), got shape "
+                         f"{tuple(raw.shape)}")
+    if _dtype_name(raw) != "uint8":
+        raise TypeError(f"{name}: expected the raw {qtype} blocks as uint8, got {_dtype_name(raw)}")
+    elems, block_bytes = QUANT_TYPES[qtype]
+    n, row_bytes = (int(s) for s in raw.shape)
+    if row_bytes % block_bytes:
+        raise ValueError(f"{name}: {row_bytes} bytes per row is not a whole number of {qtype} blocks "
+                         f"({block_bytes} bytes each)")
+    k = row_bytes // block_bytes * elems
+    if k == 0:
+        raise ValueError(f"{name}: rows of 0 bytes")
+    size = _C.qlinear_packed_bytes(n, k, qtype)
+    if isinstance(raw, np.ndarray) and not raw.flags.writeable:  # gguf's memory map: DLPack cannot export it
+        raw = np.array(raw)
+    if is_torch(raw):
+        import torch
+
+        data = torch.empty(size, dtype=torch.uint8, device=raw.device)
+    else:
+        data = np.empty(size, dtype=np.uint8)
+    _C.qlinear_pack(kernel_view(raw), qtype, k, kernel_view(data), name)
+    return QuantizedPacked(data, qtype, n, k)
 
 
 def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_float32: bool = False) -> Any:
@@ -85,7 +151,9 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     Parameters
     ----------
     x : (..., in_features) float32 or bfloat16, CPU, last axis contiguous
-    packed_weight : from ``pack_linear_weight`` of an (out_features, in_features) weight of x's dtype
+    packed_weight : from ``pack_linear_weight`` of an (out_features, in_features) weight of x's dtype, or
+        the QuantizedPacked of a quantised one (x is then quantised to int8 per 32-block on the fly,
+        ggml's scheme, for up to 16 rows; more rows dequantise each panel once and run the float kernel)
     out_features : rows of the original weight
     bias : (out_features,) of x's dtype, or None
     out_float32 : return float32 whatever x's dtype: the float32 sums unrounded (logits from a bf16
@@ -97,6 +165,9 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     """
     require_array(x, "x")
     out_features = int_arg(out_features, "out_features")
+    quantized = isinstance(packed_weight, QuantizedPacked)
+    if quantized and out_features != packed_weight.out_features:
+        raise ValueError(f"out_features: the packed weight has {packed_weight.out_features}, got {out_features}")
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1]) if len(x.shape) != 2 else x
     shape = (x2.shape[0], out_features)
@@ -108,7 +179,11 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
         out = np.empty(shape, dtype=np.float32)
     else:
         out = _empty(x, shape)
-    _C.linear(kernel_view(x2), kernel_view(packed_weight), kernel_view(bias), kernel_view(out))
+    if quantized:
+        _C.qlinear(kernel_view(x2), kernel_view(packed_weight.data), packed_weight.qtype, kernel_view(bias),
+                   kernel_view(out))
+    else:
+        _C.linear(kernel_view(x2), kernel_view(packed_weight), kernel_view(bias), kernel_view(out))
     return out.reshape(*lead, out_features) if len(lead) != 1 else out
 
 

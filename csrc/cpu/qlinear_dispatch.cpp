@@ -1,0 +1,138 @@
+// ISA-independent driver of the quantised CPU linear: quantises the activations once per call,
+// runs one task per 64-output panel on the thread pool (int8 dot products for small batches; for
+// large ones the panel is dequantised once into the float linear's layout and its tile kernel runs
+// every row), and repacks GGUF blocks into the panel layout of qlinear.h.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/cpu_features.h"
+#include "cpu/qlinear_cpu.h"
+#include "cpu/scratch.h"
+#include "cpu/thread_pool.h"
+
+namespace fastinfer::cpu {
+
+namespace {
+
+// Up to this many rows the int8 dot kernel runs; above, dequantising each panel once and running
+// the float tile (bf16 AMX / AVX-512 BF16 where the CPU has them) is faster per row.
+constexpr int64_t kDotMaxRows = 16;
+constexpr int64_t kRowChunk = 48;  // rows per float tile call, as the float linear
+
+QLinearKernels pick_kernels() {
+#define FI_ISA_ROW(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) FI_ISA_ENTRY(arch, lin, qlinear_kernels_##suffix)
+  static constexpr QLinearKernels (*kTable[])() = {FI_CPU_ISAS(FI_ISA_ROW)};
+#undef FI_ISA_ROW
+  return pick_isa(kTable)();
+}
+
+struct QActScratch;    // the quantised activations (calling thread)
+struct QPanelScratch;  // a dequantised panel and the float tile's scratch (each worker)
+
+bool finite_f16(uint16_t h) { return (h & 0x7c00) != 0x7c00; }
+
+float f16_value(uint16_t h) {
+  const int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  const float a = exp == 0 ? std::ldexp(static_cast<float>(man), -24)
+                           : exp == 31 ? (man ? NAN : INFINITY) : std::ldexp(static_cast<float>(man | 0x400), exp - 25);
+  return (h & 0x8000) ? -a : a;
+}
+
+// float -> half, rounding to nearest (used for -8 d of q4_0, which is exact unless it overflows).
+uint16_t f32_to_f16(float f) {
+  const uint16_t sign = std::signbit(f) ? 0x8000 : 0;
+  const float a = std::fabs(f);
+  if (a == 0.f) return sign;
+  if (!(a < 65520.f)) return static_cast<uint16_t>(sign | 0x7c00);
+  int e;
+  std::frexp(a, &e);  // a = mantissa * 2^e, mantissa in [0.5, 1)
+  if (e - 1 < -14) return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(std::ldexp(a, 24))));
+  int mant = static_cast<int>(std::nearbyint(std::ldexp(a, 11 - e)));  // [1024, 2048]
+  if (mant == 2048) mant = 1024, ++e;
+  return static_cast<uint16_t>(sign | ((e - 1 + 15) << 10) | (mant - 1024));
+}
+
+}  // namespace
+
+void qlinear_forward(const QLinearParams& p) {
+  if (p.m == 0 || p.n == 0) return;
+  const QLinearKernels kern = pick_kernels();
+  const int64_t panels = linear_panels(p.n), nb = p.k / kQBlock;
+  if (p.m <= kDotMaxRows) {
+    char* buf = thread_scratch<QActScratch>(p.m * p.k + 2 * sizeof(float) * p.m * nb + 64);
+    int8_t* qa = reinterpret_cast<int8_t*>(buf);
+    float* da = reinterpret_cast<float*>(buf + (p.m * p.k + 63) / 64 * 64);
+    float* as = da + p.m * nb;
+    kern.quantize(p, qa, da, as);
+    auto run = [&](int64_t panel, int) { kern.panel(p, panel, qa, da, as); };
+    if (num_threads() == 1 || p.n * p.k < (int64_t(1) << 16)) {
+      for (int64_t t = 0; t < panels; ++t) run(t, 0);
+    } else {
+      parallel_for(panels, run);
+    }
+    return;
+  }
+  const LinearTileFn tile = active_linear_tile();
+  const int64_t esz = dtype_size(p.dtype), out_esz = dtype_size(p.out_dtype);
+  const int64_t panel_bytes = (esz * kLinearPanel * p.k + 63) / 64 * 64;
+  const int64_t tile_floats = linear_scratch_floats(p.k);
+  parallel_for(panels, [&](int64_t panel, int) {
+    char* buf = thread_scratch<QPanelScratch>(panel_bytes + sizeof(float) * tile_floats);
+    kern.dequantize(p, panel, buf);
+    const int64_t col0 = panel * kLinearPanel;
+    LinearParams lp{p.dtype, p.out_dtype, p.m, std::min<int64_t>(kLinearPanel, p.n - col0), p.k, p.x, p.x_row_stride, buf,
+                    p.bias ? static_cast<const char*>(p.bias) + esz * col0 : nullptr,
+                    static_cast<char*>(p.out) + out_esz * col0, p.out_row_stride};
+    float* scratch = reinterpret_cast<float*>(buf + panel_bytes);
+    for (int64_t r0 = 0; r0 < p.m; r0 += kRowChunk) tile(lp, 0, r0, std::min(p.m, r0 + kRowChunk), -1, scratch);
+  });
+}
+
+int64_t qlinear_pack(const QLinearPackParams& p) {
+  const int64_t nb = p.k / kQBlock, sub_bytes = nb * qpacked_block_bytes(p.qtype), vb = qtype_value_bytes(p.qtype);
+  const int64_t block_bytes = qtype_block_bytes(p.qtype), subs = kLinearPanel / kQRows;
+  // A scale or offset that is not finite would poison every output: refuse the tensor instead.
+  for (int64_t row = 0; row < p.n; ++row) {
+    const uint8_t* src = static_cast<const uint8_t*>(p.raw) + row * p.raw_row_stride;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = src + b * block_bytes;
+      uint16_t d, m = 0;
+      std::memcpy(&d, blk, 2);
+      if (p.qtype == QType::kQ4_1) std::memcpy(&m, blk + 2, 2);
+      if (!finite_f16(d) || !finite_f16(m)) return row;
+      if (p.qtype == QType::kQ4_0 && !finite_f16(f32_to_f16(-8.f * f16_value(d)))) return row;
+    }
+  }
+  parallel_for(linear_panels(p.n) * subs, [&](int64_t task, int) {
+    uint8_t* dst = static_cast<uint8_t*>(p.packed) + task * sub_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* values = dst + b * qpacked_block_bytes(p.qtype);
+      uint16_t* d = reinterpret_cast<uint16_t*>(values + kQRows * vb);
+      uint16_t* m = d + kQRows;
+      for (int r = 0; r < kQRows; ++r) {
+        const int64_t row = task * kQRows + r;
+        if (row >= p.n) {  // padding rows of the last panel: zero weights
+          std::memset(values + r * vb, 0, vb);
+          d[r] = 0;
+          if (qtype_has_offset(p.qtype)) m[r] = 0;
+          continue;
+        }
+        const uint8_t* blk = static_cast<const uint8_t*>(p.raw) + row * p.raw_row_stride + b * block_bytes;
+        std::memcpy(&d[r], blk, 2);
+        if (p.qtype == QType::kQ8_0) {
+          std::memcpy(values + r * vb, blk + 2, 32);
+        } else if (p.qtype == QType::kQ4_0) {
+          std::memcpy(values + r * vb, blk + 2, 16);
+          m[r] = f32_to_f16(-8.f * f16_value(d[r]));
+        } else {
+          std::memcpy(&m[r], blk + 2, 2);
+          std::memcpy(values + r * vb, blk + 4, 16);
+        }
+      }
+    }
+  });
+  return -1;
+}
+
+}  // namespace fastinfer::cpu
