@@ -145,7 +145,7 @@ def test_bad_arguments(checkpoints):
 @pytest.fixture(scope="module")
 def default_llm():
     default_model_or_skip()
-    return LLM(None, dtype="float32", kv_cache_memory_bytes=1 << 26)
+    return LLM(None, dtype="float32", kv_cache_memory_bytes=1 << 26, quantization=None)  # as transformers: dequantised
 
 
 def test_default_model_chat_and_greedy_match_transformers(default_llm):

@@ -175,4 +175,28 @@ DType check_rows(const TensorView& t, int rank, const char* layout, const DType*
 }
 
 
+// ---- the quantised linear's operands (linear.cpp, decoder.cpp)
+
+QType qtype_arg(const std::string& name) {
+  if (name == "q8_0") return QType::kQ8_0;
+  if (name == "q4_0") return QType::kQ4_0;
+  if (name == "q4_1") return QType::kQ4_1;
+  throw py::value_error(cat("qtype: expected one of 'q8_0', 'q4_0', 'q4_1' (the block formats the quantised linear "
+                            "runs), got '", name, "'"));
+}
+
+void check_qk(int64_t k, const char* what) {
+  check(k > 0 && k % kQBlock == 0 && k <= kInt32Max, what, ": in_features must be a positive multiple of ", kQBlock,
+        " (the block size), got ", k);
+}
+
+void check_qpacked(const TensorView& packed, QType t, int64_t n, int64_t k) {
+  check_cpu(packed);
+  if (!packed.is(dl::kUInt, 8)) throw py::type_error(cat(packed.name(), ": expected dtype uint8, got ", packed.dtype_str()));
+  const int64_t want = qlinear_packed_bytes(n, k, t);
+  check(packed.dim() == 1 && packed.size(0) == want, packed.name(), ": expected shape (", want, ",) for a packed (", n, ", ",
+        k, ") weight, got ", packed.shape());
+  check(packed.is_contiguous(), packed.name(), ": must be contiguous");
+}
+
 }  // namespace fastinfer::bindings

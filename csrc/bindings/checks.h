@@ -12,6 +12,7 @@
 
 #include "bindings/dlpack_view.h"
 #include "fastinfer/attention.h"
+#include "fastinfer/qlinear.h"
 
 namespace fastinfer::bindings {
 
@@ -70,5 +71,11 @@ void check_cpu(const TensorView& t);
 void check_packed(const TensorView& packed, DType dtype, int64_t n, int64_t k);
 // x-like operand: CPU, float32/bfloat16 (= *dtype if given), `rank` dimensions, last one contiguous.
 DType check_rows(const TensorView& t, int rank, const char* layout, const DType* dtype);
+
+// The quantised linear: a qtype name ("q8_0", "q4_0", "q4_1"), in_features a positive multiple of the
+// block, and a packed weight of qlinear_packed_bytes(n, k, t) uint8.
+QType qtype_arg(const std::string& name);
+void check_qk(int64_t k, const char* what);
+void check_qpacked(const TensorView& packed, QType t, int64_t n, int64_t k);
 
 }  // namespace fastinfer::bindings

@@ -25,10 +25,14 @@ struct StackConfig {
   int heads, kv_heads, head_dim;
   float norm_eps, softmax_scale;
   Activation act;
+  std::string dtype;  // "float32" / "bfloat16" of the activations; "" = the first projection's
 
   StackConfig(const py::object& hidden_obj, const py::object& intermediate_obj, const py::object& heads_obj,
               const py::object& kv_heads_obj, const py::object& head_dim_obj, const py::object& norm_eps_obj,
-              const py::object& softmax_scale_obj, const std::string& act_name) {
+              const py::object& softmax_scale_obj, const std::string& act_name, const std::string& dtype_name_)
+      : dtype(dtype_name_) {
+    check(dtype.empty() || dtype == "float32" || dtype == "bfloat16", "dtype: expected 'float32' or 'bfloat16', got '",
+          dtype, "'");
     hidden = int_arg(hidden_obj, "hidden", 1, kInt32Max);
     intermediate = int_arg(intermediate_obj, "intermediate", 1, kInt32Max);
     heads = static_cast<int>(int_arg(heads_obj, "heads", 1, kInt32Max));
@@ -78,6 +82,7 @@ class CpuDecoder {
   CpuDecoder(const StackConfig& config, const py::object& final_norm, const py::list& layers) {
     check(py::len(layers) > 0, "layers: expected at least one layer");
     DecoderConfig& c = config_;
+    dtype_ = config.dtype;
     c.hidden = config.hidden;
     c.intermediate = config.intermediate;
     c.heads = config.heads;
@@ -246,11 +251,24 @@ class CpuDecoder {
 
   PackedProjection projection(const py::object& w_obj, const py::object& bias_obj, int64_t n, int64_t k, bool first,
                               const std::string& name) {
-    TensorView w(w_obj, name.c_str());
+    // A quantised projection is ops.QuantizedPacked: its uint8 `data` and its `qtype`.
+    const bool quantized = py::hasattr(w_obj, "qtype") && py::hasattr(w_obj, "data");
+    const py::object data_obj = quantized ? py::object(w_obj.attr("data")) : w_obj;
+    TensorView w(data_obj, name.c_str());
     check_cpu(w);
-    if (first) config_.dtype = linear_dtype(w);
-    check_packed(w, config_.dtype, n, k);
-    PackedProjection p{w.data<const void>(), nullptr};
+    if (first) {
+      check(!quantized || !dtype_.empty(), name, ": a quantised projection needs CpuDecoderConfig(dtype=...)");
+      config_.dtype = !dtype_.empty() ? (dtype_ == "float32" ? DType::kFloat32 : DType::kBFloat16) : linear_dtype(w);
+    }
+    PackedProjection p{w.data<const void>(), nullptr, -1};
+    if (quantized) {
+      const QType t = qtype_arg(py::cast<std::string>(w_obj.attr("qtype")));
+      check(k % kQBlock == 0, name, ": a quantised projection needs in_features a multiple of ", kQBlock, ", got ", k);
+      check_qpacked(w, t, n, k);
+      p.qtype = static_cast<int>(t);
+    } else {
+      check_packed(w, config_.dtype, n, k);
+    }
     if (!bias_obj.is_none()) {
       const std::string bias_name = name + "_bias";
       TensorView b(bias_obj, bias_name.c_str());
@@ -262,11 +280,12 @@ class CpuDecoder {
       p.bias = b.data<const void>();
       keep_.append(bias_obj);
     }
-    keep_.append(w_obj);
+    keep_.append(data_obj);
     return p;
   }
 
   DecoderConfig config_{};
+  std::string dtype_;  // StackConfig.dtype
   int64_t num_blocks_ = 0;
   py::list keep_;    // the weight tensors: alive as long as this object
   py::list caches_;  // the bound (k, v) pairs
@@ -277,9 +296,10 @@ class CpuDecoder {
 void bind_decoder(py::module_& m) {
   py::class_<StackConfig>(m, "CpuDecoderConfig", "Sizes and constants of a CpuDecoder stack, checked when built.")
       .def(py::init<const py::object&, const py::object&, const py::object&, const py::object&, const py::object&,
-                    const py::object&, const py::object&, const std::string&>(),
+                    const py::object&, const py::object&, const std::string&, const std::string&>(),
            py::kw_only(), py::arg("hidden"), py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"),
-           py::arg("head_dim"), py::arg("norm_eps"), py::arg("softmax_scale"), py::arg("act"))
+           py::arg("head_dim"), py::arg("norm_eps"), py::arg("softmax_scale"), py::arg("act"),
+           py::arg("dtype") = std::string())
       .def_readonly("hidden", &StackConfig::hidden)
       .def_readonly("intermediate", &StackConfig::intermediate)
       .def_readonly("heads", &StackConfig::heads)

@@ -59,28 +59,6 @@ void linear(const py::object& x_obj, const py::object& packed_obj, const py::obj
   cpu::linear_forward(p);
 }
 
-QType qtype_arg(const std::string& name) {
-  if (name == "q8_0") return QType::kQ8_0;
-  if (name == "q4_0") return QType::kQ4_0;
-  if (name == "q4_1") return QType::kQ4_1;
-  throw py::value_error(cat("qtype: expected one of 'q8_0', 'q4_0', 'q4_1' (the block formats the quantised linear "
-                            "runs), got '", name, "'"));
-}
-
-void check_qk(int64_t k, const char* what) {
-  check(k > 0 && k % kQBlock == 0 && k <= kInt32Max, what, ": in_features must be a positive multiple of ", kQBlock,
-        " (the block size), got ", k);
-}
-
-void check_qpacked(const TensorView& packed, QType t, int64_t n, int64_t k) {
-  check_cpu(packed);
-  if (!packed.is(dl::kUInt, 8)) throw py::type_error(cat(packed.name(), ": expected dtype uint8, got ", packed.dtype_str()));
-  const int64_t want = qlinear_packed_bytes(n, k, t);
-  check(packed.dim() == 1 && packed.size(0) == want, packed.name(), ": expected shape (", want, ",) for a packed (", n, ", ",
-        k, ") weight, got ", packed.shape());
-  check(packed.is_contiguous(), packed.name(), ": must be contiguous");
-}
-
 void qlinear_pack(const py::object& raw_obj, const std::string& qtype, const py::object& k_obj, const py::object& packed_obj,
                   const std::string& name) {
   const QType t = qtype_arg(qtype);

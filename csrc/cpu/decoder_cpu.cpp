@@ -41,6 +41,11 @@ Buffers carve(const DecoderConfig& c, const DecoderStep& s) {
 }
 
 void project(const DecoderConfig& c, int64_t t, const void* x, int64_t k, const PackedProjection& w, int64_t n, void* out) {
+  if (w.qtype >= 0) {
+    QLinearParams p{static_cast<QType>(w.qtype), c.dtype, c.dtype, t, n, k, x, k, w.w_packed, w.bias, out, n};
+    qlinear_forward(p);
+    return;
+  }
   LinearParams p{c.dtype, c.dtype, t, n, k, x, k, w.w_packed, w.bias, out, n};
   linear_forward(p);
 }

@@ -12,10 +12,12 @@
 
 namespace fastinfer {
 
-// One projection: a weight packed by linear_pack (see linear.h), optional bias (n,).
+// One projection: a weight packed by linear_pack (see linear.h), or quantised and packed by
+// qlinear_pack (qlinear.h); optional bias (n,).
 struct PackedProjection {
   const void* w_packed;
   const void* bias;  // or null
+  int qtype = -1;    // a QType: w_packed is quantised; -1: float, in the config's dtype
 };
 
 struct DecoderLayerWeights {

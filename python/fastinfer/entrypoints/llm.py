@@ -20,6 +20,7 @@ from fastinfer.engine.llm_engine import LLMEngine
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.engine.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 from fastinfer.loading import load_model
+from fastinfer.models.quantized import check_quantization
 
 Prompt = Union[str, list[int], dict]
 Conversation = list[dict]
@@ -74,13 +75,17 @@ class LLM:
     seed : seed of the engine's generator (requests with their own seed use their own)
     max_logprobs : the most logprobs a request may ask for (vLLM's name and default); more raises ValueError
     allow_pickle : permit ``.bin`` PyTorch checkpoints (loaded with ``weights_only=True``)
+    quantization : "auto" (a GGUF's quantised weights stay quantised and run natively on the CPU wherever a
+        kernel exists: q8_0, q4_0, q4_1; other types are dequantised, with one warning naming them), None
+        (every weight dequantised to ``dtype``) or "q8_0" (float weights quantised to Q8_0 at load)
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  max_model_len: int | None = None, block_size: int = 16,
                  kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 seed: int = 0, max_logprobs: int = 20, allow_pickle: bool = False) -> None:
+                 seed: int = 0, max_logprobs: int = 20, allow_pickle: bool = False,
+                 quantization: str | None = "auto") -> None:
         # Settings that need no model are checked before the (slow) load; each error names its field first.
         check_int("max_logprobs", max_logprobs, 0, MAX_LOGPROBS_LIMIT)
         if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX:
@@ -94,9 +99,10 @@ class LLM:
             check_int("max_num_batched_tokens", max_num_batched_tokens, 1, MAX_TOKENS_PER_CALL)
         if not isinstance(allow_pickle, bool):
             raise ValueError(f"allow_pickle must be a bool, got {allow_pickle!r}")
+        check_quantization(quantization)
         dev = _resolve_device(device)
         cache.check_fits(dev)
-        loaded = load_model(model, dtype=dtype, device=str(dev), allow_pickle=allow_pickle)
+        loaded = load_model(model, dtype=dtype, device=str(dev), allow_pickle=allow_pickle, quantization=quantization)
         cfg = loaded.config
         self.model_path = loaded.path
         self.config = cfg

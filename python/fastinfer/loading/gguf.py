@@ -69,13 +69,16 @@ _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 def read_gguf(
-    path: str | os.PathLike[str],
-) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]], Tokenizer, dict[str, Any]]:
+    path: str | os.PathLike[str], native_types: frozenset[str] = frozenset(),
+) -> tuple[dict[str, Any], Iterator[tuple[str, Any]], Tokenizer, dict[str, Any]]:
     """Read a GGUF file as ``(hf_config, named_weights, tokenizer, generation_config)``.
 
     ``named_weights`` yields ``(hf_name, float32 tensor in Hugging Face shape)`` one tensor at a time (the file
     is memory-mapped, so only the tensor being dequantised is in memory). Every check that can fail (format,
     architecture, tensor types, missing or unknown tensors, truncation) runs before this returns.
+    2-D weights whose type is in ``native_types`` (GGUF type names, e.g. "Q4_1") come as
+    ``fastinfer.models.quantized.QuantizedTensor`` (their raw blocks) instead, for the quantised CPU linear; the
+    types dequantised then are in the iterator's ``dequantised_types`` once it is exhausted.
     """
     path = os.fspath(path)
     file = open_gguf(path)
@@ -90,7 +93,7 @@ def read_gguf(
     }
     if special.get("pad_token_id") is not None:
         generation_config["pad_token_id"] = special["pad_token_id"]
-    return config, _dequantised(path, config, arch, plan), tokenizer, generation_config
+    return config, _dequantised(path, config, arch, plan, native_types), tokenizer, generation_config
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -311,13 +314,24 @@ def _required_tensors(config: dict[str, Any], arch: Architecture) -> list[str]:
 
 
 def _dequantised(
-    path: str, config: dict[str, Any], arch: Architecture, plan: list[tuple[str, TensorInfo]]
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: str, config: dict[str, Any], arch: Architecture, plan: list[tuple[str, TensorInfo]],
+    native_types: frozenset[str] = frozenset(),
+) -> Iterator[tuple[str, Any]]:
     from gguf import dequantize
+
+    from fastinfer.models.quantized import QuantizedTensor
 
     unpermute, norm_offset = arch.gguf.unpermute_qk, arch.gguf.norm_offset
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     for hf_name, t in plan:
+        if native_types and len(t.hf_shape) == 2 and t.type.name in native_types:
+            raw = np.asarray(t.data)
+            if unpermute and ".attn_q." in t.name:
+                raw = _unpermute_rows(raw, heads)
+            elif unpermute and ".attn_k." in t.name:
+                raw = _unpermute_rows(raw, kv_heads)
+            yield hf_name, QuantizedTensor(t.name, t.type.name.lower(), raw, tuple(t.hf_shape))
+            continue
         try:
             array = dequantize(t.data, t.type)
         except Exception as e:  # gguf raises NotImplementedError / ValueError from deep inside
@@ -331,6 +345,12 @@ def _dequantised(
         if norm_offset and t.name.endswith("norm.weight"):
             weight -= 1.0
         yield hf_name, weight
+
+
+def _unpermute_rows(raw: np.ndarray, n_head: int) -> np.ndarray:
+    """``_unpermute_rotary`` on the rows of a quantised weight's raw blocks (each row's blocks stay whole)."""
+    rows = raw.shape[0]
+    return np.ascontiguousarray(raw.reshape(n_head, rows // n_head // 2, 2, -1).transpose(0, 2, 1, 3).reshape(raw.shape))
 
 
 def _unpermute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -21,6 +22,7 @@ from fastinfer.loading.hf import check_fits, iter_tensors, resolve_hf_cache, tex
 from fastinfer.loading.tokenizer import Tokenizer
 from fastinfer.models import build_model, load_weights
 from fastinfer.models.config import ConfigError, ModelConfig, is_multimodal
+from fastinfer.models.quantized import check_quantization, quantize_q8_0
 
 __all__ = ["DTYPES", "LoadError", "LoadedModel", "default_model_path", "load_model", "resolve_hf_cache"]
 
@@ -48,7 +50,7 @@ def default_model_path() -> str:
 
 
 def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               allow_pickle: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, quantization: Optional[str] = None) -> LoadedModel:
     """Load weights, config, tokenizer and generation config.
 
     Parameters
@@ -58,15 +60,39 @@ def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "
     dtype : "auto" (the checkpoint's dtype, float16 included; if it names none, float32 for Hugging Face
         folders and bfloat16 for GGUF), "float32", "bfloat16", "float16" or a torch dtype
     allow_pickle : also load ``pytorch_model*.bin`` files (torch.load with weights_only=True)
+    quantization : None (every weight in ``dtype``), "auto" (a GGUF's quantised tensors stay quantised and run
+        natively on the CPU where a kernel exists; other types are dequantised, with one warning naming them)
+        or "q8_0" (float weights, a GGUF's dequantised ones included, quantised to Q8_0 at load)
     """
+    check_quantization(quantization)
     path = default_model_path() if path_or_id is None else str(path_or_id)
+    if quantization is not None and device != "cpu":
+        if quantization == "q8_0" or path.endswith(".gguf"):  # "auto" changes nothing for a float checkpoint
+            warn_once(f"quantization={quantization!r}: the quantised kernels run on the CPU only; on {device} every "
+                      f"weight is dequantised to the model dtype")
+        quantization = None
     if path.endswith(".gguf"):
-        return _load_gguf(path, dtype, device)
+        return _load_gguf(path, dtype, device, quantization)
     if os.path.isdir(path):
-        return _load_hf_folder(Path(path), dtype, device, allow_pickle)
+        return _load_hf_folder(Path(path), dtype, device, allow_pickle, quantization)
     if os.path.exists(path):
         raise LoadError(f"{path}: not a folder or a .gguf file")
-    return _load_hf_folder(resolve_hf_cache(path), dtype, device, allow_pickle)
+    return _load_hf_folder(resolve_hf_cache(path), dtype, device, allow_pickle, quantization)
+
+
+def warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _quantized_q8_0(named: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Every 2-D float weight as Q8_0 blocks (rows of whole 32-blocks only; others stay float)."""
+    for name, tensor in named:
+        if isinstance(tensor, torch.Tensor) and tensor.ndim == 2:
+            q = quantize_q8_0(name, tensor)
+            if q is not None:
+                yield name, q
+                continue
+        yield name, tensor
 
 
 def _torch_dtype(dtype: str | torch.dtype, declared: Optional[str], fallback: torch.dtype) -> torch.dtype:
@@ -82,7 +108,8 @@ def _torch_dtype(dtype: str | torch.dtype, declared: Optional[str], fallback: to
     return DTYPES[dtype]
 
 
-def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_pickle: bool) -> LoadedModel:
+def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_pickle: bool,
+                    quantization: Optional[str] = None) -> LoadedModel:
     raw = read_json(folder / "config.json")
     try:
         config = ModelConfig.from_hf_dict(raw)
@@ -102,22 +129,31 @@ def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_p
         except (OSError, ValueError) as err:
             raise LoadError(str(err)) from None
     model = build_model(config, torch_dtype, device)
-    tensors = iter_tensors(files, skip=skip)
+    tensors = text_names(iter_tensors(files, skip=skip), renames)
+    if quantization == "q8_0":
+        tensors = _quantized_q8_0(tensors)
     try:
-        load_weights(model, text_names(tensors, renames))
+        load_weights(model, tensors)
     except ValueError as err:
         raise type(err)(f"{folder}: {err}") from None
     return LoadedModel(model, config, tokenizer, gen, str(folder))
 
 
-def _load_gguf(path: str, dtype: str | torch.dtype, device: str) -> LoadedModel:
+def _load_gguf(path: str, dtype: str | torch.dtype, device: str, quantization: Optional[str] = None) -> LoadedModel:
     if not os.path.exists(path):
         raise LoadError(f"{path}: GGUF file not found")
     if not os.path.isfile(path):
         raise LoadError(f"{path}: not a regular file")
     from fastinfer.loading.gguf import read_gguf  # only needed for GGUF files (and the gguf package)
 
-    hf_config, tensors, tokenizer, gen = read_gguf(path)
+    from fastinfer.ops import QUANT_TYPES
+
+    native = frozenset(t.upper() for t in QUANT_TYPES) if quantization == "auto" else frozenset()
+    hf_config, tensors, tokenizer, gen = read_gguf(path, native_types=native) if native else read_gguf(path)
+    if quantization == "auto":
+        _warn_dequantised(path, native)
+    elif quantization == "q8_0":
+        tensors = _quantized_q8_0(tensors)
     try:
         config = ModelConfig.from_hf_dict(hf_config)
     except (ConfigError, KeyError, TypeError, ValueError) as err:
@@ -129,3 +165,14 @@ def _load_gguf(path: str, dtype: str | torch.dtype, device: str) -> LoadedModel:
     except ValueError as err:
         raise type(err)(f"{path}: {err}") from None
     return LoadedModel(model, config, tokenizer, dict(gen or {}), path)
+
+
+def _warn_dequantised(path: str, native: frozenset[str]) -> None:
+    """One warning naming the quantised tensor types of ``path`` that have no native CPU kernel."""
+    from fastinfer.loading.gguf_file import open_gguf
+
+    other = sorted({t.type.name for t in open_gguf(path).tensors.values()
+                    if t.type.name not in native and t.type.name not in ("F32", "F16", "BF16")})
+    if other:
+        warn_once(f"{os.path.basename(path)}: tensors of type {', '.join(other)} have no native CPU kernel; they are "
+                  f"dequantised to the model dtype (native: {', '.join(sorted(native))})")

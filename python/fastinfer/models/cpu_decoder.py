@@ -65,7 +65,8 @@ class CpuDecoder:
         config = _C.CpuDecoderConfig(
             hidden=c.hidden_size, intermediate=c.intermediate_size, heads=first.heads, kv_heads=first.kv_heads,
             head_dim=first.head_dim, norm_eps=c.rms_norm_eps, softmax_scale=first.scale,
-            act="gelu_tanh" if model.model.layers[0].mlp.gelu else "silu")
+            act="gelu_tanh" if model.model.layers[0].mlp.gelu else "silu",
+            dtype="bfloat16" if model.dtype == torch.bfloat16 else "float32")
         self.native = _C.CpuDecoder(config, model.model.norm.scale32,
                                     [layer_weights(layer) for layer in model.model.layers])
         self._bound: Optional[list] = None

@@ -7,7 +7,7 @@ Projections that read the same input are fused (q/k/v into ``qkv_proj``, gate/up
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +191,8 @@ class Linear(nn.Module):
         self.weight = empty_param(n_out, n_in, dtype=dtype, device=device)
         self.bias = empty_param(n_out, dtype=dtype, device=device) if bias else None
         self.out_features = n_out
-        self.packed: Optional[torch.Tensor] = None  # 1-D panel layout, set by pack()
+        # 1-D panel layout set by pack(), or the quantised weight (ops.QuantizedPacked) set at load
+        self.packed: Optional[Any] = None
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> "Linear":
@@ -201,9 +202,22 @@ class Linear(nn.Module):
         m.out_features = weight.shape[0]
         return m
 
+    @classmethod
+    def from_quantized(cls, packed: "fastinfer.ops.QuantizedPacked", dtype: torch.dtype) -> "Linear":
+        """A bias-free projection over a quantised packed weight (shared, e.g. the tied head's embedding)."""
+        m = cls(0, 0, False, dtype, "cpu")
+        m.packed, m.out_features = packed, packed.out_features
+        return m
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.packed, fastinfer.ops.QuantizedPacked)
+
     def pack(self, free_weight: bool = True) -> bool:
         """Pack for the CPU kernel; returns False (and changes nothing) where it does not apply.
         With ``free_weight`` the unpacked weight's storage is released (it is not used again)."""
+        if self.quantized:  # packed at load
+            return True
         w = self.weight
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.ndim != 2:
             return False
@@ -214,10 +228,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, out_float32: bool = False) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype, or float32 with ``out_float32`` (unrounded on the packed path)."""
-        if self.packed is not None and x.dtype == self.packed.dtype and not x.requires_grad:
+        if self.quantized and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+                and not x.requires_grad:
+            return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias, out_float32)
+        if self.packed is not None and not self.quantized and x.dtype == self.packed.dtype and not x.requires_grad:
             return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias, out_float32)
         if self.packed is not None:
-            raise RuntimeError(f"this projection was packed for the CPU kernel ({self.packed.dtype}); it cannot run "
+            kind = self.packed.qtype if self.quantized else self.packed.dtype
+            raise RuntimeError(f"this projection was packed for the CPU kernel ({kind}); it cannot run "
                                f"on {x.dtype} input{' that requires grad' if x.requires_grad else ''}")
         y = F.linear(x, self.weight, self.bias)
         return y.float() if out_float32 else y

@@ -19,6 +19,7 @@ from fastinfer.models.config import ModelConfig
 from fastinfer.models.cpu_decoder import CpuDecoder
 from fastinfer.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param, \
     use_cpu_kernels
+from fastinfer.models.quantized import gather_rows
 from fastinfer.models.weights import load_weights
 
 class LlamaDecoderLayer(nn.Module):
@@ -83,24 +84,40 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_for_cpu(self) -> bool:
         """Move every projection, the output head included, to fastinfer's CPU linear (see
-        ``Linear.pack``). The tied head keeps the embedding table and packs a copy of it."""
+        ``Linear.pack``). The tied head keeps the embedding table and packs a copy of it (a quantised
+        table is shared, not copied)."""
         if not all(m.pack() for m in self.modules() if isinstance(m, Linear)):
             return False
-        self.head_proj = Linear.from_weight(self.head_weight())
-        self.head_proj.pack(free_weight=False)
-        if not self.config.tie_word_embeddings:
-            self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype)
+        self.head_proj = self._quantized_head()
+        if self.head_proj is None:
+            self.head_proj = Linear.from_weight(self.head_weight())
+            self.head_proj.pack(free_weight=False)
+            if not self.config.tie_word_embeddings:
+                self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype)
         self.cpu_decoder = CpuDecoder.build(self)
         return True
 
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
+    def _quantized_head(self) -> Linear | None:
+        """The output head over its quantised weight (the embedding's when tied), or None if it is a float one."""
+        owner = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        q = getattr(owner, "qweight", None)
+        return None if q is None else Linear.from_quantized(q, self.dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids -> (T, hidden) embeddings in the model dtype (quantised rows dequantised on lookup)."""
+        q = getattr(self.model.embed_tokens, "qweight", None)
+        if q is not None:
+            return gather_rows(q, input_ids).to(self.dtype)
+        return F.embedding(input_ids, self.model.embed_tokens.weight)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions : (T,) int64 of the flattened batch; kv_caches[i] = (k, v) of layer i, each
         (num_blocks, block_size, kv_heads, head_dim). Writes this step's keys/values, returns (T, hidden)."""
-        x = F.embedding(input_ids, self.model.embed_tokens.weight)
+        x = self.embed(input_ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if len(kv_caches) != len(self.model.layers):
@@ -114,6 +131,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab) float32, final softcapping applied if configured."""
+        if self.head_proj is None:
+            self.head_proj = self._quantized_head()
         head = self.head_proj
         # The packed head writes float32 directly: the unrounded sums (transformers rounds logits to
         # the model dtype first; greedy picks can differ only where two logits tie after rounding).

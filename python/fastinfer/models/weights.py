@@ -4,12 +4,14 @@ registry entry names them), and every problem is reported at once as one WeightE
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from fastinfer.models import registry
+from fastinfer.models.quantized import QuantizedTensor, join, pack
 
 
 class WeightError(ValueError):
@@ -44,6 +46,7 @@ def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
     params = dict(model.named_parameters())
     seen: set[str] = set()
     problems: list[str] = []
+    quantized: dict[str, list] = {}
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in named_tensors:
         if name.endswith(ignored) or (tied and name == "lm_head.weight"):
@@ -59,11 +62,38 @@ def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
         if tuple(tensor.shape) != tuple(dest.shape):
             problems.append(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, model expects {tuple(dest.shape)}")
             continue
+        if isinstance(tensor, QuantizedTensor):  # kept quantised: packed below, once its pieces are all here
+            quantized.setdefault(pname, []).append((start, tensor))
+            continue
         dest.copy_(tensor)
     problems += [f"missing tensor {name!r}" for name in targets if name not in seen]
     if problems:  # one line
         shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise WeightError(f"{len(problems)} weight problem(s): {shown}")
+    _attach_quantized(model, params, quantized)
     for m in model.modules():
         if hasattr(m, "post_load"):
             m.post_load()
+
+
+def _attach_quantized(model: nn.Module, params: dict, quantized: dict[str, list]) -> None:
+    """Pack each quantised weight once and hand it to its module (``qweight``; a Linear runs it as ``packed``),
+    releasing the float parameter. A fused weight whose pieces differ in block type is dequantised into the
+    parameter instead, with one warning naming them."""
+    mixed = []
+    for pname, pieces in quantized.items():
+        param = params[pname]
+        joined = join(pieces, param.shape[0])
+        if joined is None:
+            for start, piece in pieces:
+                param.data.narrow(0, start, piece.shape[0]).copy_(piece.dequantize())
+            mixed.append(f"{pname} ({'+'.join(p.qtype for _, p in sorted(pieces, key=lambda x: x[0]))})")
+            continue
+        owner = model.get_submodule(pname.rsplit(".", 1)[0])
+        owner.qweight = pack(joined)
+        if hasattr(owner, "packed"):
+            owner.packed = owner.qweight
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    if mixed:
+        shown = ", ".join(mixed[:4]) + (f" and {len(mixed) - 4} more" if len(mixed) > 4 else "")
+        warnings.warn(f"{len(mixed)} fused weight(s) mix block types and run dequantised: {shown}", stacklevel=3)

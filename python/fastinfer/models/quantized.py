@@ -1,0 +1,109 @@
+"""Quantised weights in the model: GGUF blocks kept as they are (``quantization="auto"``) or float weights
+quantised to Q8_0 at load (``quantization="q8_0"``), run by the quantised CPU linear (``fastinfer.ops``).
+
+The loader hands ``QuantizedTensor`` pieces to ``load_weights``; ``assemble`` joins the pieces of a fused
+projection (q/k/v, gate/up: rows of the same block type concatenate) and packs each weight once
+(``ops.pack_linear_weight``); a fused weight whose pieces differ in type is dequantised instead (reported).
+Embedding rows are dequantised on lookup from the packed table (``gather_rows``), which the tied output head
+shares, so the weights are held once, quantised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import fastinfer.ops
+
+QUANTIZATION_CHOICES = ("auto", None, "q8_0")
+
+
+def check_quantization(value: Any) -> Any:
+    """``value`` if it is one of QUANTIZATION_CHOICES, else a ValueError listing them."""
+    if value not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantization must be one of 'auto', None or 'q8_0', got {value!r}")
+    return value
+
+
+@dataclass(slots=True)
+class QuantizedTensor:
+    """A weight (or a row slice of a fused one) as GGUF blocks: ``raw`` (rows, bytes per row) uint8."""
+
+    name: str  # the checkpoint's tensor name (errors, reports)
+    qtype: str  # "q8_0", "q4_0", "q4_1", ... (lower-case GGUF type name)
+    raw: np.ndarray
+    shape: tuple[int, int]  # (rows, in_features) of the float weight it stands for
+
+    def dequantize(self) -> torch.Tensor:
+        from gguf import GGMLQuantizationType, dequantize
+
+        return torch.from_numpy(np.ascontiguousarray(
+            dequantize(self.raw, GGMLQuantizationType[self.qtype.upper()]), dtype=np.float32).reshape(self.shape))
+
+
+def quantize_q8_0(name: str, weight: torch.Tensor) -> QuantizedTensor | None:
+    """A float weight as Q8_0 blocks (gguf's own quantiser), or None when its rows are not whole blocks."""
+    from gguf import GGMLQuantizationType, quantize
+
+    if weight.ndim != 2 or weight.shape[1] % 32:
+        return None
+    raw = quantize(weight.float().numpy(), GGMLQuantizationType.Q8_0)
+    return QuantizedTensor(name, "q8_0", raw, (int(weight.shape[0]), int(weight.shape[1])))
+
+
+def join(pieces: list[tuple[int, QuantizedTensor]], rows: int) -> QuantizedTensor | None:
+    """One QuantizedTensor from the row pieces (start row, piece) of a parameter of ``rows`` rows, or None when
+    they do not cover it or differ in block type (the caller dequantises them then)."""
+    pieces = sorted(pieces, key=lambda p: p[0])
+    types = {p.qtype for _, p in pieces}
+    starts = [s for s, _ in pieces]
+    ends = [s + p.shape[0] for s, p in pieces]
+    if len(types) != 1 or starts[0] != 0 or ends[-1] != rows or starts[1:] != ends[:-1]:
+        return None
+    first = pieces[0][1]
+    raw = first.raw if len(pieces) == 1 else np.concatenate([p.raw for _, p in pieces], axis=0)
+    names = first.name if len(pieces) == 1 else "+".join(p.name for _, p in pieces)
+    return QuantizedTensor(names, first.qtype, raw, (rows, first.shape[1]))
+
+
+def pack(q: QuantizedTensor) -> fastinfer.ops.QuantizedPacked:
+    raw = q.raw if q.raw.flags.writeable else np.array(q.raw)
+    packed = fastinfer.ops.pack_linear_weight(torch.from_numpy(raw), qtype=q.qtype, name=q.name)
+    if (packed.out_features, packed.in_features) != q.shape:
+        raise ValueError(f"{q.name}: {q.qtype} blocks hold ({packed.out_features}, {packed.in_features}), the model "
+                         f"expects {q.shape}")
+    return packed
+
+
+def gather_rows(packed: fastinfer.ops.QuantizedPacked, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (T,) of a packed q8_0 / q4_0 / q4_1 weight, dequantised: (T, in_features) float32. Reads the
+    packed layout of csrc/include/fastinfer/qlinear.h (64-row panels of 8-row sub-panels, per 32-block the 8
+    rows' values, then their f16 scales, then their f16 offsets)."""
+    k, qtype = packed.in_features, packed.qtype
+    nb = k // 32
+    vb = 32 if qtype == "q8_0" else 16
+    offset = qtype != "q8_0"
+    block = 8 * (vb + 2 + (2 if offset else 0))
+    sub_bytes = nb * block
+    ids = ids.to(torch.int64)
+    r = ids % 8
+    base = (ids // 8) * sub_bytes  # sub-panels are consecutive: panel p holds sub-panels 8p..8p+7
+    b = torch.arange(nb, dtype=torch.int64)
+    blk = base[:, None] + b[None, :] * block  # (T, nb)
+    vals = blk[..., None] + (r[:, None, None] * vb) + torch.arange(vb, dtype=torch.int64)  # (T, nb, vb)
+    data = packed.data
+    scale_at = blk + 8 * vb + 2 * r[:, None]
+    two = torch.stack([scale_at, scale_at + 1], -1)  # (T, nb, 2) bytes of an f16
+    d = data[two].view(torch.float16).float()  # (T, nb, 1)
+    if qtype == "q8_0":
+        q = data[vals].view(torch.int8).float()
+        w = q * d
+    else:
+        byte = data[vals]
+        q = torch.cat([byte & 15, byte >> 4], -1).float()  # elements 0..15 low nibbles, 16..31 high
+        m = data[torch.stack([scale_at + 16, scale_at + 17], -1)].view(torch.float16).float()
+        w = q * d + m
+    return w.reshape(ids.shape[0], k)
