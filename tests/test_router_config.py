@@ -222,7 +222,7 @@ BAD = [
     (("general_settings.foo", 1), "router.yaml: general_settings: unknown key 'foo'"),
     (("model_list.0.litellm_params.engine_args.gpu", 1), f"{E0}: litellm_params.engine_args: unknown key 'gpu' "
      "(allowed: dtype, device, max_model_len, block_size, max_num_seqs, max_num_batched_tokens, "
-     "kv_cache_memory_bytes, enable_prefix_caching, seed, max_logprobs)"),
+     "kv_cache_memory_bytes, enable_prefix_caching, seed, max_logprobs, quantization)"),
     # required keys and shapes
     (("model_list.0.litellm_params", DELETE), f"{E0}: missing required key 'litellm_params'"),
     (("model_list.1.litellm_params.model", DELETE), f"{E1}: litellm_params: missing required key 'model'"),

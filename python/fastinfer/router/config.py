@@ -15,7 +15,7 @@ import re
 from collections import ChainMap
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -152,6 +152,7 @@ class _EngineArgs(_Strict):
     enable_prefix_caching: bool | None = None
     seed: int | None = None
     max_logprobs: _NonNegInt | None = None
+    quantization: Literal["auto", "none", "q8_0"] | None = None  # "none": every weight dequantised
 
     @field_validator("kv_cache_memory_bytes")
     @classmethod

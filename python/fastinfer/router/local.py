@@ -131,6 +131,8 @@ class LocalEngines:
     def _build(self, spec: DeploymentSpec, name: str) -> Serving:
         model = None if spec.model == "default" else spec.model
         kwargs = dict(spec.engine_args)
+        if kwargs.get("quantization") == "none":
+            kwargs["quantization"] = None
         max_logprobs = kwargs.setdefault("max_logprobs", MAX_LOGPROBS)
         llm = self.llm_factory(model, **kwargs)
         defaults = protocol.model_sampling_defaults(getattr(llm, "generation_config", None) or {})

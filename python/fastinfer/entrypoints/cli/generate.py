@@ -148,6 +148,10 @@ def add_engine_args(e: Any) -> None:
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     e.add_argument("--threads", type=arg_types.threads, metavar="N",
                    help="CPU threads (default: all this process may use)")
+    e.add_argument("--quantization", choices=("auto", "none", "q8_0"),
+                   help="auto: a GGUF's quantised weights run natively on the CPU (q8_0, q4_0, q4_1; other types "
+                        "dequantised); none: every weight dequantised to --dtype; q8_0: float weights quantised "
+                        "to Q8_0 at load (default: auto)")
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict:
@@ -183,6 +187,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             d[name] = getattr(args, name)
     if args.no_prefix_caching:
         d["enable_prefix_caching"] = False
+    if getattr(args, "quantization", None) is not None:
+        d["quantization"] = None if args.quantization == "none" else args.quantization
     d["max_logprobs"] = args.max_logprobs
     return d
 
@@ -235,7 +241,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 # Flags that configure the one model a run loads; with --config each local deployment has its own engine_args.
 _ENGINE_FLAGS = ("dtype", "device", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                 "kv_cache_memory_bytes", "no_prefix_caching", "threads", "no_generation_config")
+                 "kv_cache_memory_bytes", "no_prefix_caching", "threads", "no_generation_config", "quantization")
 
 
 def _check_routed_args(args: argparse.Namespace) -> None:

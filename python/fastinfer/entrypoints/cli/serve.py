@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
 # Flags that configure one model; with --config each local deployment has its own (litellm_params.engine_args).
 _ONE_MODEL_FLAGS = ("served_model_name", "max_waiting", "seed", "no_generation_config", "dtype", "device",
                     "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
-                    "no_prefix_caching", "threads")
+                    "no_prefix_caching", "threads", "quantization")
 
 
 def _run_router(args: argparse.Namespace) -> int:
