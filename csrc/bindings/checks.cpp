@@ -181,16 +181,26 @@ QType qtype_arg(const std::string& name) {
   if (name == "q8_0") return QType::kQ8_0;
   if (name == "q4_0") return QType::kQ4_0;
   if (name == "q4_1") return QType::kQ4_1;
-  throw py::value_error(cat("qtype: expected one of 'q8_0', 'q4_0', 'q4_1' (the block formats the quantised linear "
-                            "runs), got '", name, "'"));
+  if (name == "q4_k") return QType::kQ4_K;
+  if (name == "q5_k") return QType::kQ5_K;
+  if (name == "q6_k") return QType::kQ6_K;
+  throw py::value_error(cat("qtype: expected one of 'q8_0', 'q4_0', 'q4_1', 'q4_k', 'q5_k', 'q6_k' (the block formats "
+                            "the quantised linear runs), got '", name, "'"));
 }
 
-void check_qk(int64_t k, const char* what) {
-  check(k > 0 && k % kQBlock == 0 && k <= kInt32Max, what, ": in_features must be a positive multiple of ", kQBlock,
-        " (the block size), got ", k);
+const char* qtype_name(QType t) {
+  static const char* const kNames[] = {"q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"};
+  return kNames[static_cast<int>(t)];
+}
+
+void check_qk(int64_t k, const char* what, QType t) {
+  const int e = qtype_block_elems(t);
+  check(k > 0 && k % e == 0 && k <= kInt32Max, what, ": in_features must be a positive multiple of ", e, " (the ",
+        qtype_name(t), e == kQBlock ? " block" : " super-block", "), got ", k);
 }
 
 void check_qpacked(const TensorView& packed, QType t, int64_t n, int64_t k) {
+  check_qk(k, packed.name(), t);
   check_cpu(packed);
   if (!packed.is(dl::kUInt, 8)) throw py::type_error(cat(packed.name(), ": expected dtype uint8, got ", packed.dtype_str()));
   const int64_t want = qlinear_packed_bytes(n, k, t);

@@ -72,10 +72,12 @@ void check_packed(const TensorView& packed, DType dtype, int64_t n, int64_t k);
 // x-like operand: CPU, float32/bfloat16 (= *dtype if given), `rank` dimensions, last one contiguous.
 DType check_rows(const TensorView& t, int rank, const char* layout, const DType* dtype);
 
-// The quantised linear: a qtype name ("q8_0", "q4_0", "q4_1"), in_features a positive multiple of the
-// block, and a packed weight of qlinear_packed_bytes(n, k, t) uint8.
+// The quantised linear: a qtype name ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"), in_features a
+// positive multiple of its block (qtype_block_elems), and a packed weight of qlinear_packed_bytes(n, k, t)
+// uint8 (check_qpacked checks k too).
 QType qtype_arg(const std::string& name);
-void check_qk(int64_t k, const char* what);
+const char* qtype_name(QType t);
+void check_qk(int64_t k, const char* what, QType t);
 void check_qpacked(const TensorView& packed, QType t, int64_t n, int64_t k);
 
 }  // namespace fastinfer::bindings

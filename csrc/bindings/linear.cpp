@@ -65,14 +65,14 @@ void qlinear_pack(const py::object& raw_obj, const std::string& qtype, const py:
   TensorView raw(raw_obj, "raw"), packed(packed_obj, "packed");
   const int64_t k = int_arg(k_obj, "k", 0, kInt32Max);
   const std::string who = name.empty() ? std::string("raw") : name;
-  check_qk(k, who.c_str());
+  check_qk(k, who.c_str(), t);
   check_cpu(raw);
   if (!raw.is(dl::kUInt, 8)) throw py::type_error(cat(who, ": expected the raw GGUF blocks as uint8, got ", raw.dtype_str()));
   check_rank(raw, 2, "(out_features, bytes per row)");
   check_last_contiguous(raw);
-  const int64_t n = raw.size(0), row_bytes = k / kQBlock * qtype_block_bytes(t);
+  const int64_t n = raw.size(0), blocks = k / qtype_block_elems(t), row_bytes = blocks * qtype_block_bytes(t);
   check(n <= kInt32Max, who, ": too many rows (", n, ")");
-  check(raw.size(1) == row_bytes, who, ": a ", qtype, " row of ", k, " values is ", row_bytes, " bytes (", k / kQBlock,
+  check(raw.size(1) == row_bytes, who, ": a ", qtype, " row of ", k, " values is ", row_bytes, " bytes (", blocks,
         " blocks of ", qtype_block_bytes(t), "), got ", raw.size(1), " bytes per row");
   check_qpacked(packed, t, n, k);
   check_writable(packed);
@@ -104,7 +104,7 @@ void qlinear(const py::object& x_obj, const py::object& packed_obj, const std::s
                              dtype == DType::kFloat32 ? "" : " or float32", ", got ", out.dtype_str()));
   check(out.size(0) == x.size(0), "out: expected ", x.size(0), " rows (as x), got shape ", out.shape());
   const int64_t n = out.size(1), k = x.size(1);
-  check_qk(k, "x");
+  check_qk(k, "x", t);
   check_qpacked(packed, t, n, k);
   if (bias) {
     check_cpu(*bias);
@@ -119,6 +119,31 @@ void qlinear(const py::object& x_obj, const py::object& packed_obj, const std::s
                   bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0)};
   py::gil_scoped_release release;
   cpu::qlinear_forward(p);
+}
+
+void qlinear_rows(const py::object& packed_obj, const std::string& qtype, const py::object& n_obj,
+                  const py::object& k_obj, const py::object& ids_obj, const py::object& out_obj) {
+  const QType t = qtype_arg(qtype);
+  TensorView packed(packed_obj, "packed_weight"), ids(ids_obj, "ids"), out(out_obj, "out");
+  const int64_t n = int_arg(n_obj, "n", 0, kInt32Max), k = int_arg(k_obj, "k", 1, kInt32Max);
+  check_qpacked(packed, t, n, k);
+  check_cpu(ids);
+  if (!ids.is(dl::kInt, 64)) throw py::type_error(cat("ids: expected dtype int64, got ", ids.dtype_str()));
+  check_rank(ids, 1, "(count,)");
+  const int64_t count = ids.size(0);
+  check(count <= 1 || ids.stride(0) == 1, "ids: must be contiguous");
+  const int64_t* id = ids.data<const int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    check(id[i] >= 0 && id[i] < n, "ids: row ", id[i], " (at ", i, ") is outside [0, ", n, ")");
+  check_cpu(out);
+  if (float_dtype(out) != DType::kFloat32) throw py::type_error(cat("out: expected dtype float32, got ", out.dtype_str()));
+  check_shape(out, {count, k});
+  if (count == 0) return;
+  check(out.is_contiguous(), "out: must be contiguous");
+  check_writable(out);
+  check_disjoint(out, {&packed, &ids});
+  py::gil_scoped_release release;
+  cpu::qlinear_rows(t, k, packed.data<const void>(), id, count, out.data<float>());
 }
 
 }  // namespace
@@ -144,12 +169,16 @@ void bind_linear(py::module_& m) {
     const QType t = qtype_arg(qtype);
     const int64_t n = int_arg(n_obj, "qlinear_packed_bytes: n", 0, kInt32Max);
     const int64_t k = int_arg(k_obj, "qlinear_packed_bytes: k", 0, kInt32Max);
-    check_qk(k, "qlinear_packed_bytes");
+    check_qk(k, "qlinear_packed_bytes", t);
     return qlinear_packed_bytes(n, k, t);
   }, py::arg("n"), py::arg("k"), py::arg("qtype"));
   m.def("qlinear", &qlinear, py::arg("x"), py::arg("packed_weight"), py::arg("qtype"), py::arg("bias"), py::arg("out"),
         "out = x @ W^T (+ bias) on the CPU with W quantised (packed by qlinear_pack); x is quantised to int8 per "
         "32-block on the fly.");
+  m.def("qlinear_rows", &qlinear_rows, py::arg("packed_weight"), py::arg("qtype"), py::arg("n"), py::arg("k"),
+        py::arg("ids"), py::arg("out"),
+        "out (count, k) float32 = rows ids (int64, each in [0, n)) of a packed quantised (n, k) weight, dequantised "
+        "as gguf does (an embedding lookup in a quantised table).");
 }
 
 }  // namespace fastinfer::bindings

@@ -53,6 +53,40 @@ uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | ((e - 1 + 15) << 10) | (mant - 1024));
 }
 
+// One row's GGUF K-quant super-block `src` into row r of a sub-panel's packed super-block `dst` (qlinear.h):
+// runs of 32 value bytes interleaved with the other rows' 4 bytes at a time, the scales a byte each.
+void pack_k_row(QType t, const uint8_t* src, uint8_t* dst, int r) {
+  auto interleave = [r](uint8_t* run, const uint8_t* bytes) {  // 32 bytes -> a run of 8 rows x 32 bytes
+    for (int c = 0; c < 8; ++c) std::memcpy(run + (c * kQRows + r) * 4, bytes + 4 * c, 4);
+  };
+  if (t == QType::kQ6_K) {  // ql[128], qh[64], int8 scales[16], f16 d
+    for (int h = 0; h < 2; ++h) {
+      uint8_t* half = dst + 768 * h;
+      interleave(half, src + 64 * h);
+      interleave(half + 256, src + 64 * h + 32);
+      interleave(half + 512, src + 128 + 32 * h);
+    }
+    for (int i = 0; i < 16; ++i) dst[1536 + 16 * (i / 2) + 8 * (i % 2) + r] = src[192 + i];
+    std::memcpy(dst + 1536 + 128 + 2 * r, src + 208, 2);
+    return;
+  }
+  // q4_k: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, qs[128]; q5_k: qh[32] before qs
+  const bool q5 = t == QType::kQ5_K;
+  const uint8_t* sm = src + 4;  // gguf's get_scale_min
+  uint8_t* sc = dst + (q5 ? 1280 : 1024);
+  for (int j = 0; j < 8; ++j) {
+    const int s = j < 4 ? sm[j] & 63 : (sm[j + 4] & 15) | ((sm[j - 4] >> 6) << 4);
+    const int m = j < 4 ? sm[j + 4] & 63 : (sm[j + 4] >> 4) | ((sm[j] >> 6) << 4);
+    sc[8 * j + r] = static_cast<uint8_t>(s);
+    sc[64 + 8 * j + r] = static_cast<uint8_t>(m);
+  }
+  std::memcpy(sc + 128 + 2 * r, src, 2);
+  std::memcpy(sc + 144 + 2 * r, src + 2, 2);
+  const uint8_t* qs = src + (q5 ? 48 : 16);
+  for (int g = 0; g < 4; ++g) interleave(dst + 256 * g, qs + 32 * g);
+  if (q5) interleave(dst + 1024, src + 16);
+}
+
 }  // namespace
 
 void qlinear_forward(const QLinearParams& p) {
@@ -60,12 +94,13 @@ void qlinear_forward(const QLinearParams& p) {
   const QLinearKernels kern = pick_kernels();
   const int64_t panels = linear_panels(p.n), nb = p.k / kQBlock;
   if (p.m <= kDotMaxRows) {
-    char* buf = thread_scratch<QActScratch>(p.m * p.k + 2 * sizeof(float) * p.m * nb + 64);
+    char* buf = thread_scratch<QActScratch>(p.m * p.k + 4 * sizeof(float) * p.m * nb + 64);
     int8_t* qa = reinterpret_cast<int8_t*>(buf);
     float* da = reinterpret_cast<float*>(buf + (p.m * p.k + 63) / 64 * 64);
     float* as = da + p.m * nb;
-    kern.quantize(p, qa, da, as);
-    auto run = [&](int64_t panel, int) { kern.panel(p, panel, qa, da, as); };
+    int32_t* hs = reinterpret_cast<int32_t*>(as + p.m * nb);
+    kern.quantize(p, qa, da, as, hs);
+    auto run = [&](int64_t panel, int) { kern.panel(p, panel, qa, da, as, hs); };
     if (num_threads() == 1 || p.n * p.k < (int64_t(1) << 16)) {
       for (int64_t t = 0; t < panels; ++t) run(t, 0);
     } else {
@@ -89,25 +124,44 @@ void qlinear_forward(const QLinearParams& p) {
   });
 }
 
+void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out) {
+  if (count == 0) return;
+  const QLinearKernels kern = pick_kernels();
+  if (count * k < (int64_t(1) << 16) || num_threads() == 1) return kern.rows(t, k, packed, ids, count, out);
+  parallel_for(count, [&](int64_t i, int) { kern.rows(t, k, packed, ids + i, 1, out + i * k); });
+}
+
 int64_t qlinear_pack(const QLinearPackParams& p) {
-  const int64_t nb = p.k / kQBlock, sub_bytes = nb * qpacked_block_bytes(p.qtype), vb = qtype_value_bytes(p.qtype);
-  const int64_t block_bytes = qtype_block_bytes(p.qtype), subs = kLinearPanel / kQRows;
+  const int64_t nb = p.k / qtype_block_elems(p.qtype), pb = qpacked_block_bytes(p.qtype), sub_bytes = nb * pb;
+  const int64_t vb = qtype_value_bytes(p.qtype), block_bytes = qtype_block_bytes(p.qtype), subs = kLinearPanel / kQRows;
+  const bool kq = qtype_is_k(p.qtype);
   // A scale or offset that is not finite would poison every output: refuse the tensor instead.
   for (int64_t row = 0; row < p.n; ++row) {
     const uint8_t* src = static_cast<const uint8_t*>(p.raw) + row * p.raw_row_stride;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = src + b * block_bytes;
       uint16_t d, m = 0;
-      std::memcpy(&d, blk, 2);
-      if (p.qtype == QType::kQ4_1) std::memcpy(&m, blk + 2, 2);
+      std::memcpy(&d, blk + (p.qtype == QType::kQ6_K ? 208 : 0), 2);
+      if (p.qtype == QType::kQ4_1 || p.qtype == QType::kQ4_K || p.qtype == QType::kQ5_K) std::memcpy(&m, blk + 2, 2);
       if (!finite_f16(d) || !finite_f16(m)) return row;
       if (p.qtype == QType::kQ4_0 && !finite_f16(f32_to_f16(-8.f * f16_value(d)))) return row;
     }
   }
+  if (kq) {
+    parallel_for(linear_panels(p.n) * subs, [&](int64_t task, int) {
+      uint8_t* dst = static_cast<uint8_t*>(p.packed) + task * sub_bytes;
+      std::memset(dst, 0, sub_bytes);  // padding rows of the last panel: zero weights
+      for (int r = 0; r < kQRows && task * kQRows + r < p.n; ++r) {
+        const uint8_t* src = static_cast<const uint8_t*>(p.raw) + (task * kQRows + r) * p.raw_row_stride;
+        for (int64_t b = 0; b < nb; ++b) pack_k_row(p.qtype, src + b * block_bytes, dst + b * pb, r);
+      }
+    });
+    return -1;
+  }
   parallel_for(linear_panels(p.n) * subs, [&](int64_t task, int) {
     uint8_t* dst = static_cast<uint8_t*>(p.packed) + task * sub_bytes;
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* values = dst + b * qpacked_block_bytes(p.qtype);
+      uint8_t* values = dst + b * pb;
       uint16_t* d = reinterpret_cast<uint16_t*>(values + kQRows * vb);
       uint16_t* m = d + kQRows;
       for (int r = 0; r < kQRows; ++r) {

@@ -3,10 +3,12 @@
 // per 32-block, the int8 dot products of one 64-output panel against every row (small batches),
 // and the dequantisation of one panel into the float linear's packed layout (large batches, where
 // the float tile kernels are faster and the dequantisation is paid once per panel for all rows).
+// The K-quants' kernels are in qlinear_kquant.h.
 #pragma once
 #include <cmath>
 
 #include "cpu/qlinear_cpu.h"
+#include "cpu/qlinear_kquant.h"
 
 namespace fastinfer::cpu::FI_ISA_NS {
 namespace {
@@ -15,8 +17,9 @@ inline float x_at(const void* row, DType t, int64_t i) {
   return t == DType::kFloat32 ? static_cast<const float*>(row)[i] : bf16_to_f32(static_cast<const uint16_t*>(row)[i]);
 }
 
-// Row i of x -> int8 per 32-block: q = round(x / d) with d = max|x| / 127; da = d, as = d * sum(q).
-void qlinear_quantize(const QLinearParams& p, int8_t* qa, float* da, float* as) {
+// Row i of x -> int8 per 32-block: q = round(x / d) with d = max|x| / 127; da = d, as = d * sum(q),
+// hs = the sums of q over the block's elements 0..15 and 16..31 (q6_k's offsets).
+void qlinear_quantize(const QLinearParams& p, int8_t* qa, float* da, float* as, int32_t* hs) {
   const int64_t nb = p.k / kQBlock, esz = dtype_size(p.dtype);
   for (int64_t i = 0; i < p.m; ++i) {
     const char* row = static_cast<const char*>(p.x) + esz * i * p.x_row_stride;
@@ -28,13 +31,15 @@ void qlinear_quantize(const QLinearParams& p, int8_t* qa, float* da, float* as) 
       }
       const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
       int8_t* q = qa + i * p.k + b * kQBlock;
-      int sum = 0;
+      int half[2] = {0, 0};
       for (int j = 0; j < kQBlock; ++j) {
         q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
-        sum += q[j];
+        half[j / 16] += q[j];
       }
       da[i * nb + b] = d;
-      as[i * nb + b] = d * static_cast<float>(sum);
+      as[i * nb + b] = d * static_cast<float>(half[0] + half[1]);
+      hs[2 * (i * nb + b)] = half[0];
+      hs[2 * (i * nb + b) + 1] = half[1];
     }
   }
 }
@@ -116,7 +121,9 @@ void qdot_subpanel(QType t, const uint8_t* sub, int64_t nb, const int8_t* qa, co
 }
 
 // All m rows of `out` for the outputs of one panel, from the quantised activations.
-void qlinear_panel(const QLinearParams& p, int64_t panel, const int8_t* qa, const float* da, const float* as) {
+void qlinear_panel(const QLinearParams& p, int64_t panel, const int8_t* qa, const float* da, const float* as,
+                   const int32_t* hs) {
+  if (qtype_is_k(p.qtype)) return kquant_panel(p, panel, qa, da, as, hs);
   const int64_t nb = p.k / kQBlock, sub_bytes = nb * qpacked_block_bytes(p.qtype);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + panel * (kLinearPanel / kQRows) * sub_bytes;
   const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
@@ -139,8 +146,12 @@ void qlinear_panel(const QLinearParams& p, int64_t panel, const int8_t* qa, cons
 // One panel's weights as floats in the float linear's packed layout of p.dtype (linear.h): float32
 // [k][64], bfloat16 [k/2][64][2] (k is a multiple of 32, so even).
 void qlinear_dequantize(const QLinearParams& p, int64_t panel, void* dst) {
-  const int64_t nb = p.k / kQBlock, sub_bytes = nb * qpacked_block_bytes(p.qtype);
+  const int64_t nb = p.k / qtype_block_elems(p.qtype), sub_bytes = nb * qpacked_block_bytes(p.qtype);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + panel * (kLinearPanel / kQRows) * sub_bytes;
+  if (qtype_is_k(p.qtype)) {
+    for (int s = 0; s < kLinearPanel / kQRows; ++s) kdequantize_subpanel(p.qtype, base + s * sub_bytes, nb, s, p.dtype, dst);
+    return;
+  }
   for (int s = 0; s < kLinearPanel / kQRows; ++s)
     for (int64_t b = 0; b < nb; ++b) {
       const QBlockView v = qblock(p.qtype, base + s * sub_bytes, b);
@@ -166,12 +177,42 @@ void qlinear_dequantize(const QLinearParams& p, int64_t panel, void* dst) {
     }
 }
 
+// Rows ids of a packed (n, k) weight as float32, w = d q + m as qlinear_dequantize (K-quants: ksub).
+void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out) {
+  const int64_t nb = k / qtype_block_elems(t), sub_bytes = nb * qpacked_block_bytes(t);
+  for (int64_t i = 0; i < count; ++i) {
+    const uint8_t* sub = static_cast<const uint8_t*>(packed) + ids[i] / kQRows * sub_bytes;
+    const int r = static_cast<int>(ids[i] % kQRows);
+    float* o = out + i * k;
+    if (qtype_is_k(t)) {
+      KSub w;
+      for (int64_t sb = 0; sb < nb; ++sb)
+        for (int s = 0; s < kQSuper / kQBlock; ++s) {
+          ksub(t, sub + sb * qpacked_block_bytes(t), r, s, w);
+          for (int j = 0; j < kQBlock; ++j)
+            o[sb * kQSuper + s * kQBlock + j] = w.scale[j / 16] * static_cast<float>(w.q[j]) - w.offset;
+        }
+      continue;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const QBlockView v = qblock(t, sub, b);
+      const float d = f16_to_f32(v.d[r]), m = v.m != nullptr ? f16_to_f32(v.m[r]) : 0.f;
+      for (int j = 0; j < kQBlock; ++j) {
+        const int q = t == QType::kQ8_0 ? reinterpret_cast<const int8_t*>(v.values + r * 32)[j]
+                                        : (v.values[r * 16 + (j & 15)] >> (j < 16 ? 0 : 4)) & 15;
+        o[b * kQBlock + j] = d * static_cast<float>(q) + m;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fastinfer::cpu::FI_ISA_NS
 
 namespace fastinfer::cpu {
 // This level's quantised-linear kernels (qlinear_kernels_<suffix>, declared in qlinear_cpu.h).
 QLinearKernels FI_ISA_CAT(qlinear_kernels_, FI_ISA_NS)() {
-  return {&FI_ISA_NS::qlinear_quantize, &FI_ISA_NS::qlinear_panel, &FI_ISA_NS::qlinear_dequantize};
+  return {&FI_ISA_NS::qlinear_quantize, &FI_ISA_NS::qlinear_panel, &FI_ISA_NS::qlinear_dequantize,
+          &FI_ISA_NS::qlinear_rows};
 }
 }  // namespace fastinfer::cpu

@@ -32,6 +32,9 @@ void linear_pack(const LinearPackParams& p);
 // block whose scale or offset is not finite (nothing is packed then).
 void qlinear_forward(const QLinearParams& p);
 int64_t qlinear_pack(const QLinearPackParams& p);
+// Rows ids[0..count) (each in [0, n)) of a packed (n, k) weight of type t, dequantised as gguf does:
+// out (count, k) float32 (an embedding lookup in a quantised table).
+void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out);
 
 // Pointwise ops (pointwise_dispatch.cpp).
 void rms_norm(const RmsNormParams& p);

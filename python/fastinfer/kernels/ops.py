@@ -16,11 +16,12 @@ from fastinfer import _C
 from fastinfer.kernels.arrays import (as_index, as_index_traceable, float_arg, int_arg, is_torch, kernel_view,
                                       launch_kwargs, require_array)
 
-__all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "QuantizedPacked", "QUANT_TYPES", "rms_norm",
-           "act_and_mul", "rotary_embedding_"]
+__all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "QuantizedPacked", "QUANT_TYPES", "dequantize_rows",
+           "rms_norm", "act_and_mul", "rotary_embedding_"]
 
 # GGUF block formats the CPU linear runs natively: elements per block and bytes per block.
-QUANT_TYPES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20)}
+QUANT_TYPES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q4_k": (256, 144), "q5_k": (256, 176),
+               "q6_k": (256, 210)}
 
 
 def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -64,7 +65,7 @@ class QuantizedPacked:
     """A quantised weight packed by ``pack_linear_weight(raw, qtype=...)``: what :func:`linear` needs."""
 
     data: Any  # 1-D uint8 (the framework of the raw blocks), _C.qlinear_packed_bytes(out, in, qtype) bytes
-    qtype: str  # "q8_0", "q4_0" or "q4_1"
+    qtype: str  # a QUANT_TYPES key: "q8_0", "q4_0", "q4_1", "q4_k", "q5_k" or "q6_k"
     out_features: int
     in_features: int
 
@@ -89,8 +90,9 @@ def pack_linear_weight(weight: Any, qtype: Any = None, name: str = "weight") -> 
     weight : (out_features, in_features) float32 or bfloat16, on the CPU, rows contiguous; or, with
         ``qtype``, the GGUF-quantised weight as its raw blocks: (out_features, bytes per row) uint8,
         one row of blocks per output (what gguf's reader and ``gguf.quants.quantize`` give)
-    qtype : None for a float weight, else its GGUF block type: "q8_0", "q4_0" or "q4_1" (any case, or
-        gguf's GGMLQuantizationType); another type is a ValueError naming ``name`` and the type
+    qtype : None for a float weight, else its GGUF block type, one of QUANT_TYPES: "q8_0", "q4_0", "q4_1",
+        "q4_k", "q5_k" or "q6_k" (any case, or gguf's GGMLQuantizationType); another type is a ValueError
+        naming ``name`` and the type
     name : the tensor's name in error messages
 
     Returns
@@ -142,6 +144,37 @@ def _pack_quantized(raw: Any, qtype: str, name: str) -> QuantizedPacked:
         data = np.empty(size, dtype=np.uint8)
     _C.qlinear_pack(kernel_view(raw), qtype, k, kernel_view(data), name)
     return QuantizedPacked(data, qtype, n, k)
+
+
+def dequantize_rows(packed_weight: QuantizedPacked, ids: Any) -> Any:
+    """Rows ``ids`` of a quantised weight packed by :func:`pack_linear_weight`, dequantised as gguf does.
+
+    Parameters
+    ----------
+    packed_weight : a :class:`QuantizedPacked` of any of QUANT_TYPES
+    ids : (count,) integer row indices in [0, out_features), CPU, numpy or torch
+
+    Returns
+    -------
+    (count, in_features) float32, of the framework of ``packed_weight.data`` (an embedding lookup in a
+    quantised table that the tied output head shares).
+    """
+    if not isinstance(packed_weight, QuantizedPacked):
+        raise TypeError(f"packed_weight: expected a QuantizedPacked, got {type(packed_weight).__name__}")
+    k = packed_weight.in_features
+    if is_torch(packed_weight.data):
+        import torch
+
+        ids = torch.as_tensor(ids, dtype=torch.int64).contiguous()
+        out = torch.empty((int(ids.numel()), k), dtype=torch.float32)
+    else:
+        ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
+        out = np.empty((int(ids.size), k), dtype=np.float32)
+    if len(ids.shape) != 1:
+        raise ValueError(f"ids: expected one dimension (count,), got shape {tuple(ids.shape)}")
+    _C.qlinear_rows(kernel_view(packed_weight.data), packed_weight.qtype, packed_weight.out_features,
+                    packed_weight.in_features, kernel_view(ids), kernel_view(out))
+    return out
 
 
 def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_float32: bool = False) -> Any:
