@@ -3,12 +3,12 @@ K-quants q4_k, q5_k, q6_k).
 
 The weights are made with the ``gguf`` package's own quantize (the K-quants, which it cannot quantise:
 random valid blocks, any bytes with finite scales; and a real Q4_K_M file's tensors), and the reference
-uses its own dequantize, in float64. Up to 16 rows the kernel quantises the activations to int8 per
-32-block (ggml's scheme) and sums integers exactly, so it must equal the float64 product of the same
+uses its own dequantize, in float64. The kernel quantises the activations to int8 per 32-block (ggml's
+scheme) and sums integers exactly, at every batch size, so it must equal the float64 product of the same
 quantised activations with the dequantised weights to about float32 rounding (<= 1e-5 of the largest
-output); against the float activations it is within the activation quantisation error. Above 16 rows
-each panel is dequantised and the float kernel runs: the float64 product of the float activations. Every
-level of the CPU SIMD ladder runs each case (cpu_isa fixture); outputs are poisoned with NaN first.
+output); against the float activations it is within the activation quantisation error; and a row's
+result is the same whatever the rest of the batch is. Every level of the CPU SIMD ladder runs each case
+(cpu_isa fixture); outputs are poisoned with NaN first.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 QTYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
 K_QUANTS = ("q4_k", "q5_k", "q6_k")  # 256-element super-blocks
-DOT_MAX_ROWS = 16  # kDotMaxRows (csrc/cpu/qlinear_dispatch.cpp)
 
 
 def kk(qtype: str, k: int) -> int:
@@ -94,13 +93,24 @@ def test_small_batches_equal_the_same_quantised_activations(cpu_isa, np_rng, qty
 
 @pytest.mark.parametrize("qtype", list(QTYPES))
 @pytest.mark.parametrize("m", [17, 40, 100])
-def test_large_batches_equal_the_dequantised_weights(cpu_isa, np_rng, qtype, m):
+def test_large_batches_equal_the_same_quantised_activations(cpu_isa, np_rng, qtype, m):
     n, k = 130, kk(qtype, 64)
     raw, w = quantized(np_rng, n, k, qtype)
     packed = ops.pack_linear_weight(raw, qtype=qtype)
     x = np_rng.standard_normal((m, k)).astype(np.float32)
     got = run(torch.from_numpy(x), packed, n)
-    assert rel_err(got, x.astype(np.float64) @ w.T) <= 1e-5
+    assert rel_err(got, quantized_activations(x) @ w.T) <= 1e-5
+
+
+@pytest.mark.parametrize("qtype", list(QTYPES))
+def test_a_rows_result_does_not_depend_on_the_batch(np_rng, qtype):
+    n, k = 70, kk(qtype, 64)
+    raw, _ = quantized(np_rng, n, k, qtype)
+    packed = ops.pack_linear_weight(raw, qtype=qtype)
+    x = torch.from_numpy(np_rng.standard_normal((37, k)).astype(np.float32))
+    whole = run(x, packed, n)
+    for lo, hi in ((0, 1), (5, 7), (3, 20), (36, 37)):
+        assert torch.equal(run(x[lo:hi], packed, n), whole[lo:hi])
 
 
 @pytest.mark.parametrize("qtype", list(QTYPES))
@@ -113,11 +123,10 @@ def test_bfloat16_activations_bias_and_float32_out(cpu_isa, np_rng, qtype, m):
     x = torch.from_numpy(np_rng.standard_normal((m, k)).astype(np.float32)).bfloat16()
     bias = torch.from_numpy(np_rng.standard_normal(n).astype(np.float32)).bfloat16()
     xd = x.double().numpy()
-    ref = (quantized_activations(xd) if m <= DOT_MAX_ROWS else xd) @ w.T + bias.double().numpy()
+    ref = quantized_activations(xd) @ w.T + bias.double().numpy()
     got32 = run(x, packed, n, bias=bias, out_float32=True)
     assert got32.dtype == torch.float32
-    # large batches run the bf16 kernel on bf16-rounded weights: bf16's own error
-    assert rel_err(got32, ref) <= (1e-5 if m <= DOT_MAX_ROWS else 1e-2)
+    assert rel_err(got32, ref) <= 1e-5
     got = run(x, packed, n, bias=bias)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, ref) <= 1e-2
@@ -244,7 +253,7 @@ def test_a_real_q4_k_m_files_k_quant_tensors(gemma_q4_k_m):
             for m in (1, 5, 40):
                 x = rng.standard_normal((m, packed.in_features)).astype(np.float32)
                 got = run(torch.from_numpy(x), packed, packed.out_features)
-                ref = (quantized_activations(x) if m <= DOT_MAX_ROWS else x) @ w.astype(np.float64).T
+                ref = quantized_activations(x) @ w.astype(np.float64).T
                 assert rel_err(got, ref) <= 1e-5, (t.name, m)
     assert checked == 6
 

@@ -20,6 +20,7 @@ namespace {
 // The CPU and OS features the predicates of isa_list.h read (all false off x86).
 struct Features {
   bool fma = false, f16c = false, avx2 = false, avx512 = false, bf16 = false, amx = false;
+  bool vnni = false;  // AVX512_VNNI: int8 dot products (vpdpbusd), on every CPU with AVX512_BF16
   bool ymm_os = false, zmm_os = false;  // the OS saves the 256-bit / 512-bit registers
   unsigned long long xcr0 = 0;
 };
@@ -54,6 +55,7 @@ Features features() {
   f.avx2 = b & (1u << 5);
   f.amx = (d & (1u << 24)) && (d & (1u << 22));  // AMX-TILE, AMX-BF16
   f.avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
+  f.vnni = c & (1u << 11);
   __cpuid_count(7, 1, a, b, c, d);
   f.bf16 = a & (1u << 5);
   return f;

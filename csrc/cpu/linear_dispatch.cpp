@@ -33,8 +33,6 @@ float* worker_scratch(int64_t floats) {
 
 }  // namespace
 
-LinearTileFn active_linear_tile() { return pick_tile(); }
-
 void linear_forward(const LinearParams& p) {
   if (p.m == 0 || p.n == 0) return;
   const LinearTileFn tile = pick_tile();

@@ -14,8 +14,6 @@ struct QLinearKernels {
   // All m rows of out for one 64-output panel, from the quantised activations.
   void (*panel)(const QLinearParams& p, int64_t panel, const int8_t* qa, const float* da, const float* as,
                 const int32_t* hs);
-  // One panel's weights into the float linear's packed layout of p.dtype (64 * k elements).
-  void (*dequantize)(const QLinearParams& p, int64_t panel, void* dst);
   // Rows ids of a packed (n, k) weight as float32 (count, k) (qlinear_rows, fastinfer/cpu.h).
   void (*rows)(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out);
 };
@@ -23,8 +21,4 @@ struct QLinearKernels {
 #define FI_ISA_DECLARE(suffix, ...) QLinearKernels qlinear_kernels_##suffix();
 FI_CPU_ISAS(FI_ISA_DECLARE)
 #undef FI_ISA_DECLARE
-
-// The float linear's tile kernel of the active level (linear_dispatch.cpp).
-LinearTileFn active_linear_tile();
-
 }  // namespace fastinfer::cpu

@@ -15,11 +15,6 @@ namespace fastinfer::cpu {
 
 namespace {
 
-// Up to this many rows the int8 dot kernel runs; above, dequantising each panel once and running
-// the float tile (bf16 AMX / AVX-512 BF16 where the CPU has them) is faster per row.
-constexpr int64_t kDotMaxRows = 16;
-constexpr int64_t kRowChunk = 48;  // rows per float tile call, as the float linear
-
 QLinearKernels pick_kernels() {
 #define FI_ISA_ROW(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) FI_ISA_ENTRY(arch, lin, qlinear_kernels_##suffix)
   static constexpr QLinearKernels (*kTable[])() = {FI_CPU_ISAS(FI_ISA_ROW)};
@@ -27,8 +22,7 @@ QLinearKernels pick_kernels() {
   return pick_isa(kTable)();
 }
 
-struct QActScratch;    // the quantised activations (calling thread)
-struct QPanelScratch;  // a dequantised panel and the float tile's scratch (each worker)
+struct QActScratch;  // the quantised activations (calling thread)
 
 bool finite_f16(uint16_t h) { return (h & 0x7c00) != 0x7c00; }
 
@@ -93,35 +87,19 @@ void qlinear_forward(const QLinearParams& p) {
   if (p.m == 0 || p.n == 0) return;
   const QLinearKernels kern = pick_kernels();
   const int64_t panels = linear_panels(p.n), nb = p.k / kQBlock;
-  if (p.m <= kDotMaxRows) {
-    char* buf = thread_scratch<QActScratch>(p.m * p.k + 4 * sizeof(float) * p.m * nb + 64);
-    int8_t* qa = reinterpret_cast<int8_t*>(buf);
-    float* da = reinterpret_cast<float*>(buf + (p.m * p.k + 63) / 64 * 64);
-    float* as = da + p.m * nb;
-    int32_t* hs = reinterpret_cast<int32_t*>(as + p.m * nb);
-    kern.quantize(p, qa, da, as, hs);
-    auto run = [&](int64_t panel, int) { kern.panel(p, panel, qa, da, as, hs); };
-    if (num_threads() == 1 || p.n * p.k < (int64_t(1) << 16)) {
-      for (int64_t t = 0; t < panels; ++t) run(t, 0);
-    } else {
-      parallel_for(panels, run);
-    }
-    return;
+  // One path for every batch size: a row's result does not depend on what else is in the batch.
+  char* buf = thread_scratch<QActScratch>(p.m * p.k + 4 * sizeof(float) * p.m * nb + 64);
+  int8_t* qa = reinterpret_cast<int8_t*>(buf);
+  float* da = reinterpret_cast<float*>(buf + (p.m * p.k + 63) / 64 * 64);
+  float* as = da + p.m * nb;
+  int32_t* hs = reinterpret_cast<int32_t*>(as + p.m * nb);
+  kern.quantize(p, qa, da, as, hs);
+  auto run = [&](int64_t panel, int) { kern.panel(p, panel, qa, da, as, hs); };
+  if (num_threads() == 1 || p.m * p.n * p.k < (int64_t(1) << 16)) {
+    for (int64_t t = 0; t < panels; ++t) run(t, 0);
+  } else {
+    parallel_for(panels, run);
   }
-  const LinearTileFn tile = active_linear_tile();
-  const int64_t esz = dtype_size(p.dtype), out_esz = dtype_size(p.out_dtype);
-  const int64_t panel_bytes = (esz * kLinearPanel * p.k + 63) / 64 * 64;
-  const int64_t tile_floats = linear_scratch_floats(p.k);
-  parallel_for(panels, [&](int64_t panel, int) {
-    char* buf = thread_scratch<QPanelScratch>(panel_bytes + sizeof(float) * tile_floats);
-    kern.dequantize(p, panel, buf);
-    const int64_t col0 = panel * kLinearPanel;
-    LinearParams lp{p.dtype, p.out_dtype, p.m, std::min<int64_t>(kLinearPanel, p.n - col0), p.k, p.x, p.x_row_stride, buf,
-                    p.bias ? static_cast<const char*>(p.bias) + esz * col0 : nullptr,
-                    static_cast<char*>(p.out) + out_esz * col0, p.out_row_stride};
-    float* scratch = reinterpret_cast<float*>(buf + panel_bytes);
-    for (int64_t r0 = 0; r0 < p.m; r0 += kRowChunk) tile(lp, 0, r0, std::min(p.m, r0 + kRowChunk), -1, scratch);
-  });
 }
 
 void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out) {
@@ -167,22 +145,18 @@ int64_t qlinear_pack(const QLinearPackParams& p) {
       for (int r = 0; r < kQRows; ++r) {
         const int64_t row = task * kQRows + r;
         if (row >= p.n) {  // padding rows of the last panel: zero weights
-          std::memset(values + r * vb, 0, vb);
+          for (int64_t c = 0; c < vb / 4; ++c) std::memset(values + 32 * c + 4 * r, 0, 4);
           d[r] = 0;
           if (qtype_has_offset(p.qtype)) m[r] = 0;
           continue;
         }
         const uint8_t* blk = static_cast<const uint8_t*>(p.raw) + row * p.raw_row_stride + b * block_bytes;
         std::memcpy(&d[r], blk, 2);
-        if (p.qtype == QType::kQ8_0) {
-          std::memcpy(values + r * vb, blk + 2, 32);
-        } else if (p.qtype == QType::kQ4_0) {
-          std::memcpy(values + r * vb, blk + 2, 16);
-          m[r] = f32_to_f16(-8.f * f16_value(d[r]));
-        } else {
-          std::memcpy(&m[r], blk + 2, 2);
-          std::memcpy(values + r * vb, blk + 4, 16);
-        }
+        const uint8_t* q = blk + (p.qtype == QType::kQ4_1 ? 4 : 2);
+        if (p.qtype == QType::kQ4_0) m[r] = f32_to_f16(-8.f * f16_value(d[r]));
+        if (p.qtype == QType::kQ4_1) std::memcpy(&m[r], blk + 2, 2);
+        // 4 bytes at a time, the 8 rows side by side (qlinear.h): bytes 4c..4c+3 of row r at 32 c + 4 r
+        for (int64_t c = 0; c < vb / 4; ++c) std::memcpy(values + 32 * c + 4 * r, q + 4 * c, 4);
       }
     }
   });

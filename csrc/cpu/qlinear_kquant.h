@@ -242,7 +242,7 @@ void kdot_all(const uint8_t* sub, int64_t nsb, const KRow* rows, int64_t m, floa
   }
 }
 
-// All m (<= 16) rows of out for the outputs of one panel of a K-quant weight, from the quantised
+// All m rows of out for the outputs of one panel of a K-quant weight, from the quantised
 // activations (qlinear_quantize's qa, da, as, hs).
 void kquant_panel(const QLinearParams& p, int64_t panel, const int8_t* qa, const float* da, const float* as,
                   const int32_t* hs) {
@@ -277,27 +277,6 @@ void kquant_panel(const QLinearParams& p, int64_t panel, const int8_t* qa, const
       }
     }
   }
-}
-
-// Sub-panel `s` (nsb packed super-blocks at sub) as floats into the float linear's packed panel
-// layout of `dtype` (see qlinear_dequantize): columns 8 s .. 8 s + 7.
-void kdequantize_subpanel(QType t, const uint8_t* sub, int64_t nsb, int s, DType dtype, void* dst) {
-  const int64_t bb = qpacked_block_bytes(t);
-  KSub w;
-  for (int64_t sb = 0; sb < nsb; ++sb)
-    for (int sub_block = 0; sub_block < kQSuper / kQBlock; ++sub_block)
-      for (int r = 0; r < kQRows; ++r) {
-        ksub(t, sub + sb * bb, r, sub_block, w);
-        const int c = s * kQRows + r;
-        for (int j = 0; j < kQBlock; ++j) {
-          const float v = w.scale[j / 16] * static_cast<float>(w.q[j]) - w.offset;
-          const int64_t kk = sb * kQSuper + sub_block * kQBlock + j;
-          if (dtype == DType::kFloat32)
-            static_cast<float*>(dst)[kk * kLinearPanel + c] = v;
-          else
-            static_cast<uint16_t*>(dst)[kk / 2 * 2 * kLinearPanel + 2 * c + (kk & 1)] = f32_to_bf16(v);
-        }
-      }
 }
 
 }  // namespace

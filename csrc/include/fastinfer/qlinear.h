@@ -19,8 +19,9 @@
 // Packed layout: outputs in panels of kLinearPanel (64) rows, zero-padded to whole panels, as the
 // float linear; a panel is 8 sub-panels of kQRows (8) rows, each one contiguous stream of packed
 // blocks, one per GGUF block of the inputs (32 inputs; 256 for the K-quants), that hold the 8 rows:
-//   q8_0/q4_0/q4_1, per 32-block: the 8 rows' values (q8: 32 bytes each, q4: 16 bytes each), then
-//     their 8 f16 scales d, then (q4) their 8 f16 offsets m (q4_0: m = -8 d).
+//   q8_0/q4_0/q4_1, per 32-block: the 8 rows' values (q8: 32 bytes each, q4: GGUF's 16 nibble
+//     bytes each) interleaved 4 bytes at a time (bytes 4c..4c+3 of row r at 32 c + 4 r), then their
+//     8 f16 scales d, then (q4) their 8 f16 offsets m (q4_0: m = -8 d).
 //   K-quants, per super-block: GGUF's value bytes in runs of 8 x 32 bytes, a run interleaving 32 bytes
 //     of each row 4 at a time ([c 0..7][row 0..7][4]: bytes 4 c .. 4 c + 3 of each row), then the
 //     scales, one byte each, [sub-block][row], and the f16 d (and dmin) [row]:

@@ -4,7 +4,7 @@ quantised to Q8_0 at load (``quantization="q8_0"``), run by the quantised CPU li
 The loader hands ``QuantizedTensor`` pieces to ``load_weights``; ``assemble`` joins the pieces of a fused
 projection (q/k/v, gate/up: rows of the same block type concatenate) and packs each weight once
 (``ops.pack_linear_weight``); a fused weight whose pieces differ in type is dequantised instead (reported).
-Embedding rows are dequantised on lookup from the packed table (``gather_rows``), which the tied output head
+Embedding rows are dequantised on lookup from the packed table (``gather_rows``, any type), which the tied output head
 shares, so the weights are held once, quantised.
 """
 
@@ -82,31 +82,6 @@ def pack(q: QuantizedTensor) -> fastinfer.ops.QuantizedPacked:
 
 
 def gather_rows(packed: fastinfer.ops.QuantizedPacked, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` (T,) of a packed q8_0 / q4_0 / q4_1 weight, dequantised: (T, in_features) float32. Reads the
-    packed layout of csrc/include/fastinfer/qlinear.h (64-row panels of 8-row sub-panels, per 32-block the 8
-    rows' values, then their f16 scales, then their f16 offsets)."""
-    k, qtype = packed.in_features, packed.qtype
-    nb = k // 32
-    vb = 32 if qtype == "q8_0" else 16
-    offset = qtype != "q8_0"
-    block = 8 * (vb + 2 + (2 if offset else 0))
-    sub_bytes = nb * block
-    ids = ids.to(torch.int64)
-    r = ids % 8
-    base = (ids // 8) * sub_bytes  # sub-panels are consecutive: panel p holds sub-panels 8p..8p+7
-    b = torch.arange(nb, dtype=torch.int64)
-    blk = base[:, None] + b[None, :] * block  # (T, nb)
-    vals = blk[..., None] + (r[:, None, None] * vb) + torch.arange(vb, dtype=torch.int64)  # (T, nb, vb)
-    data = packed.data
-    scale_at = blk + 8 * vb + 2 * r[:, None]
-    two = torch.stack([scale_at, scale_at + 1], -1)  # (T, nb, 2) bytes of an f16
-    d = data[two].view(torch.float16).float()  # (T, nb, 1)
-    if qtype == "q8_0":
-        q = data[vals].view(torch.int8).float()
-        w = q * d
-    else:
-        byte = data[vals]
-        q = torch.cat([byte & 15, byte >> 4], -1).float()  # elements 0..15 low nibbles, 16..31 high
-        m = data[torch.stack([scale_at + 16, scale_at + 17], -1)].view(torch.float16).float()
-        w = q * d + m
-    return w.reshape(ids.shape[0], k)
+    """Rows ``ids`` (T,) of a packed quantised weight, dequantised as gguf does: (T, in_features) float32 (an
+    embedding lookup in the table the tied output head shares)."""
+    return fastinfer.ops.dequantize_rows(packed, ids)

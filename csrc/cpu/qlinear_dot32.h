@@ -1,0 +1,122 @@
+// The int8 dot kernel of the 32-element block formats (q8_0, q4_0, q4_1), included by qlinear_kernel.h
+// (compiled per SIMD level). Their packed values interleave the 8 rows of a sub-panel 4 bytes at a
+// time (fastinfer/qlinear.h), so that one 32-byte load holds 4 consecutive values of each of the 8
+// rows: a dot-product instruction against 4 activation values broadcast to every lane gives each
+// row's partial sum in its own lane, with no horizontal reduction; the unpacked weights of a block
+// serve up to kDotRows activation rows before the next block is read.
+#pragma once
+
+namespace fastinfer::cpu::FI_ISA_NS {
+namespace {
+
+constexpr int kDotRows = 4;  // activation rows per pass over a sub-panel
+
+// One quantised activation row: its int8 values and per-32-block scale and scale * sum.
+struct QRow {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+#if defined(__AVX2__)
+// acc (8 int32 lanes) += per lane, the dot product of 4 u8 weights with 4 s8 activations.
+inline __m256i dot4(__m256i acc, __m256i w_u8, __m256i a_s8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, w_u8, a_s8);
+#else  // pairs of products fit int16 here (|w| <= 128, |a| <= 127: 2 * 128 * 127 < 32768)
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w_u8, a_s8), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// out[i][r] = row r of the sub-panel . activation row i, for R activation rows.
+template <int R>
+void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*out)[kQRows]) {
+  const int64_t block = qpacked_block_bytes(t);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  __m256 acc[R], macc[R];
+  for (int i = 0; i < R; ++i) acc[i] = macc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = sub + b * block;
+    __m256i s[R];
+    for (int i = 0; i < R; ++i) s[i] = _mm256_setzero_si256();
+    if (t == QType::kQ8_0) {
+      for (int c = 0; c < 8; ++c) {  // values 4c..4c+3 of each row; signed: |w| with w's sign on a
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * c));
+        const __m256i aw = _mm256_sign_epi8(w, w);
+        for (int i = 0; i < R; ++i) s[i] = dot4(s[i], aw, _mm256_sign_epi8(bcast4(rows[i].q + b * kQBlock + 4 * c), w));
+      }
+    } else {
+      for (int j = 0; j < 4; ++j) {  // low nibbles: values 4j..4j+3; high nibbles: 16+4j..16+4j+3
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * j));
+        const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+        for (int i = 0; i < R; ++i) {
+          const int8_t* a = rows[i].q + b * kQBlock;
+          s[i] = dot4(dot4(s[i], lo, bcast4(a + 4 * j)), hi, bcast4(a + 16 + 4 * j));
+        }
+      }
+    }
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(blk + kQRows * qtype_value_bytes(t));
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
+    for (int i = 0; i < R; ++i)
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].d[b])), acc[i]);
+    if (t != QType::kQ8_0) {
+      const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + kQRows)));
+      for (int i = 0; i < R; ++i) macc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows[i].s[b]), macc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], macc[i]));
+}
+#else
+template <int R>
+void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*out)[kQRows]) {
+  const int64_t block = qpacked_block_bytes(t);
+  float acc[R][kQRows] = {}, macc[R][kQRows] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = sub + b * block;
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(blk + kQRows * qtype_value_bytes(t));
+    for (int r = 0; r < kQRows; ++r) {
+      int32_t w[kQBlock];
+      if (t == QType::kQ8_0) {
+        for (int e = 0; e < kQBlock; ++e) w[e] = reinterpret_cast<const int8_t*>(blk)[32 * (e / 4) + 4 * r + e % 4];
+      } else {
+        for (int e = 0; e < 16; ++e) {
+          const uint8_t byte = blk[32 * (e / 4) + 4 * r + e % 4];
+          w[e] = byte & 15;
+          w[e + 16] = byte >> 4;
+        }
+      }
+      const float dw = f16_to_f32(scales[r]), mw = t == QType::kQ8_0 ? 0.f : f16_to_f32(scales[kQRows + r]);
+      for (int i = 0; i < R; ++i) {
+        const int8_t* a = rows[i].q + b * kQBlock;
+        int32_t s = 0;
+        for (int e = 0; e < kQBlock; ++e) s += w[e] * a[e];
+        acc[i][r] += static_cast<float>(s) * (dw * rows[i].d[b]);
+        macc[i][r] += mw * rows[i].s[b];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < kQRows; ++r) out[i][r] = acc[i][r] + macc[i][r];
+}
+#endif
+
+// Rows [0, m) of the activations against one sub-panel, kDotRows at a time.
+void dot32_all(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, int64_t m, float (*out)[kQRows]) {
+  int64_t i = 0;
+  for (; i + kDotRows <= m; i += kDotRows) dot32<kDotRows>(t, sub, nb, rows + i, out + i);
+  switch (m - i) {
+    case 3: dot32<3>(t, sub, nb, rows + i, out + i); break;
+    case 2: dot32<2>(t, sub, nb, rows + i, out + i); break;
+    case 1: dot32<1>(t, sub, nb, rows + i, out + i); break;
+    default: break;
+  }
+}
+
+}  // namespace
+}  // namespace fastinfer::cpu::FI_ISA_NS
