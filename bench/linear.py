@@ -173,6 +173,68 @@ def run_case(tag: str, label: str, n: int, k: int, m: int, threads: int, reps: R
             "ratio": t_torch.median_s / t_fi.median_s, "other_cpu_cores": meter.other_cores(), **acc}
 
 
+QTYPES = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
+QMS = (1, 64)
+
+
+def quantized_weight(qtype: str, n: int, k: int, seed: int):
+    """(raw GGUF blocks (n, bytes per row) uint8, float32 (n, k) dequantisation): gguf's own quantiser for the
+    32-blocks; random valid blocks (any bytes, small finite f16 scales) for the K-quants it cannot quantise."""
+    import gguf
+    import numpy as np
+
+    t = gguf.GGMLQuantizationType[qtype.upper()]
+    rng = np.random.default_rng(seed)
+    if not qtype.endswith("_k"):
+        raw = gguf.quants.quantize((rng.standard_normal((n, k)) * k ** -0.5).astype(np.float32), t)
+    else:
+        block = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[qtype]
+        raw = rng.integers(0, 256, (n, k // 256, block), dtype=np.uint8)
+        scale = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+        fields = [208] if qtype == "q6_k" else [0, 2]  # d (q6_k: last), d and dmin
+        for f in fields:
+            raw[..., f:f + 2] = scale
+        raw = raw.reshape(n, -1)
+    return raw, gguf.quants.dequantize(raw, t).reshape(n, k).astype(np.float32)
+
+
+def run_quant_case(qtype: str, label: str, n: int, k: int, m: int, threads: int, reps: Reps, cold_bytes: int) -> dict:
+    """fastinfer's quantised linear against its bf16 packed linear of the same (dequantised) weights, both on
+    fastinfer's pool (bf16 activations): GB/s of weight bytes at m = 1, int8 GFLOP/s at m = 64."""
+    raw, w = quantized_weight(qtype, n, k, n * 7 + k)
+    wq = ops.pack_linear_weight(torch.from_numpy(raw), qtype=qtype)
+    qbytes = wq.nbytes
+    copies = cold_bytes // qbytes + 1 if m == 1 else 1
+    packed_q = [wq] + [ops.pack_linear_weight(torch.from_numpy(raw.copy()), qtype=qtype) for _ in range(copies - 1)]
+    wb = torch.from_numpy(w).bfloat16()
+    bcopies = cold_bytes // (2 * n * k) + 1 if m == 1 else 1
+    packed_b = [ops.pack_linear_weight(wb.clone()) for _ in range(bcopies)]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+
+    def run_q():
+        for p in packed_q:
+            ops.linear(x, p, n)
+
+    def run_b():
+        for p in packed_b:
+            ops.linear(x, p, n)
+
+    meter = LoadMeter()
+    half = Reps(reps.warmup, max(1, math.ceil(reps.repeat / 2)), reps.min_time_s / 2)
+    parts: dict[str, list[Timing]] = {"bf16": [], "quantized": []}
+    with phase("fastinfer", threads):
+        for _ in range(2):
+            parts["bf16"].append(bench(run_b, half.warmup, half.repeat, half.min_time_s))
+            parts["quantized"].append(bench(run_q, half.warmup, half.repeat, half.min_time_s))
+    tb, tq = merge(parts["bf16"], bcopies), merge(parts["quantized"], copies)
+    flop = 2 * m * n * k
+    return {"qtype": qtype, "name": label, "N": n, "K": k, "m": m, "isa": fastinfer.get_cpu_isa(),
+            "quantized_bytes": qbytes, "bf16_bytes": 2 * n * k, "copies": copies, "cold": m == 1,
+            "quantized": {**tq.as_dict(), "gbps": gbps(qbytes, tq.median_s), "gflops": gflops(flop, tq.median_s)},
+            "bf16": {**tb.as_dict(), "gbps": gbps(2 * n * k, tb.median_s), "gflops": gflops(flop, tb.median_s)},
+            "speedup_over_bf16": tb.median_s / tq.median_s, "other_cpu_cores": meter.other_cores()}
+
+
 def fmt_load(cores: float | None) -> str:
     return "?" if cores is None else f"{cores:.2f}"
 
@@ -205,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-mb", type=float, default=64.0,
                     help="m = 1: distinct weight copies per timed pass total more than this many MB (default 64)")
     ap.add_argument("--out", default=None, help="directory for the JSON result (default bench/results)")
+    ap.add_argument("--quantized", nargs="*", metavar="ISA", default=None,
+                    help="instead: the quantised linear (q8_0, q4_0, q4_1, q4_k, q5_k, q6_k) against fastinfer's bf16 "
+                         "linear at m = 1 and 64, at each ISA given (none given: every level this CPU runs)")
     args = ap.parse_args(argv)
+    if args.quantized is not None:
+        return main_quantized(args)
 
     if args.isa:
         fastinfer.set_cpu_isa(args.isa)
@@ -263,6 +330,51 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result("linear-quick" if args.quick else "linear", payload, args.out)
     print(f"\nwrote {path}")
     return 0
+
+
+def main_quantized(args: argparse.Namespace) -> int:
+    reps = Reps(1, 4, 0.0) if args.quick else Reps(2, 12, 0.5)
+    cold_bytes = int(args.cold_mb * 1e6)
+    isas = args.quantized or [i for i in ("scalar", "avx2", "avx512", "avx512_bf16", "amx") if _isa_ok(i)]
+    before = fastinfer.get_cpu_isa()
+    rows = []
+    try:
+        for isa in isas:
+            fastinfer.set_cpu_isa(isa)
+            for qtype in QTYPES:
+                for label, n, k in SHAPES:
+                    if k % (256 if qtype.endswith("_k") else 32) or (isa == "scalar" and label == "lm_head"):
+                        continue
+                    for m in QMS:
+                        r = run_quant_case(qtype, label, n, k, m, args.threads, reps, cold_bytes)
+                        rows.append(r)
+                        q = r["quantized"]
+                        print(f"  {isa:11s} {qtype} {label:8s} m={m:2d}: {q['median_s'] * 1e6:9.1f} us  "
+                              f"{q['gbps']:6.1f} GB/s  {q['gflops']:7.1f} GFLOP/s  x{r['speedup_over_bf16']:.2f} over "
+                              f"bf16 ({r['bf16']['gbps']:.1f} GB/s)  other load {fmt_load(r['other_cpu_cores'])}",
+                              flush=True)
+    finally:
+        fastinfer.set_cpu_isa(before)
+    payload = {"benchmark": "linear-quantized", "date": dt.datetime.now().isoformat(timespec="seconds"),
+               "args": vars(args), "machine": machine_info(), "cases": rows,
+               "conventions": {"gbps": "packed weight bytes / median time (m = 1: cycling copies > cold MB)",
+                               "gflops": "2*m*N*K / median time (int8 multiply-adds for the quantised side)",
+                               "speedup_over_bf16": "fastinfer bf16 packed linear time / quantised time, same "
+                                                    "dequantised weights, bf16 activations, same pool"}}
+    path = write_result("linear-quantized-quick" if args.quick else "linear-quantized", payload, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _isa_ok(name: str) -> bool:
+    before = fastinfer.get_cpu_isa()
+    try:
+        fastinfer.set_cpu_isa(name)
+        return True
+    except ValueError:
+        return False
+    finally:
+        fastinfer.set_cpu_isa(before)
 
 
 if __name__ == "__main__":
