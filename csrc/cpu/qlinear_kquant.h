@@ -199,8 +199,11 @@ void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows
   const int64_t bb = qpacked_block_bytes(T);
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t sb = 0; sb < nsb; ++sb)
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    // As the 32-block kernel (qlinear_dot32.h): the weight stream kPrefetch bytes ahead, toward L1.
+    for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(sub + sb * bb + kPrefetch + off, 0, 3);
     ksuper_dot<T, R>(std::make_integer_sequence<int, kSubs>{}, sub + sb * bb, rows, sb * kSubs, acc);
+  }
   for (int i = 0; i < R; ++i) _mm256_storeu_ps(out[i], acc[i]);
 }
 #else
