@@ -37,7 +37,7 @@ inline __m256i bcast4(const int8_t* p) {
 
 // out[i][r] = row r of the sub-panel . activation row i, for R activation rows.
 template <int R>
-void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*out)[kQRows]) {
+void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*out)[kQRows], bool prefetch) {
   const int64_t block = qpacked_block_bytes(t);
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   // Independent integer accumulators per row (summed once per block): one chain of 8 dependent dot
@@ -47,8 +47,10 @@ void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*ou
   for (int i = 0; i < R; ++i) acc[i] = macc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = sub + b * block;
-    // The stream runs on into the next sub-panel: keep kPrefetch bytes of it on the way to L1.
-    for (int64_t off = 0; off < block; off += 64) __builtin_prefetch(blk + kPrefetch + off, 0, 3);
+    // The stream runs on into the next sub-panel: keep kPrefetch bytes of it on the way to L1 (the first
+    // pass over a sub-panel only: the later ones find it in cache).
+    if (prefetch)
+      for (int64_t off = 0; off < block; off += 64) __builtin_prefetch(blk + kPrefetch + off, 0, 3);
     __m256i s[R][kAcc];
     for (int i = 0; i < R; ++i)
       for (int c = 0; c < kAcc; ++c) s[i][c] = _mm256_setzero_si256();
@@ -90,7 +92,7 @@ void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*ou
 }
 #else
 template <int R>
-void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*out)[kQRows]) {
+void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*out)[kQRows], bool) {
   const int64_t block = qpacked_block_bytes(t);
   float acc[R][kQRows] = {}, macc[R][kQRows] = {};
   for (int64_t b = 0; b < nb; ++b) {
@@ -125,11 +127,11 @@ void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*ou
 // Rows [0, m) of the activations against one sub-panel, kDotRows at a time.
 void dot32_all(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, int64_t m, float (*out)[kQRows]) {
   int64_t i = 0;
-  for (; i + kDotRows <= m; i += kDotRows) dot32<kDotRows>(t, sub, nb, rows + i, out + i);
+  for (; i + kDotRows <= m; i += kDotRows) dot32<kDotRows>(t, sub, nb, rows + i, out + i, i == 0);
   switch (m - i) {
-    case 3: dot32<3>(t, sub, nb, rows + i, out + i); break;
-    case 2: dot32<2>(t, sub, nb, rows + i, out + i); break;
-    case 1: dot32<1>(t, sub, nb, rows + i, out + i); break;
+    case 3: dot32<3>(t, sub, nb, rows + i, out + i, i == 0); break;
+    case 2: dot32<2>(t, sub, nb, rows + i, out + i, i == 0); break;
+    case 1: dot32<1>(t, sub, nb, rows + i, out + i, i == 0); break;
     default: break;
   }
 }

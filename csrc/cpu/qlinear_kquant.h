@@ -194,21 +194,23 @@ FI_ALWAYS_INLINE void ksuper_dot(std::integer_sequence<int, S...>, const uint8_t
 
 // out[i][r] = row r of the sub-panel (nsb packed super-blocks at sub) . activation row i, for R rows.
 template <QType T, int R>
-void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows]) {
+void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows], bool prefetch) {
   constexpr int kSubs = kQSuper / kQBlock;
   const int64_t bb = qpacked_block_bytes(T);
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    // As the 32-block kernel (qlinear_dot32.h): the weight stream kPrefetch bytes ahead, toward L1.
-    for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(sub + sb * bb + kPrefetch + off, 0, 3);
+    // As the 32-block kernel (qlinear_dot32.h): the weight stream kPrefetch bytes ahead, toward L1, on the
+    // first pass over the sub-panel.
+    if (prefetch)
+      for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(sub + sb * bb + kPrefetch + off, 0, 3);
     ksuper_dot<T, R>(std::make_integer_sequence<int, kSubs>{}, sub + sb * bb, rows, sb * kSubs, acc);
   }
   for (int i = 0; i < R; ++i) _mm256_storeu_ps(out[i], acc[i]);
 }
 #else
 template <QType T, int R>
-void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows]) {
+void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows], bool) {
   const int64_t bb = qpacked_block_bytes(T);
   float acc[R][kQRows] = {};
   KSub w;
@@ -236,11 +238,11 @@ void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows
 template <QType T>
 void kdot_all(const uint8_t* sub, int64_t nsb, const KRow* rows, int64_t m, float (*out)[kQRows]) {
   int64_t i = 0;
-  for (; i + kKDotRows <= m; i += kKDotRows) kdot<T, kKDotRows>(sub, nsb, rows + i, out + i);
+  for (; i + kKDotRows <= m; i += kKDotRows) kdot<T, kKDotRows>(sub, nsb, rows + i, out + i, i == 0);
   switch (m - i) {
-    case 3: kdot<T, 3>(sub, nsb, rows + i, out + i); break;
-    case 2: kdot<T, 2>(sub, nsb, rows + i, out + i); break;
-    case 1: kdot<T, 1>(sub, nsb, rows + i, out + i); break;
+    case 3: kdot<T, 3>(sub, nsb, rows + i, out + i, i == 0); break;
+    case 2: kdot<T, 2>(sub, nsb, rows + i, out + i, i == 0); break;
+    case 1: kdot<T, 1>(sub, nsb, rows + i, out + i, i == 0); break;
     default: break;
   }
 }
