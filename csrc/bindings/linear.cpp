@@ -27,9 +27,15 @@ void linear_pack(const py::object& w_obj, const py::object& packed_obj) {
   cpu::linear_pack(p);
 }
 
-void linear(const py::object& x_obj, const py::object& packed_obj, const py::object& bias_obj, const py::object& out_obj) {
-  TensorView x(x_obj, "x"), packed(packed_obj, "packed_weight"), out(out_obj, "out");
-  const OptTensor bias = view(bias_obj, "bias");
+// The operands every linear checks alike: x (m, k) and out (m, n), CPU, rows contiguous, float32/bfloat16
+// (out: x's dtype or float32); the optional bias (n,) in x's dtype. The weight is checked by the caller
+// (between the shapes and the bias, so errors come in argument order).
+struct LinearOperands {
+  DType dtype, out_dtype;
+  int64_t n, k;
+};
+
+LinearOperands check_linear_rows(const TensorView& x, const TensorView& out) {
   check_cpu(x);
   check_rank(x, 2, "(num_tokens, in_features)");
   check_last_contiguous(x);
@@ -42,15 +48,26 @@ void linear(const py::object& x_obj, const py::object& packed_obj, const py::obj
     throw py::type_error(cat("out: expected dtype ", dtype_name(dtype), " (same as x)",
                              dtype == DType::kFloat32 ? "" : " or float32", ", got ", out.dtype_str()));
   check(out.size(0) == x.size(0), "out: expected ", x.size(0), " rows (as x), got shape ", out.shape());
-  const int64_t n = out.size(1), k = x.size(1);
+  return {dtype, out_dtype, out.size(1), x.size(1)};
+}
+
+void check_linear_bias(const OptTensor& bias, const LinearOperands& o) {
+  if (!bias) return;
+  check_cpu(*bias);
+  if (float_dtype(*bias) != o.dtype)
+    throw py::type_error(cat("bias: expected dtype ", dtype_name(o.dtype), " (same as x), got ", bias->dtype_str()));
+  check_shape(*bias, {o.n});
+  check(o.n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
+}
+
+void linear(const py::object& x_obj, const py::object& packed_obj, const py::object& bias_obj, const py::object& out_obj) {
+  TensorView x(x_obj, "x"), packed(packed_obj, "packed_weight"), out(out_obj, "out");
+  const OptTensor bias = view(bias_obj, "bias");
+  const LinearOperands o = check_linear_rows(x, out);
+  const DType dtype = o.dtype, out_dtype = o.out_dtype;
+  const int64_t n = o.n, k = o.k;
   check_packed(packed, dtype, n, k);
-  if (bias) {
-    check_cpu(*bias);
-    if (float_dtype(*bias) != dtype)
-      throw py::type_error(cat("bias: expected dtype ", dtype_name(dtype), " (same as x), got ", bias->dtype_str()));
-    check_shape(*bias, {n});
-    check(n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
-  }
+  check_linear_bias(bias, o);
   check_writable(out);
   check_disjoint(out, {&x, &packed, ptr(bias)});
   LinearParams p{dtype, out_dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
@@ -91,28 +108,12 @@ void qlinear(const py::object& x_obj, const py::object& packed_obj, const std::s
   const QType t = qtype_arg(qtype);
   TensorView x(x_obj, "x"), packed(packed_obj, "packed_weight"), out(out_obj, "out");
   const OptTensor bias = view(bias_obj, "bias");
-  check_cpu(x);
-  check_rank(x, 2, "(num_tokens, in_features)");
-  check_last_contiguous(x);
-  const DType dtype = linear_dtype(x);
-  check_cpu(out);
-  check_rank(out, 2, "(num_tokens, out_features)");
-  check_last_contiguous(out);
-  const DType out_dtype = float_dtype(out);
-  if (out_dtype != dtype && out_dtype != DType::kFloat32)
-    throw py::type_error(cat("out: expected dtype ", dtype_name(dtype), " (same as x)",
-                             dtype == DType::kFloat32 ? "" : " or float32", ", got ", out.dtype_str()));
-  check(out.size(0) == x.size(0), "out: expected ", x.size(0), " rows (as x), got shape ", out.shape());
-  const int64_t n = out.size(1), k = x.size(1);
+  const LinearOperands o = check_linear_rows(x, out);
+  const DType dtype = o.dtype, out_dtype = o.out_dtype;
+  const int64_t n = o.n, k = o.k;
   check_qk(k, "x", t);
   check_qpacked(packed, t, n, k);
-  if (bias) {
-    check_cpu(*bias);
-    if (float_dtype(*bias) != dtype)
-      throw py::type_error(cat("bias: expected dtype ", dtype_name(dtype), " (same as x), got ", bias->dtype_str()));
-    check_shape(*bias, {n});
-    check(n <= 1 || bias->stride(0) == 1, "bias: must be contiguous");
-  }
+  check_linear_bias(bias, o);
   check_writable(out);
   check_disjoint(out, {&x, &packed, ptr(bias)});
   QLinearParams p{t, dtype, out_dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
