@@ -65,8 +65,10 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
 
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(100, llm.get_tokenizer().vocab_size, (64,), generator=g).tolist() for _ in range(batch)]
-    llm._add(prompts, SamplingParams(temperature=0.0, max_tokens=3 * steps + 8, ignore_eos=True), None)
     eng = llm.engine
+    for i, prompt in enumerate(prompts):
+        eng.add_request(f"profile-{batch}-{i}", prompt,
+                        SamplingParams(temperature=0.0, max_tokens=3 * steps + 8, ignore_eos=True))
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running + list(eng.scheduler.waiting)):
         eng.step()
     eng.step()
@@ -76,19 +78,21 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
     native = getattr(model, "cpu_decoder", None)
     native_row: dict = {}
     if native is not None:
-        runner_exec, head = Timed(eng.runner.execute), Timed(C.linear)
-        eng.runner.execute, C.linear = runner_exec, head
+        # the head is the only linear called from Python here: float (C.linear) or quantised (C.qlinear)
+        runner_exec, head, qhead = Timed(eng.runner.execute), Timed(C.linear), Timed(C.qlinear)
+        eng.runner.execute, C.linear, C.qlinear = runner_exec, head, qhead
         try:
             median_ms(eng.step, 2)
-            runner_exec.total = head.total = 0.0
+            runner_exec.total = head.total = qhead.total = 0.0
             t0 = time.perf_counter()
             for _ in range(steps):
                 eng.step()
             wall = (time.perf_counter() - t0) / steps * 1e3
         finally:
-            eng.runner.execute, C.linear = runner_exec.fn, head.fn
-        native_row = {"native_step_ms": wall, "native_layers_ms": (runner_exec.total - head.total) / steps * 1e3,
-                      "native_head_ms": head.total / steps * 1e3,
+            eng.runner.execute, C.linear, C.qlinear = runner_exec.fn, head.fn, qhead.fn
+        head_total = head.total + qhead.total
+        native_row = {"native_step_ms": wall, "native_layers_ms": (runner_exec.total - head_total) / steps * 1e3,
+                      "native_head_ms": head_total / steps * 1e3,
                       "native_engine_ms": wall - runner_exec.total / steps * 1e3}
         print(f"B={batch:3d}: native stack: step {wall:6.1f} ms ({batch / wall * 1e3:.0f} tok/s) | layers (one call) "
               f"{native_row['native_layers_ms']:5.1f} ms | head {native_row['native_head_ms']:5.1f} | engine "
@@ -184,15 +188,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none", "q8_0"],
+                    help="the LLM's weights (default: auto, a GGUF's quantised tensors natively)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import fastinfer
     from fastinfer import LLM
 
     fastinfer.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory_bytes=1 << 30)
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory_bytes=1 << 30,
+              quantization=None if args.quantization == "none" else args.quantization)
     rows = [profile_batch(llm, b, args.steps) for b in args.batches]
     out = write_result("profile_step", {"model": llm.model_path, "dtype": args.dtype, "threads": args.threads,
+                                        "quantization": args.quantization,
                                         "machine": machine_info(), "results": rows})
     print(f"wrote {out}")
 
