@@ -11,8 +11,9 @@ struct QLinearKernels {
   // Every row of x to int8 per 32-block: qa (m, k), da and as (m, k / 32): scale, scale * sum; hs
   // (m, k / 32, 2): the integer sums of each block's two halves of 16.
   void (*quantize)(const QLinearParams& p, int8_t* qa, float* da, float* as, int32_t* hs);
-  // All m rows of out for one 64-output panel, from the quantised activations.
-  void (*panel)(const QLinearParams& p, int64_t panel, const int8_t* qa, const float* da, const float* as,
+  // All m rows of out for the outputs of sub-panels sub0 .. sub0 + subs - 1 (8 each; sub-panels are
+  // contiguous across panels), from the quantised activations.
+  void (*panel)(const QLinearParams& p, int64_t sub0, int64_t subs, const int8_t* qa, const float* da, const float* as,
                 const int32_t* hs);
   // Rows ids of a packed (n, k) weight as float32 (count, k) (qlinear_rows, fastinfer/cpu.h).
   void (*rows)(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out);

@@ -94,11 +94,19 @@ void qlinear_forward(const QLinearParams& p) {
   float* as = da + p.m * nb;
   int32_t* hs = reinterpret_cast<int32_t*>(as + p.m * nb);
   kern.quantize(p, qa, da, as, hs);
-  auto run = [&](int64_t panel, int) { kern.panel(p, panel, qa, da, as, hs); };
-  if (num_threads() == 1 || p.m * p.n * p.k < (int64_t(1) << 16)) {
-    for (int64_t t = 0; t < panels; ++t) run(t, 0);
+  // Tasks of whole sub-panels, about 8 per thread (a panel at most): 9 panels on 2 threads would leave
+  // one thread a panel behind, and small projections are most of a decode step.
+  const int threads = num_threads();
+  const int64_t subs = panels * (kLinearPanel / kQRows);
+  const int64_t per_task = std::clamp<int64_t>(subs / (8 * int64_t(threads)), 1, kLinearPanel / kQRows);
+  const int64_t tasks = (subs + per_task - 1) / per_task;
+  auto run = [&](int64_t task, int) {
+    kern.panel(p, task * per_task, std::min(per_task, subs - task * per_task), qa, da, as, hs);
+  };
+  if (threads == 1 || p.m * p.n * p.k < (int64_t(1) << 16)) {
+    for (int64_t t = 0; t < tasks; ++t) run(t, 0);
   } else {
-    parallel_for(panels, run);
+    parallel_for(tasks, run);
   }
 }
 

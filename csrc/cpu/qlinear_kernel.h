@@ -45,20 +45,21 @@ void qlinear_quantize(const QLinearParams& p, int8_t* qa, float* da, float* as, 
   }
 }
 
-// All m rows of `out` for the outputs of one panel, from the quantised activations.
-void qlinear_panel(const QLinearParams& p, int64_t panel, const int8_t* qa, const float* da, const float* as,
-                   const int32_t* hs) {
-  if (qtype_is_k(p.qtype)) return kquant_panel(p, panel, qa, da, as, hs);
+// All m rows of `out` for the outputs of sub-panels sub0 .. sub0 + subs - 1 (8 rows each), from the quantised
+// activations.
+void qlinear_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8_t* qa, const float* da,
+                   const float* as, const int32_t* hs) {
+  if (qtype_is_k(p.qtype)) return kquant_panel(p, sub0, subs, qa, da, as, hs);
   constexpr int kChunk = 64;  // activation rows per pass over the panel's sub-panels
   const int64_t nb = p.k / kQBlock, sub_bytes = nb * qpacked_block_bytes(p.qtype);
-  const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + panel * (kLinearPanel / kQRows) * sub_bytes;
+  const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
   const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
   for (int64_t i0 = 0; i0 < p.m; i0 += kChunk) {
     const int64_t m = std::min<int64_t>(kChunk, p.m - i0);
     QRow rows[kChunk];
     for (int64_t i = 0; i < m; ++i) rows[i] = {qa + (i0 + i) * p.k, da + (i0 + i) * nb, as + (i0 + i) * nb};
-    for (int s = 0; s < kLinearPanel / kQRows; ++s) {
-      const int64_t col0 = panel * kLinearPanel + s * kQRows;
+    for (int64_t s = 0; s < subs; ++s) {
+      const int64_t col0 = (sub0 + s) * kQRows;
       if (col0 >= p.n) break;
       const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
       float bias[kQRows] = {};

@@ -247,21 +247,21 @@ void kdot_all(const uint8_t* sub, int64_t nsb, const KRow* rows, int64_t m, floa
   }
 }
 
-// All m rows of out for the outputs of one panel of a K-quant weight, from the quantised
+// All m rows of out for the outputs of sub-panels sub0 .. sub0 + subs - 1 of a K-quant weight, from the quantised
 // activations (qlinear_quantize's qa, da, as, hs).
-void kquant_panel(const QLinearParams& p, int64_t panel, const int8_t* qa, const float* da, const float* as,
-                  const int32_t* hs) {
+void kquant_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8_t* qa, const float* da,
+                  const float* as, const int32_t* hs) {
   constexpr int kMaxRows = 16;
   const int64_t nb = p.k / kQBlock, nsb = p.k / kQSuper, sub_bytes = nsb * qpacked_block_bytes(p.qtype);
-  const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + panel * (kLinearPanel / kQRows) * sub_bytes;
+  const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
   const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
   for (int64_t i0 = 0; i0 < p.m; i0 += kMaxRows) {
     const int64_t m = std::min<int64_t>(kMaxRows, p.m - i0);
     KRow rows[kMaxRows];
     for (int64_t i = 0; i < m; ++i)
       rows[i] = {qa + (i0 + i) * p.k, da + (i0 + i) * nb, as + (i0 + i) * nb, hs + 2 * (i0 + i) * nb};
-    for (int s = 0; s < kLinearPanel / kQRows; ++s) {
-      const int64_t col0 = panel * kLinearPanel + s * kQRows;
+    for (int64_t s = 0; s < subs; ++s) {
+      const int64_t col0 = (sub0 + s) * kQRows;
       if (col0 >= p.n) break;
       const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
       float out[kMaxRows][kQRows];
