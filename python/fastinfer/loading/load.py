@@ -68,7 +68,7 @@ def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "
     path = default_model_path() if path_or_id is None else str(path_or_id)
     if quantization is not None and device != "cpu":
         if quantization == "q8_0" or path.endswith(".gguf"):  # "auto" changes nothing for a float checkpoint
-            warn_once(f"quantization={quantization!r}: the quantised kernels run on the CPU only; on {device} every "
+            _warn(f"quantization={quantization!r}: the quantised kernels run on the CPU only; on {device} every "
                       f"weight is dequantised to the model dtype")
         quantization = None
     if path.endswith(".gguf"):
@@ -80,7 +80,8 @@ def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "
     return _load_hf_folder(resolve_hf_cache(path), dtype, device, allow_pickle, quantization)
 
 
-def warn_once(message: str) -> None:
+def _warn(message: str) -> None:
+    """A UserWarning pointing at the caller of load_model (Python's default filter shows it once there)."""
     warnings.warn(message, stacklevel=3)
 
 
@@ -174,5 +175,5 @@ def _warn_dequantised(path: str, native: frozenset[str]) -> None:
     other = sorted({t.type.name for t in open_gguf(path).tensors.values()
                     if t.type.name not in native and t.type.name not in ("F32", "F16", "BF16")})
     if other:
-        warn_once(f"{os.path.basename(path)}: tensors of type {', '.join(other)} have no native CPU kernel; they are "
+        _warn(f"{os.path.basename(path)}: tensors of type {', '.join(other)} have no native CPU kernel; they are "
                   f"dequantised to the model dtype (native: {', '.join(sorted(native))})")

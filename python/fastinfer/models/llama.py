@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastinfer.ops
+
 from fastinfer.models.attention_metadata import AttentionMetadata
 from fastinfer.models.config import ModelConfig
 from fastinfer.models.cpu_decoder import CpuDecoder
 from fastinfer.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param, \
     use_cpu_kernels
-from fastinfer.models.quantized import gather_rows
 from fastinfer.models.weights import load_weights
 
 class LlamaDecoderLayer(nn.Module):
@@ -110,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
         """(T,) token ids -> (T, hidden) embeddings in the model dtype (quantised rows dequantised on lookup)."""
         q = getattr(self.model.embed_tokens, "qweight", None)
         if q is not None:
-            return gather_rows(q, input_ids).to(self.dtype)
+            return fastinfer.ops.dequantize_rows(q, input_ids).to(self.dtype)
         return F.embedding(input_ids, self.model.embed_tokens.weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -4,7 +4,7 @@ quantised to Q8_0 at load (``quantization="q8_0"``), run by the quantised CPU li
 The loader hands ``QuantizedTensor`` pieces to ``load_weights``; ``assemble`` joins the pieces of a fused
 projection (q/k/v, gate/up: rows of the same block type concatenate) and packs each weight once
 (``ops.pack_linear_weight``); a fused weight whose pieces differ in type is dequantised instead (reported).
-Embedding rows are dequantised on lookup from the packed table (``gather_rows``, any type), which the tied output head
+Embedding rows are dequantised on lookup from the packed table (``ops.dequantize_rows``), which the tied output head
 shares, so the weights are held once, quantised.
 """
 
@@ -79,9 +79,3 @@ def pack(q: QuantizedTensor) -> fastinfer.ops.QuantizedPacked:
         raise ValueError(f"{q.name}: {q.qtype} blocks hold ({packed.out_features}, {packed.in_features}), the model "
                          f"expects {q.shape}")
     return packed
-
-
-def gather_rows(packed: fastinfer.ops.QuantizedPacked, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` (T,) of a packed quantised weight, dequantised as gguf does: (T, in_features) float32 (an
-    embedding lookup in the table the tied output head shares)."""
-    return fastinfer.ops.dequantize_rows(packed, ids)

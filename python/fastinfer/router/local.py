@@ -87,7 +87,7 @@ class LocalEngines:
                     continue
                 await self._unload(victim)
                 continue
-            engine = _Engine(_display(spec))
+            engine = _Engine(spec.model)
             self._engines[key] = engine
             engine.task = asyncio.ensure_future(self._load(key, engine, spec))
             await asyncio.shield(engine.task)
@@ -155,10 +155,6 @@ class LocalEngines:
             self._changed.set()
 
 
-def _display(spec: DeploymentSpec) -> str:
-    return spec.model
-
-
 class LocalBackend(Backend):
     """One ``fastinfer/<model>`` deployment, answered by its engine's Serving."""
 
@@ -167,7 +163,7 @@ class LocalBackend(Backend):
         self.engines = engines
 
     def _body(self, body: dict) -> dict:
-        return {**body, "model": _display(self.spec)}
+        return {**body, "model": self.spec.model}
 
     async def complete(self, body: dict, chat: bool, timeout: float) -> dict:
         try:

@@ -19,7 +19,7 @@ from . import batch_input
 from .batch_input import BadLine
 from .batch_output import Output
 from .batch_run import Stats
-from .messages import CliError, say
+from .messages import CliError, package_version, say
 
 # Command-line sampling flags sent as OpenAI body fields (a line's own fields win).
 _FLAG_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "repetition_penalty",
@@ -249,8 +249,6 @@ def run_routed(args: argparse.Namespace, read_input: Any, open_output: Any, resu
         stats.resumed = len(lines) - len(pending)
         batch_input.record_bad_lines(out, fmt, bad, done)
         if pending:
-            from fastinfer.entrypoints.cli.messages import package_version
-
             router = Router(config, user_agent=f"fastinfer/{package_version()}")
             t0 = time.perf_counter()
             try:
