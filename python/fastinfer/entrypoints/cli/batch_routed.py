@@ -15,7 +15,7 @@ from typing import Any
 
 from fastinfer.entrypoints.openai import protocol
 
-from . import batch_input
+from . import batch_input, shard
 from .batch_input import BadLine
 from .batch_output import Output
 from .batch_run import Stats
@@ -240,6 +240,7 @@ def run_routed(args: argparse.Namespace, read_input: Any, open_output: Any, resu
         data = read_input()
         fmt = args.input_format or batch_input.detect_format(batch_input.split_lines(data))
     lines, bad = parse_routed(data, fmt, args, set(config.groups))
+    lines, bad = shard.select(args.shard, lines, bad, args.on_bad_line)
     stats.bad_lines = len(bad)
     batch_input.report_bad_lines(bad, args.on_bad_line)
     out = open_output(args)

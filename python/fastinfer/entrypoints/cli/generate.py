@@ -17,7 +17,7 @@ from typing import Any, Callable
 from fastinfer.engine.sampling_params import SamplingParams
 from fastinfer.entrypoints.openai import protocol
 
-from . import arg_types, batch_input, batch_run
+from . import arg_types, batch_input, batch_run, shard
 from .batch_input import BadLine, Request
 from .batch_output import Output, ResumeError, read_done
 from .messages import CliError, flag, one_line, say
@@ -50,6 +50,11 @@ chat template:
   /v1/completions prompts never do. PROMPT, text lines and {"prompt"} lines use it when the model has
   one (instruct models do) unless --no-chat; --chat makes a model without a template an error.
 
+shards (--shard I/N, I from 0 to N-1):
+  Each request goes to shard sha256(its id) mod N, so N runs over the same --input, one per shard, do every
+  request exactly once between them, in any order and on any machines; give each its own --output. --resume
+  continues one shard. With --on-bad-line fail a bad line anywhere in the file fails every shard.
+
 resume:
   With --resume, requests whose id is already in --output are skipped and new lines are appended; a
   half-written last line left by a killed run is cut off first. A request recorded with an error
@@ -68,6 +73,7 @@ examples:
   fastinfer generate --model ./Qwen3-0.6B --temperature 0 --max-tokens 64 "The capital of France is"
   fastinfer generate --input prompts.txt --output results.jsonl
   fastinfer generate --input batch.jsonl --output out.jsonl --resume   # after an interruption
+  fastinfer generate --input batch.jsonl --output out.1.jsonl --shard 1/4  # the 2nd of 4 processes
   cat prompts.txt | fastinfer generate --input - --no-progress > results.jsonl"""
 
 
@@ -102,6 +108,10 @@ def add_parser(sub: Any) -> None:
                     help="apply the chat template to plain prompts (default: when the model has one)")
     io.add_argument("--system", metavar="TEXT", help="system message for chat-templated plain prompts")
     io.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    io.add_argument("--shard", type=shard.arg, metavar="I/N",
+                    help="run only shard I of N (0-based: 0/2 and 1/2 split a file in two): the requests whose id "
+                         "hashes (sha256) to I, so N processes or machines split one --input, each with its own "
+                         "--output (and --resume)")
 
     s = g.add_argument_group(
         "sampling", "Defaults for every request; input lines may override them. Unset ones come from the\n"
@@ -232,6 +242,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError("--retry-failed needs --resume", 2)
     if args.resume and args.overwrite:
         raise CliError("--resume and --overwrite contradict each other", 2)
+    if args.shard is not None and args.input is None:
+        raise CliError("--shard splits an --input file; it cannot split one PROMPT", 2)
     if args.output and os.path.isdir(args.output):
         raise CliError(f"--output {args.output} is a directory; give a file in it", 2)
     if args.output and args.input not in (None, "-") and os.path.exists(args.output) and os.path.exists(args.input):
@@ -271,6 +283,7 @@ def run(args: argparse.Namespace, llm_factory: Callable[..., Any]) -> int:
         raise CliError("--concurrency needs --config (one model batches every request itself)", 2)
     stats = batch_run.Stats()
     fmt, requests, bad = _read_requests(args, defaults)
+    requests, bad = shard.select(args.shard, requests, bad, args.on_bad_line)
     stats.bad_lines = len(bad)
     batch_input.report_bad_lines(bad, args.on_bad_line)
 
