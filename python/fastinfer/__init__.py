@@ -52,6 +52,7 @@ _hf_transformers.install()
 _LAZY = {"scaled_dot_product_attention": "fastinfer.sdpa", "sdpa_override": "fastinfer.sdpa",
          "SDPAFallbackWarning": "fastinfer.sdpa", "torch_ops": None,
          "LLM": "fastinfer.entrypoints.llm", "SamplingParams": "fastinfer.engine.sampling_params",
+         "StructuredOutputsParams": "fastinfer.engine.structured_outputs",
          "RequestOutput": "fastinfer.engine.outputs", "CompletionOutput": "fastinfer.engine.outputs"}
 
 
@@ -80,6 +81,7 @@ __all__ = [
     "torch_ops",
     "LLM",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "build_info",

@@ -7,6 +7,7 @@ from .cache_config import CacheConfig, KVCacheSpec
 from .config import SchedulerConfig
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
+from .structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "CacheConfig",
@@ -18,6 +19,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "SchedulerConfig",
+    "StructuredOutputsParams",
 ]
 
 

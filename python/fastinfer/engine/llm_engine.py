@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import operator
 import time
@@ -15,9 +16,11 @@ from .block_manager import PrefixCacheStats
 from .cache_config import CacheConfig, KVCacheSpec
 from .config import SchedulerConfig
 from .detokenizer import Detokenizer
+from .grammar_compiler import GrammarCompiler
+from .grammar_matcher import GrammarMatcher
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampler import Sampler
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .sampler import Sampler, prompt_logprobs
 from .sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
@@ -30,7 +33,9 @@ class Runner(Protocol):
     vocab_size: int  # rows of the embedding = width of the logits (optional: without it ids are not range-checked)
 
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Compute the scheduled chunks (writing their KV); float32 logits [len(sched.sampled), vocab]."""
+        """Compute the scheduled chunks (writing their KV); float32 logits [rows, vocab]: per chunk in order, one
+        row per position in its ``prompt_positions``, then one if it is sampled (so [len(sched.sampled), vocab] when
+        no request asks for prompt logprobs)."""
         ...
 
 
@@ -88,6 +93,8 @@ class LLMEngine:
         device = getattr(runner, "device", "cpu")  # where the logits live: draws are made there
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.sampler = Sampler(eos_token_ids, generator)
+        self.eos_token_ids = list(eos_token_ids)
+        self._grammars: GrammarCompiler | None = None  # made with the first structured-output request
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         # Requests the next step() reports even if they made no progress: aborted ones, and those whose output a
@@ -147,10 +154,17 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer")
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs: {params.logprobs} is more than max_logprobs ({self.max_logprobs})")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.max_logprobs:
+            raise ValueError(f"prompt_logprobs: {params.prompt_logprobs} is more than max_logprobs "
+                             f"({self.max_logprobs})")
         if self.vocab_size is not None:
-            bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
-            if bad is not None:
-                raise ValueError(f"stop_token_ids: {bad} is out of the vocabulary [0, {self.vocab_size})")
+            for name, given in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
+                                ("allowed_token_ids", params.allowed_token_ids or ())):
+                bad = next((t for t in given if t >= self.vocab_size), None)
+                if bad is not None:
+                    raise ValueError(f"{name}: {bad} is out of the vocabulary [0, {self.vocab_size})")
+        if params.structured_outputs is not None:
+            self.grammar_compiler()  # raises if this tokenizer cannot drive a grammar
         ids, problem = _check_token_ids(ids, self.vocab_size)
         return text, ids, params, problem
 
@@ -172,9 +186,14 @@ class LLMEngine:
         seqs = []
         # A prompt that never runs never grows: its sequences share one list (it may be long, and n up to MAX_N).
         never_runs = problem is not None or len(ids) > self.scheduler.max_seq_len
+        # Compiled off the engine loop (or found in the cache); the sequences wait in the scheduler until it is ready.
+        compiled = None
+        if params.structured_outputs is not None and not never_runs:
+            compiled = self.grammar_compiler().submit(params.structured_outputs)
         for i in range(params.n):
             seq_id = next(self._seq_ids)
-            seqs.append(Sequence(seq_id, request_id, ids if never_runs else list(ids), len(ids), params, index=i))
+            seqs.append(Sequence(seq_id, request_id, ids if never_runs else list(ids), len(ids), params, index=i,
+                                 grammar=GrammarMatcher(compiled) if compiled is not None else None))
         self.requests[request_id] = _Request(request_id, text, ids, seqs, metrics)
         for seq in seqs:
             if problem:
@@ -197,6 +216,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured-output grammars for this engine's tokenizer (made on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: needs the model's tokenizer (this model has none)")
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size,
+                                             self.eos_token_ids)
+            self.sampler.constraints.mask_vocab = self._grammars.vocab_size
+        return self._grammars
+
     def step(self) -> list[RequestOutput]:
         """Run one step; outputs of the requests that got tokens, finished, were rejected or aborted.
 
@@ -213,15 +242,18 @@ class LLMEngine:
                 metrics = self.requests[chunk.seq.request_id].metrics
                 if metrics.first_scheduled_time is None:
                     metrics.first_scheduled_time = now
+            if not sched.scheduled and not sched.rejected and self.scheduler.compiling:
+                # Nothing runs until a grammar compiles: wait for one (briefly) rather than spin.
+                concurrent.futures.wait([s.grammar.future for s in self.scheduler.compiling], timeout=0.05,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
             if sched.scheduled:
                 logits = self.runner.execute(sched)
+                if sched.num_prompt_logit_rows:
+                    logits = self._take_prompt_logprobs(sched, logits)
                 seqs = [c.seq for c in sched.sampled]
                 sampled = self.sampler(logits, seqs) if seqs else None
                 if sampled is not None:
-                    if self.detokenizer is not None:
-                        for entry in sampled.logprobs:
-                            for token_id, lp in (entry or {}).items():
-                                lp.decoded_token = self.detokenizer.decode_token(token_id, skip_special_tokens=False)
+                    self._decode_logprobs(sampled.logprobs)
                     now = time.time()
                     for seq in self.scheduler.update(sched, sampled.token_ids, sampled.logprobs):
                         metrics = self.requests[seq.request_id].metrics
@@ -239,6 +271,33 @@ class LLMEngine:
             if out.finished:
                 del self.requests[out.request_id]
         return outputs
+
+    def _take_prompt_logprobs(self, sched: SchedulerOutput, logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt logprobs of the step's prompt-logprob rows; return the sampled rows' logits."""
+        expected = sched.num_prompt_logit_rows + len(sched.sampled)
+        if logits.shape[0] != expected:
+            raise RuntimeError(f"the runner returned {logits.shape[0]} logit rows for {expected} (prompt_logprobs "
+                               f"needs a runner that returns the rows of each chunk's prompt_positions)")
+        sample_rows, row = [], 0
+        for chunk in sched.scheduled:
+            positions, seq = chunk.prompt_positions, chunk.seq
+            if positions:
+                if positions.start == len(seq.prompt_logprobs) - 1:  # not recorded by an earlier, failed attempt
+                    tokens = seq.token_ids[positions.start + 1:positions.stop + 1]
+                    entries = prompt_logprobs(logits[row:row + len(positions)], tokens, seq.params.prompt_logprobs)
+                    self._decode_logprobs(entries)
+                    seq.prompt_logprobs.extend(entries)
+                row += len(positions)
+            if chunk.sample:
+                sample_rows.append(row)
+                row += 1
+        return logits[sample_rows]
+
+    def _decode_logprobs(self, entries: list[dict[int, Logprob] | None]) -> None:
+        if self.detokenizer is not None:
+            for entry in entries:
+                for token_id, lp in (entry or {}).items():
+                    lp.decoded_token = self.detokenizer.decode_token(token_id, skip_special_tokens=False)
 
     def _output(self, request_id: str, now: float) -> RequestOutput:
         req = self.requests[request_id]
@@ -266,6 +325,7 @@ class LLMEngine:
             metrics=req.metrics,
             error=next((s.error for s in req.seqs if s.error), None),
             num_cached_tokens=req.seqs[0].num_cached_tokens,
+            prompt_logprobs=list(req.seqs[0].prompt_logprobs) if req.seqs[0].prompt_logprobs is not None else None,
         )
 
     @property

@@ -19,7 +19,9 @@ class StepInputs:
     input_ids: torch.Tensor  # (num_tokens,) int64: the scheduled tokens of every chunk, flattened
     positions: torch.Tensor  # (num_tokens,) int64: each token's position in its sequence
     meta: AttentionMetadata  # the batch's attention layout
-    sample_rows: torch.Tensor  # (num_sampled,) int64: rows of the flattened batch whose logits are sampled
+    # (num_logit_rows,) int64: rows of the flattened batch whose logits are returned: per chunk, its prompt-logprob
+    # positions, then its last position when it is sampled
+    logit_rows: torch.Tensor
 
 
 class ModelRunner:
@@ -67,7 +69,8 @@ class ModelRunner:
             self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(num_layers)]
 
     def prepare(self, chunks: list) -> StepInputs:
-        """Flatten the scheduled chunks (each with ``seq``, ``start``, ``num_tokens``, ``sample``)."""
+        """Flatten the scheduled chunks (each with ``seq``, ``start``, ``num_tokens``, ``sample``, and optionally
+        ``prompt_positions``)."""
         bs = self.cache_config.block_size
         q_lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int32, count=len(chunks))
         k_lens = np.fromiter((c.start + c.num_tokens for c in chunks), dtype=np.int32, count=len(chunks))
@@ -90,7 +93,18 @@ class ModelRunner:
         # Slot of each new token: its sequence's block for that position, then the offset inside it.
         seq_of_token = np.repeat(np.arange(len(chunks)), q_lens)
         slot_mapping = block_table[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        sample_rows = (cu_q[1:] - 1)[np.fromiter((c.sample for c in chunks), dtype=bool, count=len(chunks))]
+        # A token's place in its sequence, never the batch, decides its activations (prompt: float), so
+        # chunking, batching and recompute after preemption give every row the same numbers.
+        prompt_lens = np.fromiter((c.seq.num_prompt_tokens for c in chunks), dtype=np.int64, count=len(chunks))
+        prompt_rows = positions < prompt_lens[seq_of_token]
+        logit_rows = (cu_q[1:] - 1)[np.fromiter((c.sample for c in chunks), dtype=bool, count=len(chunks))]
+        if any(getattr(c, "prompt_positions", None) for c in chunks):
+            rows: list[int] = []
+            for i, c in enumerate(chunks):
+                rows.extend(int(cu_q[i]) + p - c.start for p in getattr(c, "prompt_positions", ()))
+                if c.sample:
+                    rows.append(int(cu_q[i + 1]) - 1)
+            logit_rows = np.array(rows, dtype=np.int64)
 
         dev = self.device
         meta = AttentionMetadata(
@@ -100,13 +114,15 @@ class ModelRunner:
             max_seqlen_k=int(k_lens.max()),
             block_table=torch.from_numpy(block_table).to(dev),
             slot_mapping=torch.from_numpy(slot_mapping).to(dev),
+            prompt_rows=torch.from_numpy(prompt_rows).to(dev),
         )
         return StepInputs(torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), meta,
-                          torch.from_numpy(sample_rows.astype(np.int64)).to(dev))
+                          torch.from_numpy(logit_rows.astype(np.int64)).to(dev))
 
     @torch.inference_mode()
     def execute(self, sched) -> torch.Tensor:
-        """Run one step. Returns float32 logits (num sampled chunks, vocab), in the chunks' order."""
+        """Run one step. Returns float32 logits (rows, vocab): per chunk in order, one row per prompt-logprob
+        position, then one for its sampled position (without prompt logprobs: one row per sampled chunk)."""
         chunks = sched.scheduled
         if not chunks:
             return torch.empty((0, 0), dtype=torch.float32, device=self.device)
@@ -117,6 +133,8 @@ class ModelRunner:
             torch.set_num_threads(1)
         try:
             hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
-            return self.model.compute_logits(hidden[step.sample_rows])
+            rows = step.logit_rows
+            prompt_rows = step.meta.prompt_rows
+            return self.model.compute_logits(hidden[rows], None if prompt_rows is None else prompt_rows[rows])
         finally:
             torch.set_num_threads(threads)

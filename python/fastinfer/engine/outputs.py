@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class Logprob:
-    """Log-probability of one candidate token at one output position."""
+    """Log-probability of one candidate token at one output (or prompt) position."""
 
     logprob: float  # log-softmax of the raw model logits
     rank: int  # 1 = most likely token at this position
@@ -52,3 +52,6 @@ class RequestOutput:
     metrics: RequestMetrics | None = None  # milestone times
     error: str | None = None  # why the request was rejected alone (e.g. prompt too long); None otherwise
     num_cached_tokens: int = field(default=0)  # prompt tokens served from the prefix cache (first sequence)
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first, then its top-k candidates plus the
+    # token itself (each a Logprob: log-softmax of the model's logits at the position before it); None otherwise.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -1,4 +1,5 @@
-"""Batched next-token sampling: penalties, min_tokens, temperature, top-k / top-p / min-p, logprobs.
+"""Batched next-token sampling: token constraints (grammar masks, allowed_token_ids, logit_bias), penalties,
+min_tokens, temperature, top-k / top-p / min-p, logprobs; and prompt logprobs.
 
 Every filter is one tensor op over the whole batch, with neutral values for rows that don't use it, and is skipped
 entirely when no row uses it, so a plain greedy or temperature-only batch costs a few passes over the logits. Random
@@ -16,6 +17,7 @@ import torch
 
 from .outputs import Logprob
 from .sequence import Sequence
+from .token_constraints import TokenConstraints
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +39,11 @@ class SamplerOutput:
 class Sampler:
     """Samples one token per row of a logits batch according to each row's sequence settings."""
 
-    def __init__(self, eos_token_ids: list[int] = (), generator: torch.Generator | None = None) -> None:
+    def __init__(self, eos_token_ids: list[int] = (), generator: torch.Generator | None = None,
+                 constraints: TokenConstraints | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)  # masked while a sequence is below min_tokens (unless ignore_eos)
         self.generator = generator  # draws of unseeded random rows (None = torch's default generator)
+        self.constraints = constraints if constraints is not None else TokenConstraints()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: float32 [N, vocab], row i belongs to seqs[i]."""
@@ -49,10 +53,11 @@ class Sampler:
         params = [s.params for s in seqs]
         logprobs = self._logprobs(logits, seqs) if any(p.logprobs is not None for p in params) else None
 
-        x = logits
+        # Masks and biases first, so that everything after (penalties, temperature, filters) sees them.
+        x = self.constraints.apply(logits, seqs)
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
-            x = _apply_penalties(x.clone(), [seqs[i] for i in pen_rows], pen_rows)
+            x = _apply_penalties(x.clone() if x is logits else x, [seqs[i] for i in pen_rows], pen_rows)
         masked = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
         if masked:
             x = x.clone() if x is logits else x
@@ -130,6 +135,26 @@ class Sampler:
             return result
 
         return build
+
+
+def prompt_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[dict[int, Logprob]]:
+    """Per row of ``logits`` (float32 [rows, vocab], the positions before ``tokens``): the top ``k`` log-softmax
+    entries and always the actual next token's, with their ranks (1 = most likely)."""
+    lp = logits.float().log_softmax(dim=-1)
+    actual = torch.tensor(tokens, device=lp.device).unsqueeze(1)
+    actual_lp = lp.gather(1, actual)
+    ranks = (torch.count_nonzero(lp > actual_lp, dim=-1) + 1).tolist()
+    actual_lp = actual_lp.squeeze(1).tolist()
+    k = min(k, lp.shape[1])
+    tv, ti = lp.topk(k, dim=-1) if k > 0 else (None, None)
+    tv, ti = (tv.tolist(), ti.tolist()) if k > 0 else ([[]] * len(tokens), [[]] * len(tokens))
+    out = []
+    for r, token in enumerate(tokens):
+        d = {token: Logprob(actual_lp[r], ranks[r])}
+        for j in range(k):
+            d.setdefault(ti[r][j], Logprob(tv[r][j], j + 1))
+        out.append(d)
+    return out
 
 
 def _apply_penalties(x: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:

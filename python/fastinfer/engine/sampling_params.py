@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .structured_outputs import StructuredOutputsParams
+
 _EPS = 1e-5  # temperatures below this are greedy
 # Bounds on what one request may ask for. The engine is one loop serving every request, so a request's own cost must
 # stay bounded: each of its n sequences is built (prompt copy, generator) when it is queued, and every stop string and
@@ -12,6 +14,8 @@ _EPS = 1e-5  # temperatures below this are greedy
 MAX_N = 1024  # sequences per request
 MAX_STOP = 256  # stop strings per request
 MAX_STOP_TOKEN_IDS = 1024  # stop token ids per request
+MAX_LOGIT_BIAS = 1 << 16  # logit_bias entries and allowed_token_ids per request (a large vocabulary's size)
+LOGIT_BIAS_RANGE = 100.0  # |bias| bound (OpenAI's): +-100 already dwarfs any model's logit differences
 # torch.Generator.manual_seed takes any int in [-2**63, 2**64): sequence i of a request is seeded with seed + i.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -37,6 +41,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt+output tokens
     skip_special_tokens: bool = True  # leave special tokens out of the output text
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match this schema / regex / grammar
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled (None = all)
+    prompt_logprobs: int | None = None  # top-k log-probabilities per prompt token (plus the prompt token itself)
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -113,11 +121,47 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
+        self._check_token_constraints(fail, is_int)
+
+    def _check_token_constraints(self, fail, is_int) -> None:
+        """structured_outputs, logit_bias, allowed_token_ids, prompt_logprobs (ids against the vocabulary: the
+        engine, which knows it)."""
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            fail("structured_outputs", "must be a StructuredOutputsParams (or a dict of its fields) or None")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                fail("logit_bias", f"must be a dict of token id -> bias with at most {MAX_LOGIT_BIAS} entries")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                if not is_int(token) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r:.40}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or abs(value) > LOGIT_BIAS_RANGE:
+                    raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r:.40} "
+                                     f"for token {token}")
+                bias[token] = float(value)
+            self.logit_bias = bias
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(is_int(t) and t >= 0 for t in ids):
+                fail("allowed_token_ids", "must be a non-empty list of token ids (ints >= 0) or None")
+            if len(ids) > MAX_LOGIT_BIAS:
+                fail("allowed_token_ids", f"must hold at most {MAX_LOGIT_BIAS} ids")
+            self.allowed_token_ids = list(dict.fromkeys(ids))
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            fail("prompt_logprobs", "must be an int >= 0 or None")
 
     @property
     def greedy(self) -> bool:
         """True when the temperature picks the argmax."""
         return self.temperature < _EPS
+
+    @property
+    def constrains_tokens(self) -> bool:
+        """True when a grammar, allowed_token_ids or logit_bias changes this request's logits."""
+        return self.structured_outputs is not None or self.allowed_token_ids is not None or bool(self.logit_bias)
 
     @property
     def has_penalties(self) -> bool:

@@ -26,6 +26,8 @@ class ScheduledChunk:
     start: int  # first token of the chunk (= seq.num_computed_tokens before the step)
     num_tokens: int  # tokens in the chunk (>= 1)
     sample: bool  # the chunk reaches the sequence's last token: its last position's logits are sampled
+    # Positions of the chunk whose logits give the sequence's prompt logprobs (those of the next prompt token).
+    prompt_positions: range = range(0)
 
 
 @dataclass(slots=True)
@@ -39,8 +41,13 @@ class SchedulerOutput:
 
     @property
     def sampled(self) -> list[ScheduledChunk]:
-        """The chunks whose logits the runner returns, in order."""
+        """The chunks whose last position is sampled, in order."""
         return [c for c in self.scheduled if c.sample]
+
+    @property
+    def num_prompt_logit_rows(self) -> int:
+        """Rows of prompt-logprob logits the step computes besides the sampled ones."""
+        return sum(len(c.prompt_positions) for c in self.scheduled)
 
 
 class Scheduler:
@@ -61,6 +68,9 @@ class Scheduler:
             cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
         self.waiting: deque[Sequence] = deque()
+        # New sequences whose structured-output grammar is still compiling (in arrival order); they join waiting
+        # when it is ready, so a slow compile holds back nobody else.
+        self.compiling: list[Sequence] = []
         self.running: list[Sequence] = []
         self._rejected: list[Sequence] = []
         self.num_preemptions = 0
@@ -80,7 +90,12 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         if self.detokenizer is not None and seq.detok is None:
             seq.detok = self.detokenizer.new_state(seq.num_prompt_tokens, seq.params.stop)
-        self.waiting.append(seq)
+        if seq.grammar is not None and not seq.grammar.ready():
+            self.compiling.append(seq)
+        elif seq.grammar is not None and seq.grammar.error is not None:
+            self.reject(seq, seq.grammar.error)
+        else:
+            self.waiting.append(seq)
 
     def reject(self, seq: Sequence, error: str) -> None:
         """Finish a sequence that can never run with reason "error"; the next schedule() reports it."""
@@ -90,9 +105,14 @@ class Scheduler:
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Finish every unfinished sequence of the request with reason "abort"; return them."""
-        found = [s for s in (*self.running, *self.waiting) if s.request_id == request_id]
+        found = [s for s in (*self.running, *self.waiting, *self.compiling) if s.request_id == request_id]
         for seq in found:
-            (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+            elif seq in self.compiling:
+                self.compiling.remove(seq)
+            else:
+                self.waiting.remove(seq)
             self._finish(seq, "abort")
         self._rejected = [s for s in self._rejected if s.request_id != request_id]
         return found
@@ -114,9 +134,23 @@ class Scheduler:
                 self._requeue(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._rejected)
+        return bool(self.waiting or self.running or self._rejected or self.compiling)
+
+    def _admit_compiled(self) -> None:
+        """Sequences whose grammar compiled join the waiting queue; those whose grammar failed are rejected."""
+        still = []
+        for seq in self.compiling:
+            if not seq.grammar.ready():
+                still.append(seq)
+            elif seq.grammar.error is not None:
+                self.reject(seq, seq.grammar.error)
+            else:
+                self.waiting.append(seq)
+        self.compiling = still
 
     def schedule(self) -> SchedulerOutput:
+        if self.compiling:
+            self._admit_compiled()
         out = SchedulerOutput(rejected=self._rejected)
         self._rejected = []
         budget = self.config.max_num_batched_tokens
@@ -140,7 +174,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            cached = bm.find_cached_prefix(seq) if not seq.block_table else []
+            # A sequence collecting prompt logprobs computes its prompt: cached KV has no logits.
+            cached = bm.find_cached_prefix(seq) if not seq.block_table and not seq.collecting_prompt_logprobs else []
             num_new = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size, budget)
             if not bm.allocate(seq, num_new, cached):
                 break  # the cache is full; wait for running sequences to finish
@@ -177,6 +212,8 @@ class Scheduler:
             if seq.logprobs is not None and entry is not None:
                 seq.logprobs.append(entry)
                 seq.cumulative_logprob += entry[token].logprob
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
             sampled.append(seq)
             self._check_stop(seq, token)
         if k != len(token_ids):
@@ -195,6 +232,9 @@ class Scheduler:
                 reason = "stop"
             elif token in p.stop_token_ids:
                 reason, stop_reason = "stop", token
+        if reason is None and seq.grammar is not None and seq.grammar.error is not None:
+            reason = "error"  # a token the grammar refuses: only when allowed_token_ids left it nothing to allow
+            seq.error = seq.grammar.error
         if seq.detok is not None and not (reason == "stop" and not p.include_stop_str_in_output):
             # a stop token is left out of the text unless include_stop_str_in_output
             stop = p.stop if seq.num_output_tokens > p.min_tokens else []  # stop strings count after min_tokens
@@ -203,13 +243,22 @@ class Scheduler:
             )
             if stop_str is not None:
                 reason, stop_reason = "stop", stop_str
+        if reason is None and seq.grammar is not None and seq.grammar.finished:
+            # The grammar is complete and allows nothing more: the sequence ends here (its last token is text), even
+            # below min_tokens or with ignore_eos, since the only token left to sample would be end-of-sequence.
+            reason = "stop"
         if reason is not None:
             self.running.remove(seq)
             self._finish(seq, reason, stop_reason)
 
     def _add_chunk(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         start = seq.num_computed_tokens
-        out.scheduled.append(ScheduledChunk(seq, start, num_new, start + num_new == seq.num_tokens))
+        positions = range(0)
+        if seq.collecting_prompt_logprobs:
+            # position p's logits give prompt token p + 1's logprobs; entries before len(prompt_logprobs) exist
+            # already (a recompute after preemption computes them again, unrecorded)
+            positions = range(max(start, len(seq.prompt_logprobs) - 1), min(start + num_new, seq.num_prompt_tokens - 1))
+        out.scheduled.append(ScheduledChunk(seq, start, num_new, start + num_new == seq.num_tokens, positions))
         out.num_batched_tokens += num_new
 
     def _preempt(self, seq: Sequence) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .detokenizer import DetokenizerState
+from .grammar_matcher import GrammarMatcher
 from .outputs import Logprob
 from .sampling_params import SamplingParams
 
@@ -45,6 +46,10 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
     stop_reason: str | int | None = None  # matched stop string or stop token id
     error: str | None = None  # why the sequence was rejected, if it was
+    grammar: GrammarMatcher | None = None  # its structured-output grammar state, when the request has one
+    # Per prompt token (None first), the top-k logprobs and the token's own, while params.prompt_logprobs is set
+    # (on the request's first sequence only); filled as the prompt is computed.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and self.generator is None:
@@ -52,6 +57,8 @@ class Sequence:
         if self.params.logprobs is not None:
             self.logprobs = []
             self.cumulative_logprob = 0.0
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +75,12 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def collecting_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are wanted for prompt tokens not computed yet (their logits must be computed, not taken
+        from the prefix cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
