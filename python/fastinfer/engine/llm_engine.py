@@ -158,11 +158,7 @@ class LLMEngine:
             raise ValueError(f"prompt_logprobs: {params.prompt_logprobs} is more than max_logprobs "
                              f"({self.max_logprobs})")
         if self.vocab_size is not None:
-            for name, given in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
-                                ("allowed_token_ids", params.allowed_token_ids or ())):
-                bad = next((t for t in given if t >= self.vocab_size), None)
-                if bad is not None:
-                    raise ValueError(f"{name}: {bad} is out of the vocabulary [0, {self.vocab_size})")
+            params.check_vocab(self.vocab_size)
         if params.structured_outputs is not None:
             self.grammar_compiler()  # raises if this tokenizer cannot drive a grammar
         ids, problem = _check_token_ids(ids, self.vocab_size)

@@ -158,6 +158,14 @@ class SamplingParams:
         """True when the temperature picks the argmax."""
         return self.temperature < _EPS
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError naming the field when a token id this request names is outside [0, vocab_size)."""
+        for name, given in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or ()),
+                            ("allowed_token_ids", self.allowed_token_ids or ())):
+            bad = next((t for t in given if t >= vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name}: {bad} is out of the vocabulary [0, {vocab_size})")
+
     @property
     def constrains_tokens(self) -> bool:
         """True when a grammar, allowed_token_ids or logit_bias changes this request's logits."""

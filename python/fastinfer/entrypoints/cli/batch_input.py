@@ -4,7 +4,8 @@ Three input formats, told apart by the first non-blank line (``detect_format``):
 
 - ``text``: one prompt per line; a request's id is its 0-based line index.
 - ``jsonl``: ``{"prompt": ...}`` or ``{"messages": [...]}`` per line, optional ``"id"`` or ``"custom_id"``
-  and per-line sampling settings under SamplingParams' names (``max_tokens``, ``temperature``, ...).
+  and per-line sampling settings under SamplingParams' names (``max_tokens``, ``temperature``, ``logit_bias``,
+  ``structured_outputs``, ...) or OpenAI's ``response_format``.
 - ``openai``: the OpenAI Batch API input (``custom_id``, ``method``, ``url``, ``body``), read with
   entrypoints/openai/protocol.py, which also holds the sampling-field rules every format shares.
 """
@@ -151,10 +152,11 @@ def _parse_jsonl(text: str, index: int, defaults: dict, max_logprobs: int) -> Re
         for name, value in obj.items():
             if name in ("id", "custom_id", "prompt", "messages"):
                 continue
-            if name not in protocol.SAMPLING_FIELDS:
+            if name not in protocol.SAMPLING_FIELDS and name not in protocol.REQUEST_FIELDS:
                 raise ProtocolError(f"unknown field {short(name)}")
-            protocol.set_sampling_field(params, name, value)
-        protocol.check_logprobs(obj.get("logprobs"), "logprobs", max_logprobs)
+            protocol.set_request_field(params, name, value)
+        for name in ("logprobs", "prompt_logprobs"):
+            protocol.check_logprobs(obj.get(name), name, max_logprobs)
         if ("prompt" in obj) == ("messages" in obj):
             raise ProtocolError('needs exactly one of "prompt" and "messages"')
         if "messages" in obj:

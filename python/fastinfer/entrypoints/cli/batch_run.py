@@ -27,6 +27,8 @@ def engine_prompt(req: Request, tokenizer: Any, chat: bool, system: str | None, 
     ``chat``: put plain ("text" kind) prompts through the chat template, after ``system`` when given."""
     if tokenizer is None and not isinstance(req.prompt, list):
         raise ValueError("the model has no tokenizer (tokenizer.json); give the prompt as token ids")
+    if vocab_size is not None and req.sampling is not None:
+        req.sampling.check_vocab(vocab_size)  # logit_bias / allowed_token_ids / stop_token_ids: this line fails alone
     if isinstance(req.prompt, list):
         if vocab_size is not None and not all(0 <= t < vocab_size for t in req.prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
@@ -82,6 +84,8 @@ def jsonl_record(req: Request, out: RequestOutput) -> dict:
         rec.update(one(out.outputs[0]))
     else:
         rec["outputs"] = [{"index": c.index, **one(c)} for c in out.outputs]
+    if out.prompt_logprobs is not None:
+        rec["prompt_logprobs"] = protocol.prompt_logprob_entries(out)
     rec["usage"] = protocol.usage(out)
     return rec
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastinfer.engine.sampling_params import SamplingParams
+from fastinfer.engine.structured_outputs import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from fastinfer.engine.outputs import CompletionOutput, RequestOutput
@@ -41,12 +42,14 @@ def _field_types(annotation: Any) -> tuple[tuple[type, ...], type | None]:
         if typing.get_origin(t) is list:
             types.append(list)
             (item,) = typing.get_args(t)
+        elif typing.get_origin(t) is dict or t is StructuredOutputsParams:  # logit_bias, structured_outputs
+            types.append(dict)
         else:
             types.extend(_JSON_TYPES[t])
     return tuple(dict.fromkeys(types)), item
 
 
-_HINTS = typing.get_type_hints(SamplingParams)
+_HINTS = typing.get_type_hints(SamplingParams, {"StructuredOutputsParams": StructuredOutputsParams})
 # Every SamplingParams field, by name: the JSON types a request may give it (JSON true/false only for bool fields).
 SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {f.name: _field_types(_HINTS[f.name])[0]
                                                 for f in dataclasses.fields(SamplingParams)}
@@ -60,6 +63,8 @@ OPENAI_ALIASES = {"max_completion_tokens": "max_tokens"}
 OPENAI_IGNORED = {"model", "user", "store", "metadata", "service_tier", "stream_options", "parallel_tool_calls"}
 # Endpoints a batch line may name -> whether its body is a chat completion.
 OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+# Body fields that are not SamplingParams fields but set one: OpenAI's response_format sets structured_outputs.
+REQUEST_FIELDS = {"response_format"}
 # A model's generation_config.json keys that set a sampling default (as vLLM reads them) -> SamplingParams field.
 GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
@@ -142,11 +147,92 @@ def set_sampling_field(params: dict, name: str, value: Any) -> None:
     item = _LIST_ITEMS.get(name)
     if isinstance(value, list) and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
         raise ProtocolError(f"bad sampling setting: {name} must be a list of {item.__name__} ({short(value)})")
+    if name == "logit_bias":
+        value = _logit_bias(value)
+    elif name == "structured_outputs":
+        if params.get("structured_outputs") is not None:
+            raise ProtocolError("give response_format or structured_outputs, not both", param="structured_outputs")
+        try:
+            value = StructuredOutputsParams.from_dict(value)
+        except (ValueError, TypeError) as err:
+            raise ProtocolError(f"structured_outputs: {_unprefixed(str(err), 'structured_outputs')}") from None
     params[name] = value
 
 
+def set_request_field(params: dict, name: str, value: Any) -> None:
+    """A body field onto ``params``: a SamplingParams field (set_sampling_field) or one of REQUEST_FIELDS."""
+    if name == "response_format":
+        structured = parse_response_format(value)
+        if structured is not None:
+            if params.get("structured_outputs") is not None:
+                raise ProtocolError("give response_format or structured_outputs, not both", param="response_format")
+            params["structured_outputs"] = structured
+        return
+    set_sampling_field(params, name, value)
+
+
+def parse_response_format(value: Any) -> StructuredOutputsParams | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (no constraint, None), ``{"type": "json_object"}`` or
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise ProtocolError(f'response_format must be an object with a "type", got {short(value)}')
+    kind = value["type"]
+    allowed = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+    if kind not in allowed:
+        raise ProtocolError(f"response_format: unsupported type {short(kind)} (supported: {', '.join(allowed)})")
+    extra = sorted(set(value) - allowed[kind])
+    if extra:
+        raise ProtocolError(f"response_format: unsupported field {short(extra[0])} for type {kind!r}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ProtocolError('response_format: "json_schema" must be an object with a "schema"')
+    extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise ProtocolError(f"response_format: unsupported json_schema field {short(extra[0])}")
+    for key, types in (("name", str), ("description", str), ("strict", bool)):
+        if spec.get(key) is not None and not isinstance(spec[key], types):
+            raise ProtocolError(f"response_format: json_schema.{key} must be a {types.__name__}, "
+                                f"got {short(spec[key])}")
+    if not isinstance(spec.get("schema"), dict):
+        raise ProtocolError(f"response_format: json_schema.schema must be a JSON schema object, "
+                            f"got {short(spec.get('schema'))}")
+    # strict or not, the schema is enforced: every output validates against it
+    try:
+        return StructuredOutputsParams(json=spec["schema"])
+    except ValueError as err:
+        raise ProtocolError(f"response_format: json_schema.schema: {_unprefixed(str(err), 'json')}") from None
+
+
+def _logit_bias(value: dict) -> dict[int, Any]:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings of integers) -> bias; the values are checked by
+    SamplingParams (numbers in [-100, 100])."""
+    out = {}
+    for key, bias in value.items():
+        token = key
+        if isinstance(key, str):
+            token = int(key) if key.isascii() and key.isdigit() and len(key) <= 12 else None
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise ProtocolError(f"bad sampling setting: logit_bias keys must be token ids, got {short(key)}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise ProtocolError(f"bad sampling setting: logit_bias values must be numbers, got {short(bias)}")
+        out[token] = bias
+    return out
+
+
+def _unprefixed(message: str, name: str) -> str:
+    """``message`` without a leading ``name: `` (so a field is not named twice)."""
+    return message[len(name) + 2:] if message.startswith(name + ": ") else message
+
+
 def check_logprobs(value: Any, name: str, max_logprobs: int) -> None:
-    """A request may ask for at most ``max_logprobs`` logprobs per token (``name`` is the field it used)."""
+    """A request may ask for at most ``max_logprobs`` logprobs per token (``name`` is the field it used: logprobs,
+    top_logprobs or prompt_logprobs)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > max_logprobs:
         raise ProtocolError(f"bad sampling setting: {name} must be <= {max_logprobs} (--max-logprobs), "
                             f"got {short(value)}")
@@ -220,7 +306,7 @@ def parse_completion_body(body: Any, chat: bool, defaults: dict, max_logprobs: i
             raise ProtocolError('a completion body needs "prompt"')
         prompt = parse_prompt(body.pop("prompt"))
         messages = None
-    model = _apply_sampling_fields(body, params)
+    model = _apply_sampling_fields(body, params, max_logprobs)
     if not chat:
         check_logprobs(body.get("logprobs"), "logprobs", max_logprobs)
     return CompletionRequest(chat, prompt, messages, params, model)
@@ -243,15 +329,16 @@ def parse_prompts(value: Any) -> list[str | list[int]]:
     return [parse_prompt(value)]
 
 
-def _apply_sampling_fields(body: dict, params: dict) -> str | None:
+def _apply_sampling_fields(body: dict, params: dict, max_logprobs: int) -> str | None:
     """Every field left in ``body`` onto ``params`` (one that is neither a sampling field nor ignorable is refused);
     returns the model name the body asks for, if any."""
     for name, value in body.items():
         if name in OPENAI_IGNORED:
             continue
-        if name not in SAMPLING_FIELDS:
+        if name not in SAMPLING_FIELDS and name not in REQUEST_FIELDS:
             raise ProtocolError(f"unsupported body field {short(name)}")
-        set_sampling_field(params, name, value)
+        set_request_field(params, name, value)
+    check_logprobs(body.get("prompt_logprobs"), "prompt_logprobs", max_logprobs)
     return body.get("model") if isinstance(body.get("model"), str) else None
 
 
@@ -295,9 +382,9 @@ def _parse_server_body(body: dict, chat: bool, params: dict, max_logprobs: int) 
         prompts = parse_prompts(body.pop("prompt"))
         check_logprobs(body.get("logprobs"), "logprobs", max_logprobs)
         if echo and body.get("logprobs") is not None:
-            raise ProtocolError("unsupported: echo together with logprobs (prompt logprobs are not computed)",
+            raise ProtocolError("unsupported: echo together with logprobs (ask for prompt_logprobs instead)",
                                 param="echo")
-    model = _apply_sampling_fields(body, params)
+    model = _apply_sampling_fields(body, params, max_logprobs)
     return CompletionRequest(chat, prompts[0] if prompts else None, messages, params, model, prompts=prompts,
                              stream=stream, include_usage=include_usage, echo=echo, top_logprobs=top_logprobs)
 
@@ -363,6 +450,16 @@ def logprob_entries(comp: CompletionOutput) -> list[dict] | None:
     return entries
 
 
+def prompt_logprob_entries(out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's ``prompt_logprobs``: per prompt token, null for the first, then ``{token id: {"logprob", "rank",
+    "decoded_token"}}`` holding the top candidates and the prompt token itself; None when not asked for."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entry is None else {
+        str(t): {"logprob": finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+        for t, lp in entry.items()} for entry in out.prompt_logprobs]
+
+
 def _hex() -> str:
     return uuid.uuid4().hex
 
@@ -387,8 +484,10 @@ def completion_response(out: RequestOutput, chat: bool, model: str) -> dict:
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
             }
         choice["finish_reason"] = c.finish_reason
+        if not chat and out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprob_entries(out)
         choices.append(choice)
-    return {
+    body = {
         "id": ("chatcmpl-" if chat else "cmpl-") + _hex(),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
@@ -396,6 +495,9 @@ def completion_response(out: RequestOutput, chat: bool, model: str) -> dict:
         "choices": choices,
         "usage": usage(out),
     }
+    if chat and out.prompt_logprobs is not None:  # vLLM's place for them: the chat response, the completion choice
+        body["prompt_logprobs"] = prompt_logprob_entries(out)
+    return body
 
 
 def batch_output(custom_id: Any, out: RequestOutput, chat: bool, model: str) -> dict:

@@ -167,7 +167,7 @@ class Serving:
             try:
                 _, ids, params, problem = self.client.engine.check_request(rid, ids, params)
             except (ValueError, TypeError) as err:
-                raise ApiError(400, str(err)) from None
+                raise ApiError(400, str(err), param=_param(str(err))) from None
             if problem is not None:
                 raise ApiError(400, problem, param="prompt")
             adds.append(make_add(rid, ids, params, text))
@@ -223,15 +223,23 @@ class Serving:
         """The whole response body of a non-streaming request."""
         choices: dict[int, dict] = {}
         n = job.req.sampling.get("n") or 1
+        prompt_logprobs = None
         async for i, out in self.outputs(job):
             if out.finished:
                 for c in out.outputs:
                     state = _Choice()
                     choice = self._choice(job, i, c, state, len(c.token_ids), full=True)
+                    if out.prompt_logprobs is not None and not job.req.chat:
+                        choice["prompt_logprobs"] = protocol.prompt_logprob_entries(out)
                     choices[i * n + c.index] = choice
-        return {"id": job.id, "object": "chat.completion" if job.req.chat else "text_completion",
+                if out.prompt_logprobs is not None and job.req.chat:
+                    prompt_logprobs = protocol.prompt_logprob_entries(out)
+        body = {"id": job.id, "object": "chat.completion" if job.req.chat else "text_completion",
                 "created": int(time.time()), "model": self.settings.model_name,
                 "choices": [choices[k] for k in sorted(choices)], "usage": self.usage(job)}
+        if prompt_logprobs is not None:  # vLLM's place for them: the chat response, each completion choice
+            body["prompt_logprobs"] = prompt_logprobs
+        return body
 
     async def stream(self, job: _Job) -> AsyncIterator[str]:
         """The server-sent events of a streaming request, ``data: [DONE]`` last."""
@@ -241,6 +249,7 @@ class Serving:
         head = {"id": job.id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": self.settings.model_name}
         states: dict[int, _Choice] = {}
+        sent_prompt_logprobs: set[int] = set()  # prompts whose prompt_logprobs a chat chunk carried
         if chat:
             role = [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None} for k in range(n)]
@@ -254,9 +263,16 @@ class Serving:
                     if state.finished or (len(c.text) == state.text_len and len(c.token_ids) == state.tokens
                                           and c.finish_reason is None):
                         continue
+                    first = state.tokens == 0 and state.text_len == 0
                     choices.append(self._choice(job, i, c, state, len(c.token_ids), full=False))
+                    if first and out.prompt_logprobs is not None and not chat:
+                        choices[-1]["prompt_logprobs"] = protocol.prompt_logprob_entries(out)
                 if choices:
-                    yield _sse({**head, "choices": choices, **usage_null})
+                    extra = {}
+                    if chat and out.prompt_logprobs is not None and i not in sent_prompt_logprobs:
+                        sent_prompt_logprobs.add(i)
+                        extra["prompt_logprobs"] = protocol.prompt_logprob_entries(out)
+                    yield _sse({**head, "choices": choices, **extra, **usage_null})
         except ApiError as err:
             yield _sse(err.body())
         except RequestAborted as err:
@@ -306,7 +322,8 @@ class Serving:
 def _param(message: str) -> str | None:
     """The request field an error message names first (protocol's and SamplingParams' messages start with it)."""
     m = re.match(r"(?:unsupported body field |bad sampling setting: )?'?([a-z_]+)", message)
-    return m.group(1) if m and (m.group(1) in protocol.SAMPLING_FIELDS or "'" in message[:40]) else None
+    known = m and (m.group(1) in protocol.SAMPLING_FIELDS or m.group(1) in protocol.REQUEST_FIELDS)
+    return m.group(1) if m and (known or "'" in message[:40]) else None
 
 
 def _sse(obj: dict) -> str:
