@@ -339,8 +339,8 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests with a sequence waiting to be scheduled (new or preempted)."""
-        return len({s.request_id for s in list(self.scheduler.waiting)})
+        """Requests with a sequence waiting to be scheduled (new, preempted, or waiting for its grammar to compile)."""
+        return len({s.request_id for s in [*self.scheduler.waiting, *self.scheduler.compiling]})
 
     @property
     def num_free_blocks(self) -> int:

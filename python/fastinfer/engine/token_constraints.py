@@ -31,9 +31,18 @@ class TokenConstraints:
         x = x.clone()
         vocab = x.shape[1]
         if grammar_rows:
-            allowed = self._grammar_masks([seqs[i].grammar.matcher for i in grammar_rows], vocab)
-            rows = torch.tensor(grammar_rows, device=x.device)
-            x[rows] = x[rows].masked_fill_(~allowed.to(x.device), float("-inf"))
+            banned = self._grammar_bans([seqs[i].grammar.matcher for i in grammar_rows], vocab)
+            if x.device.type == "cpu":
+                # numpy: one thread, no torch thread-pool wake-ups; row views, no gather and scatter of the batch
+                xn = x.numpy()
+                if len(grammar_rows) == len(seqs):
+                    np.putmask(xn, banned, np.float32(-np.inf))
+                else:
+                    for j, i in enumerate(grammar_rows):
+                        np.putmask(xn[i], banned[j], np.float32(-np.inf))
+            else:
+                rows = torch.tensor(grammar_rows, device=x.device)
+                x[rows] = x[rows].masked_fill_(torch.from_numpy(banned).to(x.device), float("-inf"))
         for i in allowed_rows:
             keep = torch.zeros(vocab, dtype=torch.bool, device=x.device)
             keep[seqs[i].params.allowed_token_ids] = True
@@ -44,9 +53,9 @@ class TokenConstraints:
             x[i, ids] += torch.tensor(list(bias.values()), dtype=x.dtype, device=x.device)
         return x
 
-    def _grammar_masks(self, matchers: list, vocab: int) -> torch.Tensor:
-        """bool [len(matchers), vocab]: True where the matcher's grammar allows the token next (ids the tokenizer
-        does not have, past mask_vocab, never)."""
+    def _grammar_bans(self, matchers: list, vocab: int) -> np.ndarray:
+        """bool [len(matchers), vocab]: True where the matcher's grammar does not allow the token next (and for ids
+        the tokenizer does not have, past mask_vocab)."""
         words = ((self.mask_vocab or vocab) + 31) // 32
         bitmask = np.zeros((len(matchers), words), dtype=np.int32)
         if len(matchers) == 1:
@@ -58,7 +67,8 @@ class TokenConstraints:
                 self._executor = llguidance.LLExecutor()
             self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.ctypes.data,
                                                    words * 4, len(matchers))
+        np.invert(bitmask, out=bitmask)  # 1 = banned
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, count=min(vocab, words * 32), bitorder="little")
         if bits.shape[1] < vocab:
-            bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])))
-        return torch.from_numpy(bits.view(np.bool_))
+            bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])), constant_values=1)
+        return bits.view(np.bool_)
