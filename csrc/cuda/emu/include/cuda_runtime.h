@@ -13,7 +13,10 @@
 #define __forceinline__ inline
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
+// __launch_bounds__ is rewritten by emu/prepare_sources.py into a check at kernel entry
+// (FI_EMU_LAUNCH_BOUNDS); left anywhere else, it means nothing.
 #define __launch_bounds__(...)
+#define FI_EMU_LAUNCH_BOUNDS(max_threads, ...) ::fastinfer::emu::check_launch_bounds(max_threads)
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -33,7 +36,12 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorEmulated = 999 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 typedef struct CUstream_st* cudaStream_t;
 
@@ -66,6 +74,8 @@ const uint3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
 void syncthreads();
+void syncwarp(unsigned mask);
+void check_launch_bounds(int max_threads);
 float shfl_xor(float v, int lane_mask);
 uint32_t smem_offset(const void* p);
 }  // namespace fastinfer::emu
@@ -75,6 +85,7 @@ uint32_t smem_offset(const void* p);
 #define blockDim (::fastinfer::emu::block_dim())
 #define gridDim (::fastinfer::emu::grid_dim())
 inline void __syncthreads() { ::fastinfer::emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::fastinfer::emu::syncwarp(mask); }
 inline float __shfl_xor_sync(unsigned, float v, int m) { return ::fastinfer::emu::shfl_xor(v, m); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t(a) * b) >> 32); }
 inline size_t __cvta_generic_to_shared(const void* p) { return ::fastinfer::emu::smem_offset(p); }

@@ -6,13 +6,14 @@
 
 namespace fastinfer::emu {
 
-// Runs every block of the grid in turn; each block's threads are fibers scheduled cooperatively,
-// switching at __syncthreads and at warp-collective operations.
-void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+// Checks the launch contract (grid and block limits, dynamic shared memory against the target's
+// opt-in limit and the kernel's opt-in), then runs every block of the grid in turn; each block's
+// threads are fibers scheduled cooperatively, switching at barriers and warp-collective operations.
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A... args) {
-  run_grid(grid, block, smem_bytes, [&] { kernel(args...); });
+  run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, [&] { kernel(args...); });
 }
 template <class K>
 struct Launcher {
