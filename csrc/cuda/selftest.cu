@@ -551,6 +551,34 @@ std::vector<Case> fixed_cases(const std::vector<int>& dims) {
       j.poison = 2, j.trailing = 3;
       cs.push_back(j);
     }
+  // Edge cases (issue 21): paths the cases above do not reach, one dtype per head dim.
+  for (size_t di = 0; di < dims.size(); ++di) {
+    const int D = dims[di];
+    const DType dt = di % 2 ? DType::kFloat16 : DType::kBFloat16;
+    const int bm = D == 256 ? 64 : 128, bn = D == 256 ? 32 : 64;  // prefill rows x keys (attention_fwd_hdim*.cu)
+    Case m;  // varlen without a max_seqlen_q hint: one block loops over several row blocks of sequence 0
+    m.dt = dt, m.D = D, m.H = 4, m.Hk = 1, m.varlen_q = true, m.kv = KV::kVarlen, m.lq = {300, 1, 0},
+    m.lk = {300, 1, 0}, m.wr = 0;
+    cs.push_back(m);
+    Case h = m;  // a hint too small: the decode shape (16-row blocks, warps split the keys) loops instead
+    h.max_q_hint = 1, h.wr = -1;
+    cs.push_back(h);
+    Case t;  // every row and key count at a tile edge, in one varlen call (and a sequence with one key)
+    t.dt = dt, t.D = D, t.H = 1, t.Hk = 1, t.varlen_q = true, t.kv = KV::kVarlen, t.lq = {bm - 1, bm, bm + 1, 1},
+    t.lk = {bn - 1, bn, 2 * bn + 1, 1}, t.wr = 0;
+    cs.push_back(t);
+    Case n;  // row blocks with no key tile at all: causal with fewer keys than queries; split-KV over 2 tiles
+    n.dt = dt, n.D = D, n.H = 2, n.Hk = 1, n.lq = {3 * bm + 5}, n.lk = {bn + 3}, n.wr = 0, n.num_splits = 8;
+    cs.push_back(n);
+    Case z;  // lengths 0 and 1 for queries and keys
+    z.dt = dt, z.D = D, z.H = 2, z.Hk = 2, z.varlen_q = true, z.kv = KV::kVarlen, z.lq = {0, 1, 1, 0},
+    z.lk = {1, 0, 1, 0};
+    cs.push_back(z);
+    Case p;  // an odd page size: pages never line up with key tiles
+    p.dt = dt, p.D = D, p.H = 8, p.Hk = 2, p.lq = {3, 3}, p.lk = {2 * bn + 5, bn - 1}, p.kv = KV::kPaged,
+    p.block_size = std::vector<int>{1, 3, 7, 33}[di % 4];
+    cs.push_back(p);
+  }
   return cs;
 }
 

@@ -330,6 +330,27 @@ int main(int argc, char** argv) {
       c.wr = dt == DType::kBFloat16 ? 0 : -1;
       all.push_back(c);
     }
+  // Edge cases (issue 21), one dtype per head dim: rows and keys at tile edges (dK/dV: 64 keys per block,
+  // dQ: 64 or 32 rows and keys per tile, attention_bwd.cu), lengths 0 and 1, key blocks that no query sees.
+  for (size_t di = 0; di < ds.size(); ++di) {
+    const int D = ds[di], tile = D == 256 ? 32 : 64;
+    Case e;
+    e.dt = di % 2 ? DType::kFloat16 : DType::kBFloat16;
+    e.D = D;
+    e.H = 2;
+    e.Hk = 1;
+    e.varlen = true;
+    e.lq = {tile / 2 - 1, tile / 2, tile / 2 + 1, 1, 0, 1};  // x2 packed rows: tile - 2, tile, tile + 2
+    e.lk = {tile - 1, 64, 2 * tile + 1, 1, 1, 0};
+    e.wr = 0;
+    all.push_back(e);
+    Case f = e;  // sliding window, more keys than queries: the first key blocks see no query
+    f.varlen = false;
+    f.lq = {10, 10};
+    f.lk = {200, 200};
+    f.wl = 5;
+    all.push_back(f);
+  }
   for (int i = 0; i < cases; ++i) {
     Case c;
     c.dt = rng.uni(0, 1) ? DType::kFloat16 : DType::kBFloat16;
