@@ -196,3 +196,14 @@ def test_prompt_logprobs_have_decoded_tokens(default_llm):
     tok = default_llm.get_tokenizer()
     for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
         assert entry[token].decoded_token == tok.decode([token], skip_special_tokens=False)
+
+
+def test_structured_outputs_need_a_tokenizer(tiny_llama):
+    from fastinfer import StructuredOutputsParams
+
+    _, path = tiny_llama  # a checkpoint without tokenizer.json
+    llm = LLM(path, dtype="float32", kv_cache_memory_bytes=1 << 22)
+    with pytest.raises(ValueError, match="^prompt 0: structured_outputs: needs the model's tokenizer"):
+        llm.generate([[5, 6, 7]], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a")),
+                     use_tqdm=False)
+    assert not llm.engine.requests

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import operator
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ class LLMEngine:
         self.sampler = Sampler(eos_token_ids, generator)
         self.eos_token_ids = list(eos_token_ids)
         self._grammars: GrammarCompiler | None = None  # made with the first structured-output request
+        # check_request may run in a server's handler thread while the engine thread adds a request: one compiler
+        self._grammars_lock = threading.Lock()
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         # Requests the next step() reports even if they made no progress: aborted ones, and those whose output a
@@ -214,13 +217,15 @@ class LLMEngine:
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The compiler of structured-output grammars for this engine's tokenizer (made on first use)."""
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs: needs the model's tokenizer (this model has none)")
-            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size,
-                                             self.eos_token_ids)
-            self.sampler.constraints.mask_vocab = self._grammars.vocab_size
-        return self._grammars
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured_outputs: needs the model's tokenizer (this model has none)")
+                compiler = GrammarCompiler(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size,
+                                           self.eos_token_ids)
+                self.sampler.constraints.mask_vocab = compiler.vocab_size
+                self._grammars = compiler
+            return self._grammars
 
     def step(self) -> list[RequestOutput]:
         """Run one step; outputs of the requests that got tokens, finished, were rejected or aborted.
