@@ -74,7 +74,9 @@ void zero_rows(void* base, DType dt, int64_t row_stride, int64_t head_stride, in
 
 }  // namespace
 
-void attention_backward(const AttentionBackwardParams& bp) {
+void attention_backward(const AttentionBackwardParams& params) {
+  AttentionBackwardParams bp = params;
+  bp.fwd = with_normalized_windows(params.fwd);
   const AttentionParams& p = bp.fwd;
   const BackwardKernels kernels = pick_backward_kernels();
   const int group = p.num_heads / p.num_kv_heads;
@@ -93,24 +95,26 @@ void attention_backward(const AttentionBackwardParams& bp) {
   };
   std::vector<Job> jobs;
   int64_t work = 0;
-  const int wl = p.window_left, wr = p.window_right;
+  // Window edges in int64 (a window up to INT_MAX must not wrap); results are clamped to the sequence.
+  const int64_t wl = p.window_left, wr = p.window_right;
   for (int b = 0; b < p.batch; ++b) {
-    const int sq = p.q_len(b), sk = p.k_len(b), shift = sk - sq, rows = sq * group;
+    const int sq = p.q_len(b), sk = p.k_len(b), rows = sq * group;
+    const int64_t shift = int64_t(sk) - sq;
     for (int hk = 0; hk < p.num_kv_heads; ++hk) {
       const float* lse2 = lse2_of(b, hk);
       const float* delta = lse2 + rows;
       for (int j0 = 0; j0 < sk; j0 += kBwdKeys) {
         const int j1 = std::min(sk, j0 + kBwdKeys);
-        const int t_lo = std::max(0, wr >= 0 ? j0 - wr - shift : 0);
-        const int t_hi = std::min(sq - 1, wl >= 0 ? j1 - 1 + wl - shift : sq - 1);
-        const int64_t cost = int64_t(std::max(0, t_hi - t_lo + 1)) * group * (j1 - j0) + 1;
+        const int64_t t_lo = std::max<int64_t>(0, wr >= 0 ? j0 - wr - shift : 0);
+        const int64_t t_hi = std::min<int64_t>(sq - 1, wl >= 0 ? j1 - 1 + wl - shift : sq - 1);
+        const int64_t cost = std::max<int64_t>(0, t_hi - t_lo + 1) * group * (j1 - j0) + 1;
         jobs.push_back({{b, hk, j0, j1, lse2, delta}, true, cost});
       }
       for (int r0 = 0; r0 < rows; r0 += kBwdRows) {
         const int r1 = std::min(rows, r0 + kBwdRows);
-        const int ia = r0 / group + shift, ib = (r1 - 1) / group + shift;
-        const int lo = wl >= 0 ? std::max(0, ia - wl) : 0, hi = wr >= 0 ? std::min(sk, ib + wr + 1) : sk;
-        jobs.push_back({{b, hk, r0, r1, lse2, delta}, false, int64_t(r1 - r0) * std::max(0, hi - lo) + 1});
+        const int64_t ia = r0 / group + shift, ib = (r1 - 1) / group + shift;
+        const int64_t lo = wl >= 0 ? std::max<int64_t>(0, ia - wl) : 0, hi = wr >= 0 ? std::min<int64_t>(sk, ib + wr + 1) : sk;
+        jobs.push_back({{b, hk, r0, r1, lse2, delta}, false, int64_t(r1 - r0) * std::max<int64_t>(0, hi - lo) + 1});
       }
     }
   }

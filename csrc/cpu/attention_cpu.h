@@ -82,6 +82,11 @@ struct IsaKernels {
 FI_CPU_ISAS(FI_ISA_DECLARE)
 #undef FI_ISA_DECLARE
 
+// p with normalize_windows applied for the call's longest query and key sequences (host-readable
+// lengths): what attention_forward and attention_backward run, so that a window reaching past
+// every sequence's ends is the unbounded call itself.
+AttentionParams with_normalized_windows(const AttentionParams& p);
+
 // Writes a finished tile: o holds the unnormalised output of row r, dim d at
 // o[r*row_stride + d*dim_stride], m the running max in log2 units and l the softmax denominator per row.
 void store_tile(const AttentionParams& p, const TileJob& job, const float* o, int row_stride, int dim_stride, const float* m,

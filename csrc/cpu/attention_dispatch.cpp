@@ -196,6 +196,17 @@ void store_tile(const AttentionParams& p, const TileJob& job, const float* ot, i
   }
 }
 
+AttentionParams with_normalized_windows(const AttentionParams& p) {
+  int64_t max_q = 0, max_k = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    max_q = std::max<int64_t>(max_q, p.q_len(b));
+    max_k = std::max<int64_t>(max_k, p.k_len(b));
+  }
+  AttentionParams n = p;
+  normalize_windows(n, max_q, max_k);
+  return n;
+}
+
 void zero_rows_outside(const AttentionParams& p, int64_t total_q) {
   if (!p.cu_seqlens_q) return;
   // Rows [0, cu[0]) and [cu[batch], total_q) belong to no sequence (the binding requires cu[0] == 0,
@@ -215,7 +226,8 @@ void zero_rows_outside(const AttentionParams& p, int64_t total_q) {
   zero(q1, total_q);
 }
 
-void attention_forward(const AttentionParams& p) {
+void attention_forward(const AttentionParams& params) {
+  const AttentionParams p = with_normalized_windows(params);
   const IsaKernels kernels = pick_kernels();
   const int group = p.num_heads / p.num_kv_heads;
 
@@ -229,10 +241,11 @@ void attention_forward(const AttentionParams& p) {
     for (int hk = 0; hk < p.num_kv_heads; ++hk)
       for (int r0 = 0; r0 < rows; r0 += R) {
         const int r1 = std::min(rows, r0 + R);
-        const int imin = r0 / group + sk - sq, imax = (r1 - 1) / group + sk - sq;
+        // Positions and window edges in int64: a window up to INT_MAX must not wrap.
+        const int64_t imin = r0 / group + int64_t(sk) - sq, imax = (r1 - 1) / group + int64_t(sk) - sq;
         // Even start: staged values are packed in key pairs (keys outside the window are masked).
-        const int lo = p.window_left >= 0 ? std::max(0, imin - p.window_left) & ~1 : 0;
-        const int hi = std::max(lo, p.window_right >= 0 ? std::min(sk, imax + p.window_right + 1) : sk);
+        const int lo = p.window_left >= 0 ? static_cast<int>(std::clamp<int64_t>(imin - p.window_left, 0, sk)) & ~1 : 0;
+        const int hi = std::max(lo, p.window_right >= 0 ? static_cast<int>(std::clamp<int64_t>(imax + p.window_right + 1, 0, sk)) : sk);
         tiles.push_back({b, hk, r0, r1, R, lo, hi, nullptr, nullptr, nullptr});
       }
   }

@@ -207,9 +207,10 @@ void probs_and_dscores(const AttentionParams& p, int j0, int n, int npad, bool n
     }
 }
 
-// True when every (row, key) pair of rows with positions [ia, ib] and keys [j0, j1] is inside the window.
+// True when every (row, key) pair of rows with positions [ia, ib] and keys [j0, j1] is inside the window
+// (int64: a window up to INT_MAX must not wrap).
 inline bool inside_window(const AttentionParams& p, int ia, int ib, int j0, int j1) {
-  return (p.window_left < 0 || j0 >= ib - p.window_left) && (p.window_right < 0 || j1 <= ia + p.window_right);
+  return (p.window_left < 0 || j0 >= int64_t(ib) - p.window_left) && (p.window_right < 0 || j1 <= int64_t(ia) + p.window_right);
 }
 
 // Pass 1: dK, dV of keys [task.begin, task.end), summed over every query row of the GQA group.
@@ -244,9 +245,11 @@ void dkdv_tile(const AttentionBackwardParams& bp, const BwdTask& task, int t_lo,
 void dkdv_entry(const AttentionBackwardParams& bp, const BwdTask& task, float* scratch) {
   const AttentionParams& p = bp.fwd;
   const int group = p.num_heads / p.num_kv_heads, sq = p.q_len(task.b), shift = p.k_len(task.b) - sq;
-  // Query positions i' = t + shift that see a key of [begin, end): i' in [begin - right, end - 1 + left].
-  const int t_lo = std::max(0, p.window_right >= 0 ? task.begin - p.window_right - shift : 0);
-  const int t_hi = std::min(sq - 1, p.window_left >= 0 ? task.end - 1 + p.window_left - shift : sq - 1);
+  // Query positions i' = t + shift that see a key of [begin, end): i' in [begin - right, end - 1 + left]
+  // (in int64: a window up to INT_MAX must not wrap).
+  const int64_t wl = p.window_left, wr = p.window_right;
+  const int t_lo = static_cast<int>(std::clamp<int64_t>(wr >= 0 ? task.begin - wr - shift : 0, 0, sq));
+  const int t_hi = static_cast<int>(std::clamp<int64_t>(wl >= 0 ? task.end - 1 + wl - shift : sq - 1, -1, sq - 1));
   const int rows = t_hi >= t_lo ? (t_hi - t_lo + 1) * group : 0;
   if (rows > kLanes) return dkdv_tile<2>(bp, task, t_lo, t_hi, scratch);
   return dkdv_tile<1>(bp, task, t_lo, rows > 0 ? t_hi : t_lo - 1, scratch);
@@ -264,8 +267,9 @@ void dq_tile(const AttentionBackwardParams& bp, const BwdTask& task, float* scra
   load_rows<RV>(bp, task, r0, r1, w);
   std::fill(w.dq, w.dq + R * Dp, 0.f);
   const int ia = r0 / group + shift, ib = (r1 - 1) / group + shift;
-  const int lo = p.window_left >= 0 ? std::max(0, ia - p.window_left) : 0;
-  const int hi = p.window_right >= 0 ? std::min(sk, ib + p.window_right + 1) : sk;
+  // Window edges in int64 (a window up to INT_MAX must not wrap), clamped to the keys.
+  const int lo = p.window_left >= 0 ? static_cast<int>(std::clamp<int64_t>(int64_t(ia) - p.window_left, 0, sk)) : 0;
+  const int hi = p.window_right >= 0 ? static_cast<int>(std::clamp<int64_t>(int64_t(ib) + p.window_right + 1, 0, sk)) : sk;
   for (int j0 = lo; j0 < hi; j0 += kBwdKeys) {
     const int n = std::min(kBwdKeys, hi - j0), npad = (n + 7) & ~7;
     load_keys(p, b, hk, j0, n, npad, w);

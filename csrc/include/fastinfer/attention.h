@@ -92,6 +92,19 @@ struct AttentionParams {
   }
 };
 
+// Windows that exclude no key become -1, so that they run exactly as the unbounded call (same
+// code path, bit-identical results) and the kernels' position arithmetic only ever sees windows
+// shorter than a sequence. Query t of a sequence of sq queries and sk keys sits at key position
+// i = t + sk - sq (bottom-right aligned) and sees keys [i - left, i + right] of [0, sk); as
+// sk - sq <= i <= sk - 1, left >= sk - 1 and right >= sq - 1 exclude nothing. max_q / max_k: the
+// longest query / key sequence of the call, or any upper bound of it (a bound only leaves some
+// windows that exclude nothing as they are, which is still correct). Called once per call by every
+// backend entry point (CPU forward and backward, CUDA forward and backward), never by a kernel.
+FI_ALWAYS_INLINE void normalize_windows(AttentionParams& p, int64_t max_q, int64_t max_k) {
+  if (p.window_left >= max_k - 1) p.window_left = -1;
+  if (p.window_right >= max_q - 1) p.window_right = -1;
+}
+
 // Writes new key/value rows into a cache (dense or paged). Row i of the source
 // goes to cache slot slot_of(i); negative slots are skipped.
 struct KVWriteParams {
