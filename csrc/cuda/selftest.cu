@@ -3,7 +3,8 @@
 // written here from AttentionParams' own semantics (the host helpers q_len, k_len, kv_row_offset).
 // Outputs are NaN-poisoned, padded views check that nothing outside them is written.
 //
-//   fastinfer_cuda_selftest [--cases N] [--max-fixed N] [--seed S] [--quick]     exit 0 = all passed
+//   fastinfer_cuda_selftest [--cases N] [--max-fixed N] [--edge-only] [--seed S] [--quick]     exit 0 = all passed
+// --max-fixed limits the per-head-dim fixed cases; the edge cases (issue 21) always run, alone with --edge-only.
 //
 // Built only on request: cmake --build <dir> --target fastinfer_cuda_selftest (see bench/gpu_suite.sh).
 #include <cuda_bf16.h>
@@ -551,7 +552,12 @@ std::vector<Case> fixed_cases(const std::vector<int>& dims) {
       j.poison = 2, j.trailing = 3;
       cs.push_back(j);
     }
-  // Edge cases (issue 21): paths the cases above do not reach, one dtype per head dim.
+  return cs;
+}
+
+// Edge cases (issue 21): paths the fixed cases above do not reach, one dtype per head dim.
+std::vector<Case> edge_cases(const std::vector<int>& dims) {
+  std::vector<Case> cs;
   for (size_t di = 0; di < dims.size(); ++di) {
     const int D = dims[di];
     const DType dt = di % 2 ? DType::kFloat16 : DType::kBFloat16;
@@ -587,12 +593,13 @@ std::vector<Case> fixed_cases(const std::vector<int>& dims) {
 int main(int argc, char** argv) {
   int n_random = 300, max_fixed = 1 << 30;
   uint64_t seed = 1234;
-  bool quick = false;
+  bool quick = false, edge_only = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--cases") && i + 1 < argc) n_random = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--max-fixed") && i + 1 < argc) max_fixed = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
     else if (!std::strcmp(argv[i], "--quick")) quick = true, n_random = std::min(n_random, 40);
+    else if (!std::strcmp(argv[i], "--edge-only")) edge_only = true;
   }
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
@@ -606,8 +613,9 @@ int main(int argc, char** argv) {
     if (*s == ',') ++s;
   }
   std::printf("head dims compiled: %s\n", fc::compiled_head_dims());
-  std::vector<Case> cases = fixed_cases(dims);
+  std::vector<Case> cases = edge_only ? std::vector<Case>{} : fixed_cases(dims);
   if (static_cast<int>(cases.size()) > max_fixed) cases.resize(std::max(max_fixed, 0));
+  for (const Case& c : edge_cases(dims)) cases.push_back(c);
   Rng rng(seed);
   for (int i = 0; i < n_random; ++i) cases.push_back(random_case(rng, dims, quick));
 
