@@ -28,21 +28,38 @@ class TokenConstraints:
         bias_rows = [i for i, s in enumerate(seqs) if s.params.logit_bias]
         if not (grammar_rows or allowed_rows or bias_rows):
             return x
-        x = x.clone()
+        if x.device.type != "cpu":
+            return self._apply_torch(x.clone(), seqs, grammar_rows, allowed_rows, bias_rows)
+        # On the CPU in numpy: single-threaded, so no torch thread-pool wake-ups for these small passes (on a busy
+        # machine each of those can cost milliseconds), and row views instead of gathers and scatters of the batch.
+        ninf = np.float32(-np.inf)
+        if grammar_rows:
+            allowed = self._grammar_masks([seqs[i].grammar.matcher for i in grammar_rows], x.shape[1])
+            if len(grammar_rows) == len(seqs):
+                xn = np.where(allowed, x.numpy(), ninf)  # one pass: the copy and the mask together
+            else:
+                xn = x.numpy().copy()
+                xn[grammar_rows] = np.where(allowed, xn[grammar_rows], ninf)
+        else:
+            xn = x.numpy().copy()
+        vocab = xn.shape[1]
+        for i in allowed_rows:
+            keep = np.zeros(vocab, dtype=np.bool_)
+            keep[seqs[i].params.allowed_token_ids] = True
+            xn[i] = np.where(keep, xn[i], ninf)
+        for i in bias_rows:
+            bias = seqs[i].params.logit_bias
+            xn[i, list(bias)] += np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+        return torch.from_numpy(xn)
+
+    def _apply_torch(self, x: torch.Tensor, seqs: list[Sequence], grammar_rows: list[int], allowed_rows: list[int],
+                     bias_rows: list[int]) -> torch.Tensor:
+        """apply() on a copy of the logits on an accelerator (one transfer of the grammar masks per step)."""
         vocab = x.shape[1]
         if grammar_rows:
-            banned = self._grammar_bans([seqs[i].grammar.matcher for i in grammar_rows], vocab)
-            if x.device.type == "cpu":
-                # numpy: one thread, no torch thread-pool wake-ups; row views, no gather and scatter of the batch
-                xn = x.numpy()
-                if len(grammar_rows) == len(seqs):
-                    np.putmask(xn, banned, np.float32(-np.inf))
-                else:
-                    for j, i in enumerate(grammar_rows):
-                        np.putmask(xn[i], banned[j], np.float32(-np.inf))
-            else:
-                rows = torch.tensor(grammar_rows, device=x.device)
-                x[rows] = x[rows].masked_fill_(torch.from_numpy(banned).to(x.device), float("-inf"))
+            allowed = self._grammar_masks([seqs[i].grammar.matcher for i in grammar_rows], vocab)
+            rows = torch.tensor(grammar_rows, device=x.device)
+            x[rows] = x[rows].masked_fill_(~torch.from_numpy(allowed).to(x.device), float("-inf"))
         for i in allowed_rows:
             keep = torch.zeros(vocab, dtype=torch.bool, device=x.device)
             keep[seqs[i].params.allowed_token_ids] = True
@@ -53,9 +70,9 @@ class TokenConstraints:
             x[i, ids] += torch.tensor(list(bias.values()), dtype=x.dtype, device=x.device)
         return x
 
-    def _grammar_bans(self, matchers: list, vocab: int) -> np.ndarray:
-        """bool [len(matchers), vocab]: True where the matcher's grammar does not allow the token next (and for ids
-        the tokenizer does not have, past mask_vocab)."""
+    def _grammar_masks(self, matchers: list, vocab: int) -> np.ndarray:
+        """bool [len(matchers), vocab]: True where the matcher's grammar allows the token next (never for ids the
+        tokenizer does not have, past mask_vocab)."""
         words = ((self.mask_vocab or vocab) + 31) // 32
         bitmask = np.zeros((len(matchers), words), dtype=np.int32)
         if len(matchers) == 1:
@@ -67,8 +84,7 @@ class TokenConstraints:
                 self._executor = llguidance.LLExecutor()
             self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.ctypes.data,
                                                    words * 4, len(matchers))
-        np.invert(bitmask, out=bitmask)  # 1 = banned
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, count=min(vocab, words * 32), bitorder="little")
         if bits.shape[1] < vocab:
-            bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])), constant_values=1)
+            bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])))
         return bits.view(np.bool_)
