@@ -200,6 +200,16 @@ def test_stop_strings_and_min_tokens_with_a_grammar(default_llm):
     assert len(c.token_ids) >= 6 and fullmatch(r"[ab]+", c.text)
 
 
+def test_grammar_and_allowed_token_ids_that_exclude_each_other_end_with_an_error(default_llm):
+    ids = default_llm.get_tokenizer().encode(" maybe", add_special_tokens=False)
+    for temperature in (0.0, 1.0):
+        p = SamplingParams(temperature=temperature, seed=1, max_tokens=5, allowed_token_ids=ids,
+                           structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+        out = default_llm.generate(["Yes or no?"], p, use_tqdm=False)[0]
+        assert out.outputs[0].finish_reason == "error" and out.outputs[0].token_ids == []
+        assert out.error.startswith("structured_outputs: no token is left")
+
+
 # ------------------------------------------------------------------------ the Hugging Face tokenizer.json bridge
 
 

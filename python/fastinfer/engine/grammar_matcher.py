@@ -40,8 +40,9 @@ class GrammarMatcher:
         """Advance past ``token``; False (with ``error`` set) when the grammar does not allow it."""
         if self.matcher.consume_token(token):
             return True
-        self.error = f"structured_outputs: token {token} is not allowed by the grammar here " \
-                     f"({self.matcher.get_error()[:300]})"
+        # The masks let only allowed tokens through, so this is a row where nothing was left to sample.
+        self.error = ("structured_outputs: no token is left that both the grammar and allowed_token_ids / "
+                      "min_tokens allow at this point")
         return False
 
     @property

@@ -195,7 +195,8 @@ class Scheduler:
         logprobs: list[dict[int, Logprob] | None] | None = None,
     ) -> list[Sequence]:
         """Apply a step: advance computed tokens, append the sampled tokens (one per sampled chunk, in order),
-        finish sequences that stopped and free their blocks. Returns the sequences that got a token."""
+        finish sequences that stopped and free their blocks. Returns the sequences that got a token (and those that
+        finished with an error instead: a grammar that allowed no token left by allowed_token_ids / min_tokens)."""
         sampled: list[Sequence] = []
         k = 0
         for chunk in out.scheduled:
@@ -208,13 +209,16 @@ class Scheduler:
             k += 1
             if seq.is_finished:
                 continue  # aborted between schedule() and update()
+            sampled.append(seq)
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                self.running.remove(seq)  # the token is not kept: it was drawn from a row with nothing allowed
+                self._finish(seq, "error")
+                seq.error = seq.grammar.error
+                continue
             seq.token_ids.append(token)
             if seq.logprobs is not None and entry is not None:
                 seq.logprobs.append(entry)
                 seq.cumulative_logprob += entry[token].logprob
-            if seq.grammar is not None:
-                seq.grammar.accept(token)
-            sampled.append(seq)
             self._check_stop(seq, token)
         if k != len(token_ids):
             raise ValueError(f"got {len(token_ids)} sampled tokens for {k} sampled chunks")
@@ -232,9 +236,6 @@ class Scheduler:
                 reason = "stop"
             elif token in p.stop_token_ids:
                 reason, stop_reason = "stop", token
-        if reason is None and seq.grammar is not None and seq.grammar.error is not None:
-            reason = "error"  # a token the grammar refuses: only when allowed_token_ids left it nothing to allow
-            seq.error = seq.grammar.error
         if seq.detok is not None and not (reason == "stop" and not p.include_stop_str_in_output):
             # a stop token is left out of the text unless include_stop_str_in_output
             stop = p.stop if seq.num_output_tokens > p.min_tokens else []  # stop strings count after min_tokens
