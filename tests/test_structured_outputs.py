@@ -296,6 +296,32 @@ def test_batch_file_with_response_format_and_bad_lines(tiny, tmp_path, capsys):
     assert content("bias") == tiny_token_text(tiny, 5) * 4
 
 
+def test_jsonl_lines_take_the_same_fields(tiny, tmp_path, capsys):
+    from fastinfer.entrypoints.cli import main as cli
+
+    schema = SCHEMAS["enums"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(o) for o in [
+        {"id": "a", "prompt": "hello", "max_tokens": 120, "prompt_logprobs": 1,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}},
+        {"id": "b", "prompt": "hello", "structured_outputs": {"regex": "[0-9]{3}"}, "allowed_token_ids": [1, 2]},
+        {"id": "c", "prompt": "hello", "structured_outputs": {"regex": "[0-9"}},
+        {"id": "d", "prompt": "hello", "max_tokens": 5, "allowed_token_ids": [7, 8], "temperature": 1.0},
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "-i", src, "-o", out, "--model", tiny, "--device", "cpu", "--no-progress", "--threads", "1",
+            "--kv-cache-memory-bytes", "16MiB"]
+    assert cli.main([str(a) for a in argv]) == 0
+    assert "line 3" in capsys.readouterr().err  # the bad regex is reported and skipped, the rest runs
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    jsonschema.validate(json.loads(recs["a"]["text"]), schema)
+    assert recs["a"]["prompt_logprobs"][0] is None and len(recs["a"]["prompt_logprobs"]) == recs["a"]["usage"][
+        "prompt_tokens"]
+    assert "no token is left" in recs["b"]["error"]  # the grammar and allowed_token_ids exclude each other
+    assert "c" not in recs
+    assert recs["d"]["text"] and set(recs["d"]["text"]) <= set(tiny_token_text(tiny, 7) + tiny_token_text(tiny, 8))
+
+
 def tiny_token_text(path: str, token: int) -> str:
     from fastinfer.loading.tokenizer import Tokenizer
 
