@@ -135,7 +135,9 @@ def copy_bandwidth(mb: int = 512) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: the built-in SmolLM2-135M)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="fastinfer's activations (auto: float32 with quantised weights, else bfloat16, LLM's "
+                         "default); Hugging Face runs bfloat16 for auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--skip-mixed", action="store_true")
@@ -174,7 +176,8 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+                                                  dtype=getattr(torch, "bfloat16" if args.dtype == "auto" else args.dtype),
+                                                  attn_implementation="sdpa")
         hf.eval()
         run_hf(hf, Workload("warmup", warm[:1], [4]), pad_id=0)
 

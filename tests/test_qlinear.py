@@ -352,3 +352,63 @@ def test_wrong_arguments(np_rng):
         _C.qlinear(torch.zeros(2, 64), packed.data[:-1], "q4_1", None, torch.zeros(2, 16))
     with pytest.raises(ValueError, match="packed_weight"):
         _C.qlinear(torch.zeros(2, 64), packed.data, "q8_0", None, torch.zeros(2, 16))  # a q4_1 weight's size
+
+
+# ---- activations="float": each sub-panel dequantised once, x kept (prompt rows in the model) ----
+
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).bfloat16().double().numpy()
+
+
+@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_float_activations_equal_the_dequantised_product(cpu_isa, np_rng, qtype, m):
+    n, k = 70, kk(qtype, 96)
+    raw, w = quantized(np_rng, n, k, qtype)
+    packed = ops.pack_linear_weight(raw, qtype=qtype)
+    x = np_rng.standard_normal((m, k)).astype(np.float32)
+    got = ops.linear(torch.from_numpy(x), packed, n, activations="float")
+    assert torch.isfinite(got).all()
+    # float32 x: the exact dequantised weights, float32 sums
+    assert rel_err(got, x.astype(np.float64) @ w.T) <= 1e-5
+    # bf16 x: where the CPU has bf16 dot products the weights are rounded to bf16 as the dequantised
+    # bf16 model holds them, else they stay exact; either way float32 sums of exact products
+    xb = torch.from_numpy(x).bfloat16()
+    bias = torch.from_numpy(np_rng.standard_normal(n).astype(np.float32)).bfloat16()
+    wb = bf16_round(w) if cpu_isa in ("avx512_bf16", "amx") else w
+    ref = xb.double().numpy() @ wb.T + bias.double().numpy()
+    got32 = ops.linear(xb, packed, n, bias=bias, out_float32=True, activations="float")
+    assert got32.dtype == torch.float32
+    assert rel_err(got32, ref) <= 1e-5
+    got16 = ops.linear(xb, packed, n, bias=bias, activations="float")
+    assert got16.dtype == torch.bfloat16 and torch.equal(got16, got32.bfloat16())
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1", "q6_k"])
+def test_float_activations_rows_do_not_depend_on_the_batch(np_rng, qtype):
+    n, k = 70, kk(qtype, 64)
+    raw, _ = quantized(np_rng, n, k, qtype)
+    packed = ops.pack_linear_weight(raw, qtype=qtype)
+    x = torch.from_numpy(np_rng.standard_normal((37, k)).astype(np.float32)).bfloat16()
+    whole = ops.linear(x, packed, n, activations="float")
+    for lo, hi in ((0, 1), (5, 7), (3, 20), (36, 37)):
+        assert torch.equal(ops.linear(x[lo:hi], packed, n, activations="float"), whole[lo:hi])
+
+
+def test_float_activations_are_closer_than_int8(np_rng):
+    n, k = 64, 256
+    raw, w = quantized(np_rng, n, k, "q4_1")
+    packed = ops.pack_linear_weight(raw, qtype="q4_1")
+    x = np_rng.standard_normal((8, k)).astype(np.float32)
+    x[:, ::32] *= 20  # an outlier per block: int8 loses the small values' precision
+    ref = x.astype(np.float64) @ w.T
+    exact = rel_err(ops.linear(torch.from_numpy(x), packed, n, activations="float"), ref)
+    int8 = rel_err(ops.linear(torch.from_numpy(x), packed, n), ref)
+    assert exact <= 1e-5 < int8
+
+
+def test_activations_must_be_int8_or_float(np_rng):
+    raw, _ = quantized(np_rng, 8, 32, "q8_0")
+    packed = ops.pack_linear_weight(raw, qtype="q8_0")
+    with pytest.raises(ValueError, match="activations"):
+        ops.linear(torch.zeros(1, 32), packed, 8, activations="fp8")

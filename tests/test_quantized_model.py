@@ -24,7 +24,7 @@ CACHE = 1 << 26
 
 @pytest.fixture(scope="module")
 def pair():
-    """The default model natively quantised (the default) and dequantised, bf16 both."""
+    """The default model natively quantised (the default: float32 activations) and dequantised (bfloat16)."""
     default_model_or_skip()
     return LLM(None, kv_cache_memory_bytes=CACHE), LLM(None, kv_cache_memory_bytes=CACHE, quantization=None)
 
@@ -45,9 +45,6 @@ def test_default_model_runs_quantised(pair):
     assert model.cpu_decoder is not None
 
 
-@pytest.mark.xfail(strict=True, reason="known: with int8 activations at every batch size (ggml's scheme) the "
-                   "first token of this prompt flips from 'The' to 'L' (a 0.08-nat margin in the float model), and "
-                   "the answer no longer names Paris; the dequantised path says Paris (issue 18, open)")
 def test_chat_answer_still_says_paris(pair):
     native, _ = pair
     out = native.chat([{"role": "user", "content": "What is the capital of France?"}],

@@ -1,6 +1,7 @@
 // Binding of the native CPU decoder stack: fastinfer._C.CpuDecoderConfig (sizes and constants),
 // DecoderLayerWeights (one layer's tensors, by name) and CpuDecoder, which checks every weight once
 // when built, every cache once when bound, and then runs a whole step per call.
+#include <optional>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -176,7 +177,8 @@ class CpuDecoder {
 
   void forward(const py::object& x_obj, const py::object& out_obj, const py::object& cos_obj, const py::object& sin_obj,
                const py::object& rows_obj, const py::object& cu_q_obj, const py::object& cu_k_obj,
-               const py::object& table_obj, const py::object& slots_obj, const py::object& workspace_obj) {
+               const py::object& table_obj, const py::object& slots_obj, const py::object& workspace_obj,
+               const py::object& float_rows_obj) {
     const DecoderConfig& c = config_;
     check(py::len(caches_) == c.layers.size(), "bind_caches(kv_caches) must be called before forward");
     TensorView x(x_obj, "x"), out(out_obj, "out"), cos(cos_obj, "cos"), sin(sin_obj, "sin"), rows(rows_obj, "rows"),
@@ -232,8 +234,20 @@ class CpuDecoder {
     check(have >= need, "workspace: ", have, " bytes, ", need, " needed for ", T, " tokens");
     for (const TensorView* t : {&out, &ws}) check_disjoint(*t, {&x, &out, &cos, &sin, &rows, &cu_q, &cu_k, &table, &slots, &ws});
 
+    // float_rows: (tokens,) bool or uint8, rows whose quantised projections keep float activations.
+    const uint8_t* float_rows = nullptr;
+    std::optional<TensorView> fr;
+    if (!float_rows_obj.is_none()) {
+      fr.emplace(float_rows_obj, "float_rows");
+      check_cpu(*fr);
+      if (!fr->is(dl::kBool, 8) && !fr->is(dl::kUInt, 8))
+        throw py::type_error(cat("float_rows: expected dtype bool or uint8, got ", fr->dtype_str()));
+      check_shape(*fr, {T});
+      check(T <= 1 || fr->stride(0) == 1, "float_rows: must be contiguous");
+      float_rows = fr->data<const uint8_t>();
+    }
     DecoderStep s{T, batch, x.data(), out.data(), cos.data<const void>(), sin.data<const void>(), rows.data<const int64_t>(),
-                  cq, ck, table.data<const int32_t>(), table.stride(0), slots.data<const int64_t>(), ws.data()};
+                  cq, ck, table.data<const int32_t>(), table.stride(0), slots.data<const int64_t>(), ws.data(), float_rows};
     py::gil_scoped_release release;
     cpu::decoder_forward(c, s);
   }
@@ -336,7 +350,7 @@ void bind_decoder(py::module_& m) {
       .def("workspace_bytes", &CpuDecoder::workspace_bytes, py::arg("tokens"))
       .def("forward", &CpuDecoder::forward, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"), py::arg("rows"),
            py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"), py::arg("slot_mapping"),
-           py::arg("workspace"));
+           py::arg("workspace"), py::arg("float_rows") = py::none());
 }
 
 }  // namespace fastinfer::bindings

@@ -104,8 +104,10 @@ void qlinear_pack(const py::object& raw_obj, const std::string& qtype, const py:
 }
 
 void qlinear(const py::object& x_obj, const py::object& packed_obj, const std::string& qtype, const py::object& bias_obj,
-             const py::object& out_obj) {
+             const py::object& out_obj, const std::string& activations) {
   const QType t = qtype_arg(qtype);
+  check(activations == "int8" || activations == "float", "activations: expected 'int8' or 'float', got '", activations,
+        "'");
   TensorView x(x_obj, "x"), packed(packed_obj, "packed_weight"), out(out_obj, "out");
   const OptTensor bias = view(bias_obj, "bias");
   const LinearOperands o = check_linear_rows(x, out);
@@ -117,7 +119,8 @@ void qlinear(const py::object& x_obj, const py::object& packed_obj, const std::s
   check_writable(out);
   check_disjoint(out, {&x, &packed, ptr(bias)});
   QLinearParams p{t, dtype, out_dtype, x.size(0), n, k, x.data<const void>(), x.stride(0), packed.data<const void>(),
-                  bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0)};
+                  bias ? bias->data<const void>() : nullptr, out.data<void>(), out.stride(0),
+                  activations == "float" ? QActivations::kFloat : QActivations::kInt8};
   py::gil_scoped_release release;
   cpu::qlinear_forward(p);
 }
@@ -174,8 +177,9 @@ void bind_linear(py::module_& m) {
     return qlinear_packed_bytes(n, k, t);
   }, py::arg("n"), py::arg("k"), py::arg("qtype"));
   m.def("qlinear", &qlinear, py::arg("x"), py::arg("packed_weight"), py::arg("qtype"), py::arg("bias"), py::arg("out"),
-        "out = x @ W^T (+ bias) on the CPU with W quantised (packed by qlinear_pack); x is quantised to int8 per "
-        "32-block on the fly.");
+        py::arg("activations") = "int8",
+        "out = x @ W^T (+ bias) on the CPU with W quantised (packed by qlinear_pack); activations='int8': x is "
+        "quantised to int8 per 32-block on the fly; 'float': each sub-panel of W is dequantised and x kept.");
   m.def("qlinear_rows", &qlinear_rows, py::arg("packed_weight"), py::arg("qtype"), py::arg("n"), py::arg("k"),
         py::arg("ids"), py::arg("out"),
         "out (count, k) float32 = rows ids (int64, each in [0, n)) of a packed quantised (n, k) weight, dequantised "

@@ -40,10 +40,23 @@ Buffers carve(const DecoderConfig& c, const DecoderStep& s) {
   return b;
 }
 
-void project(const DecoderConfig& c, int64_t t, const void* x, int64_t k, const PackedProjection& w, int64_t n, void* out) {
+void project(const DecoderConfig& c, const DecoderStep& s, const void* x, int64_t k, const PackedProjection& w, int64_t n,
+             void* out) {
+  const int64_t t = s.tokens;
   if (w.qtype >= 0) {
-    QLinearParams p{static_cast<QType>(w.qtype), c.dtype, c.dtype, t, n, k, x, k, w.w_packed, w.bias, out, n};
-    qlinear_forward(p);
+    // One call per run of rows with the same kind of activations (a step's sequences keep their
+    // prompt rows together, so a mixed step has a few runs).
+    const int64_t esz = dtype_size(c.dtype);
+    for (int64_t r0 = 0; r0 < t;) {
+      const bool exact = s.float_rows != nullptr && s.float_rows[r0] != 0;
+      int64_t r1 = r0 + 1;
+      while (r1 < t && (s.float_rows != nullptr && s.float_rows[r1] != 0) == exact) ++r1;
+      QLinearParams p{static_cast<QType>(w.qtype), c.dtype, c.dtype, r1 - r0, n, k,
+                      static_cast<const char*>(x) + esz * r0 * k, k, w.w_packed, w.bias,
+                      static_cast<char*>(out) + esz * r0 * n, n, exact ? QActivations::kFloat : QActivations::kInt8};
+      qlinear_forward(p);
+      r0 = r1;
+    }
     return;
   }
   LinearParams p{c.dtype, c.dtype, t, n, k, x, k, w.w_packed, w.bias, out, n};
@@ -59,7 +72,7 @@ void norm(const DecoderConfig& c, int64_t t, const void* x, void* residual, cons
 void attention_block(const DecoderConfig& c, const DecoderStep& s, const DecoderLayerWeights& w, const Buffers& b) {
   const int64_t t = s.tokens, D = c.head_dim, esz = dtype_size(c.dtype);
   const int64_t qkv_cols = static_cast<int64_t>(c.heads + 2 * c.kv_heads) * D;
-  project(c, t, b.h, c.hidden, w.qkv, qkv_cols, b.qkv);
+  project(c, s, b.h, c.hidden, w.qkv, qkv_cols, b.qkv);
 
   RotaryParams rot{c.dtype, t, c.heads + c.kv_heads, D / 2, b.qkv, qkv_cols, D, s.cos, s.sin, s.rows};
   rotary(rot);
@@ -117,15 +130,15 @@ void attention_block(const DecoderConfig& c, const DecoderStep& s, const Decoder
   a.window_right = 0;  // causal
   attention_forward(a);
 
-  project(c, t, b.attn, static_cast<int64_t>(c.heads) * D, w.o, c.hidden, b.y);
+  project(c, s, b.attn, static_cast<int64_t>(c.heads) * D, w.o, c.hidden, b.y);
 }
 
 void mlp_block(const DecoderConfig& c, const DecoderStep& s, const DecoderLayerWeights& w, const Buffers& b) {
   const int64_t t = s.tokens, inter = c.intermediate;
-  project(c, t, b.h, c.hidden, w.gate_up, 2 * inter, b.gu);
+  project(c, s, b.h, c.hidden, w.gate_up, 2 * inter, b.gu);
   ActMulParams am{c.dtype, c.act, t, inter, b.gu, 2 * inter, b.act, inter};
   act_mul(am);
-  project(c, t, b.act, inter, w.down, c.hidden, b.y);
+  project(c, s, b.act, inter, w.down, c.hidden, b.y);
 }
 
 }  // namespace

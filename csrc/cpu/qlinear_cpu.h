@@ -17,7 +17,14 @@ struct QLinearKernels {
                 const int32_t* hs);
   // Rows ids of a packed (n, k) weight as float32 (count, k) (qlinear_rows, fastinfer/cpu.h).
   void (*rows)(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out);
+  // QActivations::kFloat: all m rows of out for sub-panels sub0 .. sub0 + subs - 1; xf: x as float32 (m, k)
+  // where the level does not read x as it is (see float_reads_bf16), else null; scratch:
+  // qfloat_scratch_floats(k) floats.
+  void (*float_panel)(const QLinearParams& p, int64_t sub0, int64_t subs, const float* xf, float* scratch);
+  bool float_reads_bf16;  // the level has bf16 dot products and multiplies bf16 x as it is
 };
+// Per-worker scratch of float_panel: a sub-panel dequantised to float32, then its bf16 copy.
+inline int64_t qfloat_scratch_floats(int64_t k) { return int64_t(kQRows) * k * 3 / 2 + 16; }
 
 #define FI_ISA_DECLARE(suffix, ...) QLinearKernels qlinear_kernels_##suffix();
 FI_CPU_ISAS(FI_ISA_DECLARE)

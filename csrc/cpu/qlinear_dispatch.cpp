@@ -1,7 +1,6 @@
-// ISA-independent driver of the quantised CPU linear: quantises the activations once per call,
-// runs one task per 64-output panel on the thread pool (int8 dot products for small batches; for
-// large ones the panel is dequantised once into the float linear's layout and its tile kernel runs
-// every row), and repacks GGUF blocks into the panel layout of qlinear.h.
+// ISA-independent driver of the quantised CPU linear: quantises the activations once per call (or,
+// QActivations::kFloat, keeps them), runs tasks of whole 8-row sub-panels on the thread pool, and
+// repacks GGUF blocks into the panel layout of qlinear.h.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -81,12 +80,50 @@ void pack_k_row(QType t, const uint8_t* src, uint8_t* dst, int r) {
   if (q5) interleave(dst + 1024, src + 16);
 }
 
+struct QFloatScratch;  // a worker's dequantised sub-panel (float activations)
+
+// Tasks of whole sub-panels, about 8 per thread (a panel at most): 9 panels on 2 threads would leave
+// one thread a panel behind, and small projections are most of a decode step.
+template <class Fn>
+void for_sub_panels(const QLinearParams& p, int64_t macs_inline, Fn&& fn) {
+  const int threads = num_threads();
+  const int64_t subs = linear_panels(p.n) * (kLinearPanel / kQRows);
+  const int64_t per_task = std::clamp<int64_t>(subs / (8 * int64_t(threads)), 1, kLinearPanel / kQRows);
+  const int64_t tasks = (subs + per_task - 1) / per_task;
+  auto run = [&](int64_t task, int) { fn(task * per_task, std::min(per_task, subs - task * per_task)); };
+  if (threads == 1 || p.m * p.n * p.k < macs_inline) {
+    for (int64_t t = 0; t < tasks; ++t) run(t, 0);
+  } else {
+    parallel_for(tasks, run);
+  }
+}
+
+void qlinear_forward_float(const QLinearParams& p, const QLinearKernels& kern) {
+  const float* xf = nullptr;
+  if (p.dtype == DType::kBFloat16 && !kern.float_reads_bf16) {  // float copies of the rows, once per call
+    float* buf = reinterpret_cast<float*>(thread_scratch<QActScratch>(sizeof(float) * p.m * p.k));
+    for (int64_t i = 0; i < p.m; ++i) {
+      const uint16_t* row = static_cast<const uint16_t*>(p.x) + i * p.x_row_stride;
+      for (int64_t j = 0; j < p.k; ++j) {
+        const uint32_t u = uint32_t(row[j]) << 16;
+        std::memcpy(buf + i * p.k + j, &u, 4);
+      }
+    }
+    xf = buf;
+  }
+  for_sub_panels(p, int64_t(1) << 16, [&](int64_t sub0, int64_t subs) {
+    float* scratch = reinterpret_cast<float*>(thread_scratch<QFloatScratch>(sizeof(float) * qfloat_scratch_floats(p.k)));
+    kern.float_panel(p, sub0, subs, xf, scratch);
+  });
+}
+
 }  // namespace
 
 void qlinear_forward(const QLinearParams& p) {
   if (p.m == 0 || p.n == 0) return;
   const QLinearKernels kern = pick_kernels();
-  const int64_t panels = linear_panels(p.n), nb = p.k / kQBlock;
+  if (p.act == QActivations::kFloat) return qlinear_forward_float(p, kern);
+  const int64_t nb = p.k / kQBlock;
   // One path for every batch size: a row's result does not depend on what else is in the batch.
   char* buf = thread_scratch<QActScratch>(p.m * p.k + 4 * sizeof(float) * p.m * nb + 64);
   int8_t* qa = reinterpret_cast<int8_t*>(buf);
@@ -94,20 +131,8 @@ void qlinear_forward(const QLinearParams& p) {
   float* as = da + p.m * nb;
   int32_t* hs = reinterpret_cast<int32_t*>(as + p.m * nb);
   kern.quantize(p, qa, da, as, hs);
-  // Tasks of whole sub-panels, about 8 per thread (a panel at most): 9 panels on 2 threads would leave
-  // one thread a panel behind, and small projections are most of a decode step.
-  const int threads = num_threads();
-  const int64_t subs = panels * (kLinearPanel / kQRows);
-  const int64_t per_task = std::clamp<int64_t>(subs / (8 * int64_t(threads)), 1, kLinearPanel / kQRows);
-  const int64_t tasks = (subs + per_task - 1) / per_task;
-  auto run = [&](int64_t task, int) {
-    kern.panel(p, task * per_task, std::min(per_task, subs - task * per_task), qa, da, as, hs);
-  };
-  if (threads == 1 || p.m * p.n * p.k < (int64_t(1) << 16)) {
-    for (int64_t t = 0; t < tasks; ++t) run(t, 0);
-  } else {
-    parallel_for(tasks, run);
-  }
+  for_sub_panels(p, int64_t(1) << 16,
+                 [&](int64_t sub0, int64_t subs) { kern.panel(p, sub0, subs, qa, da, as, hs); });
 }
 
 void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, int64_t count, float* out) {

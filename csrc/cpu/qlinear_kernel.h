@@ -3,13 +3,14 @@
 // per 32-block, the int8 dot products of one 64-output panel against every row (the same kernel for
 // every batch size, so a row's result never depends on the rest of the batch), and rows of a packed
 // weight dequantised (embedding lookups). The dot kernels are in qlinear_dot32.h (q8_0, q4_0, q4_1)
-// and qlinear_kquant.h (q4_k, q5_k, q6_k).
+// and qlinear_kquant.h (q4_k, q5_k, q6_k); the float-activation kernel in qlinear_float.h.
 #pragma once
 #include <cmath>
 
 #include "cpu/qlinear_cpu.h"
 #include "cpu/qlinear_dot32.h"
 #include "cpu/qlinear_kquant.h"
+#include "cpu/qlinear_float.h"
 
 namespace fastinfer::cpu::FI_ISA_NS {
 namespace {
@@ -112,6 +113,7 @@ void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, in
 namespace fastinfer::cpu {
 // This level's quantised-linear kernels (qlinear_kernels_<suffix>, declared in qlinear_cpu.h).
 QLinearKernels FI_ISA_CAT(qlinear_kernels_, FI_ISA_NS)() {
-  return {&FI_ISA_NS::qlinear_quantize, &FI_ISA_NS::qlinear_panel, &FI_ISA_NS::qlinear_rows};
+  return {&FI_ISA_NS::qlinear_quantize, &FI_ISA_NS::qlinear_panel, &FI_ISA_NS::qlinear_rows,
+          &FI_ISA_NS::qlinear_float_panel, FI_ISA_NS::qlinear_float_reads_bf16()};
 }
 }  // namespace fastinfer::cpu

@@ -61,6 +61,9 @@ struct DecoderStep {
   int64_t block_table_stride;
   const int64_t* slot_mapping;  // (tokens,) cache slot of each new token
   void* workspace;              // decoder_workspace_bytes(config, tokens) bytes
+  // (tokens,) or null (none): rows whose quantised projections keep float activations
+  // (QActivations::kFloat, the prompt's tokens); the others quantise theirs to int8.
+  const uint8_t* float_rows = nullptr;
 };
 
 // Bytes of scratch one step of `tokens` rows needs (the caller allocates it).

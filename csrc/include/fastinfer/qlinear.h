@@ -74,6 +74,18 @@ FI_ALWAYS_INLINE int64_t qlinear_packed_bytes(int64_t n, int64_t k, QType t) {
   return linear_panels(n) * (kLinearPanel / kQRows) * (k / qtype_block_elems(t)) * qpacked_block_bytes(t);
 }
 
+// How a call treats its activations x.
+enum class QActivations : int {
+  // Quantised to int8 per 32-block on the fly (above): integer dot products, what a decode step
+  // streaming the weights wants.
+  kInt8 = 0,
+  // Kept as they are: each 8-row sub-panel of W is dequantised once per call (to bf16 where the CPU
+  // has bf16 dot products and x is bf16, else to float32) and multiplied by every row with float
+  // accumulation, as the dequantised model computes. For prompt rows: a batch of them amortises the
+  // dequantisation, and the float activations keep the next token the dequantised model's.
+  kFloat = 1,
+};
+
 struct QLinearParams {
   QType qtype;
   DType dtype;          // of x and bias: float32 or bfloat16
@@ -85,6 +97,7 @@ struct QLinearParams {
   const void* bias;     // (n,) or null
   void* out;            // row i at out + i * out_row_stride
   int64_t out_row_stride;
+  QActivations act = QActivations::kInt8;  // see QActivations; a row's result never depends on the other rows
 };
 
 struct QLinearPackParams {

@@ -93,8 +93,8 @@ class ModelRunner:
         # Slot of each new token: its sequence's block for that position, then the offset inside it.
         seq_of_token = np.repeat(np.arange(len(chunks)), q_lens)
         slot_mapping = block_table[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        # A token's place in its sequence, never the batch, decides its activations (prompt: float), so
-        # chunking, batching and recompute after preemption give every row the same numbers.
+        # A token's place in its sequence, never the batch, decides how quantised projections treat its
+        # activations (prompt: float, generated: int8), so chunking, batching and recompute give a row the same kind.
         prompt_lens = np.fromiter((c.seq.num_prompt_tokens for c in chunks), dtype=np.int64, count=len(chunks))
         prompt_rows = positions < prompt_lens[seq_of_token]
         logit_rows = (cu_q[1:] - 1)[np.fromiter((c.sample for c in chunks), dtype=bool, count=len(chunks))]

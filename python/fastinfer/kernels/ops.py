@@ -177,7 +177,8 @@ def dequantize_rows(packed_weight: QuantizedPacked, ids: Any) -> Any:
     return out
 
 
-def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_float32: bool = False) -> Any:
+def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_float32: bool = False,
+           activations: str = "int8") -> Any:
     """``x @ W.T + bias`` on the CPU with W packed by :func:`pack_linear_weight`; float32 accumulation,
     rounded once to x's dtype (the same result as torch's bf16 matmul up to summation order).
 
@@ -185,12 +186,16 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     ----------
     x : (..., in_features) float32 or bfloat16, CPU, last axis contiguous
     packed_weight : from ``pack_linear_weight`` of an (out_features, in_features) weight of x's dtype, or
-        the QuantizedPacked of a quantised one (x is then quantised to int8 per 32-block on the fly,
-        ggml's scheme, for up to 16 rows; more rows dequantise each panel once and run the float kernel)
+        the QuantizedPacked of a quantised one (see ``activations``)
     out_features : rows of the original weight
     bias : (out_features,) of x's dtype, or None
     out_float32 : return float32 whatever x's dtype: the float32 sums unrounded (logits from a bf16
         head, without a second pass to convert them)
+    activations : with a quantised weight, ``"int8"`` quantises x to int8 per 32-block on the fly
+        (ggml's scheme: integer dot products, for decode), ``"float"`` keeps x and dequantises each
+        8-row sub-panel of W once per call (bf16 weights with bf16 x where the CPU has bf16 dot
+        products, else float32: the dequantised model's numbers, for prompt rows). Either way a row's
+        result does not depend on the other rows. Ignored for float weights.
 
     Returns
     -------
@@ -198,6 +203,8 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     """
     require_array(x, "x")
     out_features = int_arg(out_features, "out_features")
+    if activations not in ("int8", "float"):
+        raise ValueError(f"activations: expected 'int8' or 'float', got {activations!r}")
     quantized = isinstance(packed_weight, QuantizedPacked)
     if quantized and out_features != packed_weight.out_features:
         raise ValueError(f"out_features: the packed weight has {packed_weight.out_features}, got {out_features}")
@@ -214,7 +221,7 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
         out = _empty(x, shape)
     if quantized:
         _C.qlinear(kernel_view(x2), kernel_view(packed_weight.data), packed_weight.qtype, kernel_view(bias),
-                   kernel_view(out))
+                   kernel_view(out), activations)
     else:
         _C.linear(kernel_view(x2), kernel_view(packed_weight), kernel_view(bias), kernel_view(out))
     return out.reshape(*lead, out_features) if len(lead) != 1 else out

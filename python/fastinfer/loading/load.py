@@ -58,7 +58,8 @@ def load_model(path_or_id: Optional[str] = None, *, dtype: str | torch.dtype = "
     path_or_id : a Hugging Face folder (config.json + *.safetensors), a ``.gguf`` file, a model id
         ("org/name") already in the local Hugging Face cache, or None for the default GGUF model
     dtype : "auto" (the checkpoint's dtype, float16 included; if it names none, float32 for Hugging Face
-        folders and bfloat16 for GGUF), "float32", "bfloat16", "float16" or a torch dtype
+        folders and bfloat16 for GGUF; float32 where weights stay quantised, as llama.cpp computes),
+        "float32", "bfloat16", "float16" or a torch dtype: the activations' (and float weights') dtype
     allow_pickle : also load ``pytorch_model*.bin`` files (torch.load with weights_only=True)
     quantization : None (every weight in ``dtype``), "auto" (a GGUF's quantised tensors stay quantised and run
         natively on the CPU where a kernel exists; other types are dequantised, with one warning naming them)
@@ -121,7 +122,8 @@ def _load_hf_folder(folder: Path, dtype: str | torch.dtype, device: str, allow_p
     gen = read_json(gen_path) if gen_path.exists() else {}
     files = weight_files(folder, allow_pickle)
     skip, renames = text_decoder_prefixes(config, is_multimodal(raw))
-    torch_dtype = _torch_dtype(dtype, config.torch_dtype, torch.float32)
+    # Quantised to Q8_0: float32 activations, as for a GGUF's quantised weights (_load_gguf).
+    torch_dtype = _torch_dtype(dtype, None if quantization == "q8_0" else config.torch_dtype, torch.float32)
     check_fits(folder / "config.json", config, files, is_multimodal(raw), torch_dtype)
     tokenizer = None
     if (folder / "tokenizer.json").exists():  # before the weights: a bad tokenizer file fails fast
@@ -151,8 +153,9 @@ def _load_gguf(path: str, dtype: str | torch.dtype, device: str, quantization: O
 
     native = frozenset(t.upper() for t in QUANT_TYPES) if quantization == "auto" else frozenset()
     hf_config, tensors, tokenizer, gen = read_gguf(path, native_types=native) if native else read_gguf(path)
+    quantized = quantization == "q8_0"
     if quantization == "auto":
-        _warn_dequantised(path, native)
+        quantized = _warn_dequantised(path, native)
     elif quantization == "q8_0":
         tensors = _quantized_q8_0(tensors)
     try:
@@ -160,7 +163,10 @@ def _load_gguf(path: str, dtype: str | torch.dtype, device: str, quantization: O
     except (ConfigError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{path}: {err}") from None
     # Dequantised GGUF weights carry no dtype of their own: bfloat16 keeps them at half the memory of float32.
-    model = build_model(config, _torch_dtype(dtype, config.torch_dtype, torch.bfloat16), device)
+    # With quantised weights the activations are float32, as llama.cpp computes them: the weights are the
+    # bytes that count, and bfloat16 activations would move the greedy pick off the float model's.
+    fallback = torch.float32 if quantized else torch.bfloat16
+    model = build_model(config, _torch_dtype(dtype, None if quantized else config.torch_dtype, fallback), device)
     try:
         load_weights(model, tensors)
     except ValueError as err:
@@ -168,12 +174,14 @@ def _load_gguf(path: str, dtype: str | torch.dtype, device: str, quantization: O
     return LoadedModel(model, config, tokenizer, dict(gen or {}), path)
 
 
-def _warn_dequantised(path: str, native: frozenset[str]) -> None:
-    """One warning naming the quantised tensor types of ``path`` that have no native CPU kernel."""
+def _warn_dequantised(path: str, native: frozenset[str]) -> bool:
+    """One warning naming the quantised tensor types of ``path`` that have no native CPU kernel; whether any
+    tensor runs natively."""
     from fastinfer.loading.gguf_file import open_gguf
 
-    other = sorted({t.type.name for t in open_gguf(path).tensors.values()
-                    if t.type.name not in native and t.type.name not in ("F32", "F16", "BF16")})
+    types = {t.type.name for t in open_gguf(path).tensors.values()}
+    other = sorted(t for t in types if t not in native and t not in ("F32", "F16", "BF16"))
     if other:
         _warn(f"{os.path.basename(path)}: tensors of type {', '.join(other)} have no native CPU kernel; they are "
                   f"dequantised to the model dtype (native: {', '.join(sorted(native))})")
+    return bool(types & native)

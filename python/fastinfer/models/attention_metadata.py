@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -21,3 +22,6 @@ class AttentionMetadata:
     max_seqlen_k: int  # longest cached sequence after this step (launch sizing only)
     block_table: torch.Tensor  # (num_seqs, max_blocks_per_seq) int32: cache block of each logical block
     slot_mapping: torch.Tensor  # (num_tokens,) int64: cache slot (block * block_size + offset) each new token writes
+    # (num_tokens,) bool, or None (no row is): rows that are prompt tokens. Quantised projections keep their
+    # activations float there and quantise the others' to int8 (ops.linear's ``activations``).
+    prompt_rows: Optional[torch.Tensor] = None

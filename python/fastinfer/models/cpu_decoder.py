@@ -111,5 +111,6 @@ class CpuDecoder:
         out = torch.empty_like(x)
         self.native.forward(kernel_view(x), kernel_view(out), kernel_view(cos.view(t, -1)), kernel_view(sin.view(t, -1)),
                             kernel_view(token_rows(t)), kernel_view(meta.cu_seqlens_q), kernel_view(meta.cu_seqlens_k),
-                            kernel_view(meta.block_table), kernel_view(meta.slot_mapping), kernel_view(self._workspace))
+                            kernel_view(meta.block_table), kernel_view(meta.slot_mapping), kernel_view(self._workspace),
+                            None if meta.prompt_rows is None else kernel_view(meta.prompt_rows))
         return out

@@ -226,11 +226,14 @@ class Linear(nn.Module):
             self.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)
         return True
 
-    def forward(self, x: torch.Tensor, out_float32: bool = False) -> torch.Tensor:
-        """x (..., in) -> (..., out) in x's dtype, or float32 with ``out_float32`` (unrounded on the packed path)."""
+    def forward(self, x: torch.Tensor, out_float32: bool = False, activations: str = "int8") -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype, or float32 with ``out_float32`` (unrounded on the packed path).
+
+        ``activations`` ("int8" or "float"): how a quantised weight treats x (``fastinfer.ops.linear``)."""
         if self.quantized and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
                 and not x.requires_grad:
-            return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias, out_float32)
+            return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias, out_float32,
+                                        activations)
         if self.packed is not None and not self.quantized and x.dtype == self.packed.dtype and not x.requires_grad:
             return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias, out_float32)
         if self.packed is not None:

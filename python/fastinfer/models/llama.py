@@ -8,7 +8,7 @@ classes, and how their tensors are named, is in registry.py; ``load_weights`` is
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -130,14 +130,28 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, *tables[rope], kv, meta)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, hidden) -> logits (N, vocab) float32, final softcapping applied if configured."""
+    def compute_logits(self, hidden: torch.Tensor, prompt_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden (N, hidden) -> logits (N, vocab) float32, final softcapping applied if configured.
+
+        prompt_rows : (N,) bool or None: rows that are prompt tokens; a quantised head keeps their
+            activations float (the first token after a prompt is the dequantised model's) and quantises
+            the others' to int8, as the decoder's projections do (``AttentionMetadata.prompt_rows``).
+        """
         if self.head_proj is None:
             self.head_proj = self._quantized_head()
         head = self.head_proj
         # The packed head writes float32 directly: the unrounded sums (transformers rounds logits to
         # the model dtype first; greedy picks can differ only where two logits tie after rounding).
-        logits = head(hidden, out_float32=True) if head is not None else F.linear(hidden, self.head_weight()).float()
+        if head is None:
+            logits = F.linear(hidden, self.head_weight()).float()
+        elif head.quantized and prompt_rows is not None and bool(prompt_rows.any()):
+            logits = torch.empty((hidden.shape[0], head.out_features), dtype=torch.float32, device=hidden.device)
+            logits[prompt_rows] = head(hidden[prompt_rows], out_float32=True, activations="float")
+            rest = ~prompt_rows
+            if bool(rest.any()):
+                logits[rest] = head(hidden[rest], out_float32=True)
+        else:
+            logits = head(hidden, out_float32=True)
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
