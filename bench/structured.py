@@ -162,7 +162,8 @@ def main() -> None:
         s = summary[b]
         print(f"batch {b:3d}: free {s['free_step_ms']:.2f} ms/step, json schema {s['json_schema_step_ms']:.2f} "
               f"ms/step, overhead {s['overhead'] * 100:+.1f}% (per round: "
-              f"{', '.join(f'{x:.3f}' for x in s['per_round_ratios'])}), constraint stage {s['constraint_stage_ms']:.2f} ms")
+              f"{', '.join(f'{x:.3f}' for x in s['per_round_ratios'])}), "
+              f"constraint stage {s['constraint_stage_ms']:.2f} ms")
     if 16 in summary:
         met = summary[16]["overhead"] <= TARGET_OVERHEAD_AT_16
         print(f"target: overhead <= {TARGET_OVERHEAD_AT_16:.0%} at batch 16: {'met' if met else 'NOT met'}")

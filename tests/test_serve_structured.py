@@ -135,3 +135,10 @@ def test_openai_client_raises_bad_request_for_a_bad_schema(client):
         client.chat.completions.create(model=MODEL, messages=CHAT, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
     assert info.value.body["param"] == "response_format"
+
+
+def test_grammar_excluded_by_allowed_token_ids_is_400_naming_structured_outputs(server):
+    ids = server.post("/tokenize", {"model": MODEL, "prompt": " maybe", "add_special_tokens": False}).json()["tokens"]
+    body = {"model": MODEL, "prompt": "Yes or no?", "max_tokens": 3, "allowed_token_ids": ids,
+            "structured_outputs": {"choice": ["yes", "no"]}}
+    assert_openai_error(server.post("/v1/completions", body), 400, param="structured_outputs")

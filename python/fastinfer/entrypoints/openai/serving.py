@@ -198,8 +198,8 @@ class Serving:
                     job.last_token = now
                 if item.finished:
                     job.finals[item.request_id] = item
-                    if item.error is not None:
-                        raise ApiError(400, item.error, param="prompt")
+                    if item.error is not None:  # a prompt the model cannot run, or a grammar left no token
+                        raise ApiError(400, item.error, param=_param(item.error) or "prompt")
                     self.metrics.request_done(self.settings.model_name, len(item.prompt_token_ids),
                                               sum(len(c.token_ids) for c in item.outputs),
                                               item.outputs[0].finish_reason or "stop")
