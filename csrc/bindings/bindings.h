@@ -11,5 +11,6 @@ void bind_kv_cache(pybind11::module_& m);   // kv_cache.cpp: reshape_and_cache, 
 void bind_linear(pybind11::module_& m);     // linear.cpp: linear_pack, linear_packed_numel, linear
 void bind_pointwise(pybind11::module_& m);  // pointwise.cpp: rms_norm, act_and_mul, rotary_embedding
 void bind_decoder(pybind11::module_& m);    // decoder.cpp: CpuDecoderConfig, DecoderLayerWeights, CpuDecoder
+void bind_cuda_device(pybind11::module_& m);  // cuda_device.cpp: cuda_arch_problem, cuda_device_problem
 
 }  // namespace fastinfer::bindings

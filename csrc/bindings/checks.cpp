@@ -84,6 +84,7 @@ int check_devices(const std::vector<const TensorView*>& ts) {
       throw py::value_error(cat(t->name(), " is on ", t->device_str(), " but ", first.name(), " is on ", first.device_str()));
   if (first.is_cuda()) {
 #if defined(FASTINFER_WITH_CUDA)
+    check_cuda_device(first.device_id());
     return first.device_id();
 #else
     throw py::value_error(cat(first.name(), " is on ", first.device_str(),

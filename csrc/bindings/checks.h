@@ -50,7 +50,16 @@ void check_rank(const TensorView& t, int rank, const char* layout);
 void check_last_contiguous(const TensorView& t);
 void check_shape(const TensorView& t, std::initializer_list<int64_t> want);
 // Tensors of one call must live on one device. Returns the CUDA device id, or -1 for the CPU.
+// A CUDA device that cannot run this build's kernels raises RuntimeError (check_cuda_device).
 int check_devices(const std::vector<const TensorView*>& ts);
+
+// cuda_device.cpp. Why a device of compute capability major.minor cannot run kernels compiled for
+// `archs` (a CMake CUDA_ARCHITECTURES list joined by commas, e.g. "80,90a"), or "" when it can.
+std::string cuda_arch_problem(int device, const std::string& name, int major, int minor, const std::string& archs);
+#if defined(FASTINFER_WITH_CUDA)
+std::string cuda_device_problem(int device);  // cuda_arch_problem of a device of this machine (cached)
+void check_cuda_device(int device);           // std::runtime_error(cuda_device_problem) unless it is ""
+#endif
 
 // int32 vector of `len` elements, read by the kernels through a raw pointer (null for nullopt).
 const int32_t* index_vector(const OptTensor& t, int64_t len);

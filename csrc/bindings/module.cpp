@@ -85,5 +85,6 @@ PYBIND11_MODULE(_C, m) {
   bind_linear(m);
   bind_pointwise(m);
   bind_decoder(m);
+  bind_cuda_device(m);
   bind_runtime(m);
 }

@@ -45,4 +45,15 @@ int probe_arch() {
   return h;
 }
 
+DeviceInfo device_info(int device) {
+  cudaDeviceProp prop{};
+  const cudaError_t err = cudaGetDeviceProperties(&prop, device);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("cannot read the properties of CUDA device " + std::to_string(device) + ": " +
+                             cudaGetErrorString(err));
+  }
+  return DeviceInfo{prop.name, prop.major, prop.minor};
+}
+
 }  // namespace fastinfer::cuda

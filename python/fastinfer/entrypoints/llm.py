@@ -13,12 +13,12 @@ from typing import Union
 
 import torch
 
-from fastinfer import _C
 from fastinfer.engine.cache_config import CacheConfig, check_int
 from fastinfer.engine.config import SchedulerConfig
 from fastinfer.engine.llm_engine import LLMEngine
 from fastinfer.engine.outputs import RequestOutput
 from fastinfer.engine.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
+from fastinfer.kernels.runtime import cuda_available
 from fastinfer.loading import load_model
 from fastinfer.models.quantized import check_quantization
 
@@ -33,14 +33,9 @@ MAX_NUM_SEQS = 1 << 20  # sequences decoded together
 MAX_LOGPROBS_LIMIT = 1 << 20  # max_logprobs (a vocabulary is smaller)
 
 
-def _cuda_available() -> bool:
-    """fastinfer's CUDA part is compiled in and a device is usable (as ``fastinfer.cuda_available``)."""
-    return bool(_C.build_info()["cuda_compiled"]) and _C.cuda_device_count() > 0
-
-
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda") if _cuda_available() and torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda") if cuda_available() and torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -48,9 +43,9 @@ def _resolve_device(device: str) -> torch.device:
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if dev.type == "cuda":
-        if not _cuda_available() or not torch.cuda.is_available():
+        if not cuda_available() or not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} needs a CUDA GPU and a fastinfer and torch built with CUDA "
-                             f"(fastinfer CUDA: {_cuda_available()}, torch CUDA: {torch.cuda.is_available()})")
+                             f"(fastinfer CUDA: {cuda_available()}, torch CUDA: {torch.cuda.is_available()})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} but only {torch.cuda.device_count()} CUDA devices are visible")
     return dev

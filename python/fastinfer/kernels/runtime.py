@@ -6,6 +6,8 @@ them from here, so that none of them imports the package's ``__init__``.
 
 from __future__ import annotations
 
+import warnings
+
 from fastinfer import _C
 
 __all__ = ["build_info", "cuda_available", "set_cpu_isa", "get_cpu_isa", "set_num_threads", "get_num_threads"]
@@ -21,9 +23,31 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+_warned_devices: set = set()  # problems already reported by cuda_available's one-time warnings
+
+
 def cuda_available() -> bool:
-    """True when the CUDA part was compiled in and a CUDA device is usable."""
-    return bool(_C.build_info()["cuda_compiled"]) and _C.cuda_device_count() > 0
+    """True when the CUDA part was compiled in and a CUDA device can run its kernels.
+
+    fastinfer's CUDA kernels need compute capability 8.0 or newer (and a device that the compiled
+    architectures, ``build_info()["cuda_archs"]``, can run on). A device that cannot is not usable:
+    when no device is, this returns False and warns once per device saying why (fastinfer then runs
+    on the CPU where the caller picks the device from this); when some are, it returns True and warns
+    once per unusable device, and a kernel call on one of those raises RuntimeError with the same
+    reason. ``fastinfer._C.cuda_arch_problem`` is the check itself, a pure function.
+    """
+    if not _C.build_info()["cuda_compiled"]:
+        return False
+    count = _C.cuda_device_count()
+    problems = [_C.cuda_device_problem(d) for d in range(count)]
+    bad = [p for p in problems if p]
+    for problem in bad:
+        if problem not in _warned_devices:
+            _warned_devices.add(problem)
+            then = ("cuda_available() is False" if len(bad) == count
+                    else "calls on that device raise RuntimeError")
+            warnings.warn(f"{problem}: {then}", RuntimeWarning, stacklevel=2)
+    return len(bad) < count
 
 
 def set_cpu_isa(name: str) -> None:
