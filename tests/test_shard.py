@@ -53,7 +53,8 @@ def test_union_of_shards_is_the_whole_file_each_id_once(tmp_path, capsys):
     seen = []
     for i in range(n):
         out = tmp_path / f"out.{i}.jsonl"
-        code, _, err, llm = run(["generate", "-i", src, "-o", out, "--shard", f"{i}/{n}", "--no-progress", "--no-chat"], capsys)
+        argv = ["generate", "-i", src, "-o", out, "--shard", f"{i}/{n}", "--no-progress", "--no-chat"]
+        code, _, err, llm = run(argv, capsys)
         assert code == 0, err
         recs = lines(out)
         ids = [r["id"] for r in recs]
@@ -74,7 +75,8 @@ def test_text_lines_shard_by_line_index(tmp_path, capsys):
     got = []
     for i in range(2):
         out = tmp_path / f"o{i}.jsonl"
-        assert run(["generate", "-i", src, "-o", out, "--shard", f"{i}/2", "--no-progress", "--no-chat"], capsys)[0] == 0
+        argv = ["generate", "-i", src, "-o", out, "--shard", f"{i}/2", "--no-progress", "--no-chat"]
+        assert run(argv, capsys)[0] == 0
         got += [(r["id"], r["text"]) for r in lines(out)]
     assert sorted(got) == [(i, f"re:line {i}") for i in range(12)]
 

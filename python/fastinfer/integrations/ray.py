@@ -300,7 +300,8 @@ class _LLMStage:
         kwargs = {k: v for k, v in given.items() if v is not None}
         unknown = sorted(set(kwargs) - self._fields)
         if unknown:
-            raise ValueError(f"sampling_params: unknown field {unknown[0]!r} (fields: {', '.join(sorted(self._fields))})")
+            raise ValueError(f"sampling_params: unknown field {unknown[0]!r} "
+                             f"(fields: {', '.join(sorted(self._fields))})")
         if kwargs.get("n", 1) != 1:
             raise ValueError(f"sampling_params: n must be 1 (one completion per row), got {kwargs['n']!r}")
         try:
