@@ -14,6 +14,57 @@ namespace {
 // Floats of the dequantised sub-panel buffer for k inputs (8 rows x k), and its bf16 copy after it.
 inline int64_t qfloat_sub_floats(int64_t k) { return int64_t(kQRows) * k; }
 
+// 16 bytes as floats: signed (q8_0), or an unsigned nibble (bits shift .. shift + 3).
+inline VecF s8_to_f32(const int8_t* p) {
+#if defined(__AVX512F__)
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+#elif defined(__AVX2__)
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))))};
+#else
+  VecF r;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = float(p[i]);
+  return r;
+#endif
+}
+inline VecF nibble_to_f32(const uint8_t* p, int shift) {
+#if defined(__AVX512F__)
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)))};
+#elif defined(__AVX2__)
+  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m256i m = _mm256_set1_epi32(15);
+  const __m128i sh = _mm_cvtsi32_si128(shift);
+  return {_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(lo, sh), m)),
+          _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(hi, sh), m))};
+#else
+  VecF r;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = float((p[i] >> shift) & 15);
+  return r;
+#endif
+}
+
+// 8 f16 values (one per row of a sub-panel) -> each repeated over its row's 4 lanes of a chunk: rows 0-3
+// in r03, rows 4-7 in r47.
+inline void row_values(const uint16_t* h, VecF& r03, VecF& r47) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))));
+  r03.v = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), v);
+  r47.v = _mm512_permutexvar_ps(_mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7), v);
+#elif defined(__AVX2__)
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  auto pick = [&](int a) { return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(a, a, a, a, a + 1, a + 1, a + 1, a + 1)); };
+  r03 = {pick(0), pick(2)};
+  r47 = {pick(4), pick(6)};
+#else
+  for (int i = 0; i < kLanes; ++i) {
+    r03.v[i] = f16_to_f32(h[i / 4]);
+    r47.v[i] = f16_to_f32(h[4 + i / 4]);
+  }
+#endif
+}
+
 // One packed sub-panel (8 rows x k, qlinear.h) -> w[(c * 8 + r) * 4 + e] = W[r][4 c + e], float32.
 void dequant_sub(QType t, const uint8_t* sub, int64_t k, float* w) {
   const int64_t block = qpacked_block_bytes(t);
@@ -32,20 +83,20 @@ void dequant_sub(QType t, const uint8_t* sub, int64_t k, float* w) {
   for (int64_t b = 0; b < k / kQBlock; ++b) {
     const uint8_t* blk = sub + b * block;
     const uint16_t* dm = reinterpret_cast<const uint16_t*>(blk + kQRows * qtype_value_bytes(t));
-    float sd[32], sm[32];  // each row's scale and offset, for the 4 values of it a chunk holds
-    for (int i = 0; i < 32; ++i) {
-      sd[i] = f16_to_f32(dm[i / 4]);
-      sm[i] = q8 ? 0.f : f16_to_f32(dm[kQRows + i / 4]);
-    }
     float* o = w + b * kQBlock * kQRows;
+    VecF d0, d1, m0 = vzero(), m1 = vzero();  // each row's scale and offset, over the 4 lanes of it a chunk holds
+    row_values(dm, d0, d1);
+    if (!q8) row_values(dm + kQRows, m0, m1);
     for (int c = 0; c < kQBlock / 4; ++c) {  // chunk c: values 4c..4c+3 of the 8 rows, 32 lanes
       if (q8) {
         const int8_t* q = reinterpret_cast<const int8_t*>(blk) + 32 * c;
-        for (int i = 0; i < 32; ++i) o[32 * c + i] = sd[i] * float(q[i]);
+        vstore(o + 32 * c, vmul(d0, s8_to_f32(q)));
+        vstore(o + 32 * c + 16, vmul(d1, s8_to_f32(q + 16)));
       } else {  // nibbles: chunk c < 4 in the low halves of bytes 32c.., chunk c >= 4 in the high halves
         const uint8_t* q = blk + 32 * (c % 4);
         const int shift = 4 * (c / 4);
-        for (int i = 0; i < 32; ++i) o[32 * c + i] = sd[i] * float((q[i] >> shift) & 15) + sm[i];
+        vstore(o + 32 * c, vfma(d0, nibble_to_f32(q, shift), m0));
+        vstore(o + 32 * c + 16, vfma(d1, nibble_to_f32(q + 16, shift), m1));
       }
     }
   }
