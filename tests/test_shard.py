@@ -146,3 +146,32 @@ def test_openai_error_lines_land_in_their_shard(tmp_path, capsys):
         assert all(shard_of(r["custom_id"], 3) == i for r in recs)
         found += [(r["custom_id"], r["error"] is None) for r in recs]
     assert sorted(found) == sorted([(f"r{i}", True) for i in range(8)] + [("broken", False)])
+
+
+def test_shards_through_the_router(tmp_path, capsys):
+    """--config: the same split, each line through the router to a fake OpenAI upstream (a child process on
+    127.0.0.1)."""
+    for mod in ("httpx", "yaml"):
+        pytest.importorskip(mod)
+    from fake_upstream import start_fakes
+
+    [fake] = start_fakes("a")
+    try:
+        config = tmp_path / "router.yaml"
+        config.write_text(f"model_list:\n  - model_name: small\n    litellm_params: {{model: openai/up-a, "
+                          f"api_base: {fake.api_base}}}\n")
+        src = _jsonl(tmp_path, IDS[:24])
+        seen = []
+        for i in range(2):
+            out = tmp_path / f"r{i}.jsonl"
+            code, _, err, _ = run(["generate", "--config", config, "-m", "small", "-i", src, "-o", out, "--shard",
+                                   f"{i}/2", "--no-progress"], capsys)
+            assert code == 0, err
+            recs = lines(out)
+            assert recs and all("error" not in r for r in recs)
+            assert all(shard_of(r["id"], 2) == i and r["text"].startswith("a says:") for r in recs)
+            seen += [r["id"] for r in recs]
+        assert sorted(map(_key, seen)) == sorted(map(_key, IDS[:24]))
+        assert fake.hits() == 24
+    finally:
+        fake.stop()
