@@ -18,7 +18,7 @@ pytest.importorskip("ray.data")
 pa = pytest.importorskip("pyarrow")
 
 from fastinfer.integrations.ray import (  # noqa: E402
-    OUTPUT_COLUMNS, FastInferProcessorConfig, Processor, _LLMStage, build_processor)
+    OUTPUT_COLUMNS, FastInferProcessorConfig, Processor, LLMStage, build_processor)
 from fastinfer.engine.sampling_params import SamplingParams  # noqa: E402
 from model_fixtures import default_model_or_skip  # noqa: E402
 from test_cli import _write_tiny_llama  # noqa: E402
@@ -120,7 +120,7 @@ def test_stage_rows_in_process(tiny, one_thread):
     from fastinfer.entrypoints.llm import LLM
 
     config = FastInferProcessorConfig(model_source=tiny, engine_kwargs=ENGINE, should_continue_on_error=True)
-    stage = _LLMStage(config)
+    stage = LLMStage(config)
     rows = [
         {"id": "ok", "prompt": "hello world", "sampling_params": {"temperature": 0.0, "max_tokens": 5, "top_k": None}},
         {"id": "chat", "messages": [{"role": "user", "content": "the fox"}], "sampling_params": _greedy(4)},

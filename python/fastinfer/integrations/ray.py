@@ -14,7 +14,7 @@
 
 ``build_processor`` mirrors ``ray.data.llm.build_processor`` and ``FastInferProcessorConfig`` the fields of
 ``vLLMEngineProcessorConfig`` that apply to fastinfer. Underneath is one ``Dataset.map_batches`` over a pool of
-actors, each holding one ``LLM`` built once (:class:`_LLMStage`); a batch goes to ``LLM.generate`` whole, so the
+actors, each holding one ``LLM`` built once (:class:`LLMStage`); a batch goes to ``LLM.generate`` whole, so the
 engine's continuous batching runs inside it, and with ``max_concurrent_batches > 1`` an actor's batches share its
 engine's steps too (``LLM.generate`` is thread-safe). A row that cannot run becomes an error row, or fails the job
 with a message naming it (``should_continue_on_error``). A dead actor is restarted and its batch retried (Ray
@@ -40,6 +40,8 @@ try:  # absolute imports: this module's own name is ``ray``
 except ImportError as _err:  # pragma: no cover - exercised only where ray is absent
     raise ImportError('fastinfer.integrations.ray needs Ray Data: pip install "fastinfer[ray]" '
                       f"(importing it failed: {_err})") from _err
+
+from fastinfer.engine.sampling_params import SamplingParams
 
 __all__ = ["FastInferProcessorConfig", "Processor", "build_processor"]
 
@@ -184,7 +186,7 @@ class Processor:
         # ray_remote_args that map_batches names (num_gpus, memory, resources, accelerator_type, ...) bind to those
         # parameters; Ray 2.60 deprecates the others (max_restarts, ...) and warns about them itself.
         dataset = dataset.map_batches(
-            _LLMStage, fn_constructor_kwargs={"config": c}, batch_size=c.batch_size, batch_format="pyarrow",
+            LLMStage, fn_constructor_kwargs={"config": c}, batch_size=c.batch_size, batch_format="pyarrow",
             compute=c.compute(), num_cpus=c.threads, runtime_env=c.runtime_env, udf_modifying_row_count=False,
             **c.ray_remote_args)
         if self.postprocess is not None:
@@ -219,7 +221,7 @@ class RowError(ValueError):
     """A row that could not be generated, with should_continue_on_error=False."""
 
 
-class _LLMStage:
+class LLMStage:
     """The engine stage, one per actor: the LLM is built once, each call generates one batch (an Arrow table) and
     returns it with the output columns added."""
 
@@ -227,7 +229,6 @@ class _LLMStage:
         import torch
 
         import fastinfer
-        from fastinfer.engine.sampling_params import SamplingParams
         from fastinfer.entrypoints.llm import LLM
 
         torch.set_num_threads(config.threads)
@@ -235,14 +236,14 @@ class _LLMStage:
         self.config = config
         self.llm = LLM(config.model_source, **config.engine_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self._sampling_params = SamplingParams
         self._fields = {f.name for f in dataclasses.fields(SamplingParams)}
-        self._probe_ids = (f"ray-row-check-{i}" for i in itertools.count())  # never queued
+        # Ids for check_request only (never queued); a count, not a generator: batches may run in threads at once.
+        self._probe_ids = itertools.count()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = _rows(batch)
         results: list[dict | None] = [None] * len(rows)
-        ready: list[tuple[int, dict, Any]] = []
+        ready: list[tuple[int, dict, SamplingParams | None]] = []
         for i, row in enumerate(rows):
             try:
                 prompt, params = self._prepare(row)
@@ -262,7 +263,7 @@ class _LLMStage:
             raise RowError(f"fastinfer: {_describe(row, index)} failed: {result['error']} (set "
                            "should_continue_on_error=True to get it back as an error row instead)")
 
-    def _prepare(self, row: dict) -> tuple[dict, Any]:
+    def _prepare(self, row: dict) -> tuple[dict, SamplingParams | None]:
         """The row's ``{"prompt", "prompt_token_ids"}`` and SamplingParams; ValueError / TypeError for a row that
         cannot run (checked as the engine would check it, so one bad row cannot fail the whole batch's call)."""
         prompt, messages = row.get("prompt"), row.get("messages")
@@ -289,10 +290,10 @@ class _LLMStage:
         else:
             raise TypeError(f"'prompt' must be text or a list of token ids, got {type(prompt).__name__}")
         params = self._params(row.get("sampling_params"))
-        self.llm.engine.check_request(next(self._probe_ids), list(ids), params)
+        self.llm.engine.check_request(f"ray-row-check-{next(self._probe_ids)}", list(ids), params)
         return {"prompt": text, "prompt_token_ids": list(ids)}, params
 
-    def _params(self, given: Any) -> Any:
+    def _params(self, given: Any) -> SamplingParams | None:
         if given is None:
             return None  # LLM.generate's default, as a single-process call without sampling params
         if not isinstance(given, dict):
@@ -305,7 +306,7 @@ class _LLMStage:
         if kwargs.get("n", 1) != 1:
             raise ValueError(f"sampling_params: n must be 1 (one completion per row), got {kwargs['n']!r}")
         try:
-            return self._sampling_params(**kwargs)
+            return SamplingParams(**kwargs)
         except (ValueError, TypeError) as err:
             raise ValueError(f"sampling_params: {err}") from None
 
