@@ -122,11 +122,22 @@ void attention_backward(const AttentionBackwardParams& bp, const AttentionExtras
   if (p.batch <= 0) return;
   if (p.batch > 65535 || p.num_kv_heads > 65535)
     throw std::invalid_argument("CUDA attention backward: batch and num_kv_heads must be <= 65535 (grid y/z)");
+  // Grid sizes from tensor shapes, not from the max_seqlen hints: every key/row block of every
+  // sequence must run (dK/dV rows no query sees are written as zeros). Blocks past a sequence exit at once.
+  const int64_t max_sq = p.cu_seqlens_q ? x.q_rows : p.seqlen_q;
+  const int64_t max_sk = p.cu_seqlens_k ? x.kv_rows : p.seqlen_k;
+  if (max_sq * (p.num_heads / p.num_kv_heads) >= (int64_t(1) << 30) || max_sk >= (int64_t(1) << 30))
+    throw std::invalid_argument("CUDA attention backward: sequences too long (>= 2^30 packed rows)");
   BwdArgs a{};
   a.bp = bp;
   a.group = p.num_heads / p.num_kv_heads;
-  a.window_left = p.window_left;
-  a.window_right = p.window_right;
+  // Windows that exclude no key become -1, from the bounds of the lengths (bwd_seq clamps sq to
+  // q_rows and sk to kv_rows; dense: exact, so the launch is the unbounded call's). A window left
+  // as it is is below 2^30, like every position, so the kernels' int32 position arithmetic
+  // (position +- window) stays below 2^31.
+  normalize_windows(a.bp.fwd, max_sq, max_sk);
+  a.window_left = a.bp.fwd.window_left;
+  a.window_right = a.bp.fwd.window_right;
   a.q_rows = x.q_rows;
   a.kv_rows = x.kv_rows;
   a.delta = static_cast<float*>(workspace);
@@ -138,12 +149,6 @@ void attention_backward(const AttentionBackwardParams& bp, const AttentionExtras
               aligned16(bp.dq, {bp.dq_batch_stride, bp.dq_row_stride, bp.dq_head_stride}) &&
               aligned16(bp.dk, {bp.dk_batch_stride, bp.dk_row_stride, bp.dk_head_stride}) &&
               aligned16(bp.dv, {bp.dv_batch_stride, bp.dv_row_stride, bp.dv_head_stride});
-  // Grid sizes from tensor shapes, not from the max_seqlen hints: every key/row block of every
-  // sequence must run (dK/dV rows no query sees are written as zeros). Blocks past a sequence exit at once.
-  const int64_t max_sq = p.cu_seqlens_q ? x.q_rows : p.seqlen_q;
-  const int64_t max_sk = p.cu_seqlens_k ? x.kv_rows : p.seqlen_k;
-  if (max_sq * a.group >= (int64_t(1) << 30) || max_sk >= (int64_t(1) << 30))
-    throw std::invalid_argument("CUDA attention backward: sequences too long (>= 2^30 packed rows)");
   if (p.dtype == DType::kFloat16) return dispatch<__half>(a, static_cast<int>(max_sq), static_cast<int>(max_sk), stream);
   return dispatch<__nv_bfloat16>(a, static_cast<int>(max_sq), static_cast<int>(max_sk), stream);
 }

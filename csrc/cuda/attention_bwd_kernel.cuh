@@ -323,9 +323,11 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const BwdArgs a
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
 
-  // Query positions that see a key of [n0, n0 + nk): i' in [n0 - right, n0 + nk - 1 + left].
-  const int t_lo = max(0, a.window_right >= 0 ? n0 - a.window_right - shift : 0);
-  const int t_hi = min(si.sq - 1, a.window_left >= 0 ? n0 + nk - 1 + a.window_left - shift : si.sq - 1);
+  // Query positions that see a key of [n0, n0 + nk): i' in [n0 - right, n0 + nk - 1 + left]
+  // (int64, once per block: no window can wrap it, normalised by the host or not).
+  const int64_t wl = a.window_left, wr = a.window_right;
+  const int t_lo = static_cast<int>(max(int64_t(0), wr >= 0 ? n0 - wr - shift : int64_t(0)));
+  const int t_hi = static_cast<int>(min(int64_t(si.sq - 1), wl >= 0 ? n0 + nk - 1 + wl - shift : int64_t(si.sq - 1)));
   const int r_beg = t_lo * group, r_end = t_hi >= t_lo ? (t_hi + 1) * group : r_beg;
   for (int r0 = r_beg; r0 < r_end; r0 += BM) {
     const int nr = min(BM, r_end - r0);
@@ -423,8 +425,9 @@ __global__ void __launch_bounds__(32 * W) attention_bwd_dq_kernel(const BwdArgs 
     for (int e = 0; e < 4; ++e) dq[dt][e] = 0.f;
 
   const int ia = r0 / group + shift, ib = (r0 + nr - 1) / group + shift;
-  const int lo = a.window_left >= 0 ? max(0, ia - a.window_left) : 0;
-  const int hi = a.window_right >= 0 ? min(si.sk, ib + a.window_right + 1) : si.sk;
+  // Keys any row of the block sees (int64, once per block: no window can wrap it).
+  const int lo = a.window_left >= 0 ? static_cast<int>(max(int64_t(0), int64_t(ia) - a.window_left)) : 0;
+  const int hi = a.window_right >= 0 ? static_cast<int>(min(int64_t(si.sk), int64_t(ib) + a.window_right + 1)) : si.sk;
   const T* kbase = static_cast<const T*>(p.k) + int64_t(hk) * p.k_head_stride;
   const T* vbase = static_cast<const T*>(p.v) + int64_t(hk) * p.v_head_stride;
   for (int n0 = lo; n0 < hi; n0 += BN) {

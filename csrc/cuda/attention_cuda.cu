@@ -163,6 +163,7 @@ struct Plan {
   int64_t ws_rows = 0;
   int k_capacity = 0;
   int64_t kv_rows = 0;
+  int window_left = -1, window_right = -1;  // p's, normalised (normalize_windows) and clamped to kMaxLen
 };
 
 Plan make_plan(const AttentionParams& p, const AttentionExtras& x, int dev, int sm_count) {
@@ -194,6 +195,16 @@ Plan make_plan(const AttentionParams& p, const AttentionExtras& x, int dev, int 
   }
   pl.k_capacity = static_cast<int>(std::min<int64_t>(cap_k, kMaxLen));
 
+  // Windows that exclude no key become -1 (the same launch as the unbounded call). The device
+  // lengths are unknown here: their bounds decide (sk <= k_capacity, sq <= seqlen_q or
+  // min(q_rows, kMaxLen), as seq_info clamps them). A window left as it is is shorter than that
+  // bound, so <= kMaxLen, and the kernel's int32 position arithmetic (|t + sk - sq| <= kMaxLen,
+  // plus or minus a window) stays below 2^31; the clamp only restates that.
+  AttentionParams w = p;
+  normalize_windows(w, varlen_q ? std::min<int64_t>(x.q_rows, kMaxLen) : p.seqlen_q, pl.k_capacity);
+  pl.window_left = w.window_left < 0 ? -1 : std::min(w.window_left, kMaxLen);
+  pl.window_right = w.window_right < 0 ? -1 : std::min(w.window_right, kMaxLen);
+
   const int64_t max_q = varlen_q ? (x.max_seqlen_q > 0 ? std::min<int64_t>(x.max_seqlen_q, x.q_rows) : -1) : p.seqlen_q;
   const bool decode = max_q >= 0 && max_q * group <= kDecodeMaxRows;
   pl.kernel = find_kernel(p.head_dim, p.dtype, decode);
@@ -204,8 +215,8 @@ Plan make_plan(const AttentionParams& p, const AttentionExtras& x, int dev, int 
   const int64_t rows_est = max_q >= 0 ? max_q * group : ceil_div(q_total, p.batch) * group;
   const int64_t n_mblocks = std::max<int64_t>(1, ceil_div(rows_est, k.block_m));
   int64_t max_k = x.max_seqlen_k > 0 ? std::min<int64_t>(x.max_seqlen_k, pl.k_capacity) : pl.k_capacity;
-  if (p.window_left >= 0 && p.window_right >= 0)
-    max_k = std::min<int64_t>(max_k, int64_t(p.window_left) + p.window_right + 1 + ceil_div(k.block_m, group));
+  if (pl.window_left >= 0 && pl.window_right >= 0)
+    max_k = std::min<int64_t>(max_k, int64_t(pl.window_left) + pl.window_right + 1 + ceil_div(k.block_m, group));
   const int64_t n_tiles = std::max<int64_t>(1, ceil_div(max_k, k.block_n));
   const int64_t heads = int64_t(p.batch) * p.num_kv_heads;
 
@@ -337,8 +348,8 @@ void attention_forward(const AttentionParams& p, const AttentionExtras& x, void*
   FwdArgs a{};
   a.p = p;
   a.group = p.num_heads / p.num_kv_heads;
-  a.window_left = p.window_left < 0 ? -1 : std::min(p.window_left, kMaxLen);
-  a.window_right = p.window_right < 0 ? -1 : std::min(p.window_right, kMaxLen);
+  a.window_left = a.p.window_left = pl.window_left;
+  a.window_right = a.p.window_right = pl.window_right;
   a.q_rows = x.q_rows;
   a.kv_rows = pl.kv_rows;
   a.k_capacity = pl.k_capacity;

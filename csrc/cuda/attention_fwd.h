@@ -18,8 +18,8 @@ constexpr int kMaxLen = (1 << 30) - 1;
 struct FwdArgs {
   AttentionParams p;
   int group;             // num_heads / num_kv_heads
-  int window_left;       // -1 or clamped to kMaxLen
-  int window_right;
+  int window_left;       // -1, or shorter than the bound of the key lengths (make_plan: normalize_windows)
+  int window_right;      // -1, or shorter than the bound of the query lengths; both <= kMaxLen
   int64_t q_rows;        // varlen q bound (AttentionExtras::q_rows)
   int64_t kv_rows;       // bound of the block id / varlen row / kv_batch_idx
   int k_capacity;        // clamp of k_len(b): dense seqlen_k, paged cols*block_size, varlen kv_rows

@@ -205,8 +205,10 @@ __device__ __forceinline__ void fwd_mblock(const FwdArgs& a, const SeqInfo& si, 
 
   // Keys any row of the block may see, then this split's share (whole tiles).
   int lo = 0, hi = si.sk;
-  if (a.window_left >= 0) lo = max(0, pmin - a.window_left);
-  if (a.window_right >= 0) hi = min(si.sk, pmax + a.window_right + 1);
+  // (int64, once per block: no window can wrap it. Per key, the int32 tests below rely on the host's
+  // bound: windows are normalised or at most kMaxLen, positions within +-kMaxLen.)
+  if (a.window_left >= 0) lo = static_cast<int>(max(int64_t(0), int64_t(pmin) - a.window_left));
+  if (a.window_right >= 0) hi = static_cast<int>(min(int64_t(si.sk), int64_t(pmax) + a.window_right + 1));
   hi = max(hi, lo);
   if (a.num_splits > 1) {
     const int per = (hi - lo + a.num_splits - 1) / a.num_splits;

@@ -111,8 +111,9 @@ struct Layout {
   int64_t at(int64_t r, int64_t h, int64_t d) const { return off + r * row_stride() + h * D + d; }
 };
 
-// Returns the worst error relative to the largest reference gradient (at least 1e-2).
-double run_case(const Case& c, Rng& rng) {
+// Returns the worst error relative to the largest reference gradient (at least 1e-2). The raw dq, dk and dv
+// buffers (as downloaded, poison included) are appended to `grads` when given.
+double run_case(const Case& c, Rng& rng, std::vector<uint16_t>* grads = nullptr) {
   const int B = static_cast<int>(c.lq.size()), D = c.D, H = c.H, Hk = c.Hk, group = H / Hk;
   std::vector<int> cq(B + 1, 0), ckk(B + 1, 0);
   for (int b = 0; b < B; ++b) cq[b + 1] = cq[b] + c.lq[b], ckk[b + 1] = ckk[b] + c.lk[b];
@@ -149,7 +150,7 @@ double run_case(const Case& c, Rng& rng) {
         std::vector<bool> vis(sk);
         double mx = -INFINITY;
         for (int j = 0; j < sk; ++j) {
-          vis[j] = (c.wl < 0 || j >= ipos - c.wl) && (c.wr < 0 || j <= ipos + c.wr);
+          vis[j] = (c.wl < 0 || j >= int64_t(ipos) - c.wl) && (c.wr < 0 || j <= int64_t(ipos) + c.wr);  // windows up to INT_MAX
           double x = 0;
           for (int d = 0; d < D; ++d) x += val(q, LQ, qrow(b, t), h, d) * val(k, LK, krow(b, j), hk, d);
           x *= scale;
@@ -267,6 +268,7 @@ double run_case(const Case& c, Rng& rng) {
   double worst = 0;
   auto compare = [&](const char* name, const Dev<uint16_t>& got_d, const Layout& L, const std::vector<double>& ref) {
     const std::vector<uint16_t> got = got_d.get();
+    if (grads) grads->insert(grads->end(), got.begin(), got.end());
     double mx = 1e-2;  // floor: a gradient that cancels to ~0 (one key: dS = 0) is judged on an absolute scale
     for (double r : ref) mx = std::max(mx, std::abs(r));
     std::vector<bool> inside(got.size(), false);
@@ -396,6 +398,60 @@ int main(int argc, char** argv) {
       ++failed;
     }
   }
-  std::printf("%zu cases, %d failed, worst relative error %.3g\n", all.size(), failed, worst_all);
-  return failed ? 1 : 0;
+  // Windows at or past the sequence ends (issue 21), one dtype per head dim. `exact`: the window excludes no
+  // key of any sequence and the host's length bounds (seqlen_q/k, q_rows, kv_rows) turn it into -1, so dq, dk
+  // and dv must equal the unbounded call's bit for bit (same inputs); every run is checked against the reference.
+  struct WindowCase {
+    Case c;
+    bool exact;
+    int wl_unbounded = -1, wr_unbounded = -1;
+  };
+  constexpr int kMax = std::numeric_limits<int>::max();
+  std::vector<WindowCase> wcases;
+  for (size_t di = 0; di < ds.size(); ++di) {
+    Case c;
+    c.dt = di % 2 ? DType::kBFloat16 : DType::kFloat16;
+    c.D = ds[di];
+    Case a = c;  // (INT_MAX, 0): UBSan's "2147483647 + 63" in the dK/dV kernel before the fix
+    a.lq = {37}, a.lk = {70}, a.wl = kMax, a.wr = 0;
+    wcases.push_back({a, true, -1, 0});
+    Case b = c;  // the largest right window, more queries than keys
+    b.lq = {70}, b.lk = {37}, b.wr = kMax;
+    wcases.push_back({b, true});
+    Case e = c;  // exactly at the thresholds: left seqlen_k - 1, right seqlen_q - 1
+    e.lq = {33}, e.lk = {65}, e.wl = 64, e.wr = 32;
+    wcases.push_back({e, true});
+    Case v = c;  // varlen, INT_MAX - 1 and INT_MAX (bounds: q_rows, kv_rows, trailing rows included)
+    v.varlen = true, v.lq = {37, 1, 0, 70}, v.lk = {70, 130, 5, 37}, v.wl = kMax - 1, v.wr = kMax;
+    wcases.push_back({v, true});
+    Case w = v;  // past the ends of some sequences, not of the longest (reference only)
+    w.wl = 69, w.wr = 36;
+    wcases.push_back({w, false});
+  }
+  int window_failed = 0;
+  for (const WindowCase& w : wcases) {
+    try {
+      std::vector<uint16_t> got_w, got_u;
+      const Rng start = rng;
+      Rng r1 = start, r2 = start;  // the same inputs for both windows
+      double err = run_case(w.c, r1, &got_w);
+      if (w.exact) {
+        Case u = w.c;
+        u.wl = w.wl_unbounded, u.wr = w.wr_unbounded;
+        err = std::max(err, run_case(u, r2, &got_u));
+        if (got_w != got_u) throw std::runtime_error("dq/dk/dv differ from the unbounded call's");
+      }
+      rng = r1;
+      const double tol = w.c.dt == DType::kFloat16 ? 4e-3 : 1.6e-2;
+      worst_all = std::max(worst_all, err);
+      if (err > tol) throw std::runtime_error("error " + std::to_string(err) + " > " + std::to_string(tol));
+      std::printf("ok   window %s%s: error %.3g\n", w.c.str().c_str(), w.exact ? ", bit-identical to unbounded" : "", err);
+    } catch (const std::exception& e) {
+      std::printf("FAIL window %s: %s\n", w.c.str().c_str(), e.what());
+      ++window_failed;
+    }
+  }
+  std::printf("%zu cases, %d failed, worst relative error %.3g; window cases: %zu, failed %d\n", all.size(), failed,
+              worst_all, wcases.size(), window_failed);
+  return failed || window_failed ? 1 : 0;
 }
