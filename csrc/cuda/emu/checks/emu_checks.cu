@@ -102,6 +102,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: emu_checks NAME\n");
     return 2;
   }
+  std::setvbuf(stdout, nullptr, _IONBF, 0);  // an emulator report aborts: what was printed must be out
   const std::string name = argv[1];
   std::vector<uint4> host(2 * kN);
   for (int i = 0; i < 2 * kN; ++i) host[i] = make_uint4(i, 3 * i, 5 * i, 7 * i);
