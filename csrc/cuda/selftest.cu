@@ -132,8 +132,10 @@ void expect(bool ok, const std::string& what) {
   if (!ok) throw Failure{what};
 }
 
-// Runs one attention case on the GPU and compares with a float64 reference. Returns max errors.
-void run_attention_case(const Case& c, Rng& rng, double* worst_out, double* worst_lse) {
+// Runs one attention case on the GPU and compares with a float64 reference. Returns max errors; the raw
+// output and lse buffers (as downloaded, poison included) go to got_out / got_lse when given.
+void run_attention_case(const Case& c, Rng& rng, double* worst_out, double* worst_lse,
+                        std::vector<uint16_t>* got_out = nullptr, std::vector<float>* got_lse = nullptr) {
   const int B = static_cast<int>(c.lq.size()), D = c.D, H = c.H, Hk = c.Hk, group = H / Hk;
   const int W = D + c.pad;  // elements per (row, head) in storage
   const DType dt = c.dt;
@@ -281,6 +283,8 @@ void run_attention_case(const Case& c, Rng& rng, double* worst_out, double* wors
   ck(cudaDeviceSynchronize(), "attention_forward (sync)");
   const std::vector<uint16_t> gout = dout.get();
   const std::vector<float> glse = dlse.get();
+  if (got_out) *got_out = gout;
+  if (got_lse) *got_lse = glse;
 
   // Reference, with the host copies of every index array.
   AttentionParams hp = p;
@@ -590,6 +594,51 @@ std::vector<Case> edge_cases(const std::vector<int>& dims) {
 
 }  // namespace
 
+// Windows at or past the sequence ends (issue 21). `exact`: the window excludes no key of any sequence and
+// the host's length bounds (AttentionExtras sizes, k_capacity) turn it into -1, so the launch must be the
+// unbounded call's, bit for bit (wl_unbounded, wr_unbounded); every run is also checked against the reference.
+struct WindowCase {
+  Case c;
+  bool exact;
+  int wl_unbounded = -1, wr_unbounded = -1;
+};
+
+std::vector<WindowCase> window_cases(const std::vector<int>& dims) {
+  constexpr int kMax = std::numeric_limits<int>::max();
+  std::vector<WindowCase> ws;
+  for (size_t di = 0; di < dims.size(); ++di) {
+    Case c;
+    c.dt = di % 2 ? DType::kBFloat16 : DType::kFloat16;
+    c.D = dims[di], c.H = 2, c.Hk = 1;
+    Case a = c;  // causal with the largest left window (the CPU's 13-off gradients): fewer queries than keys
+    a.lq = {37}, a.lk = {70}, a.wl = kMax, a.wr = 0;
+    ws.push_back({a, true, -1, 0});
+    Case b = c;  // the largest right window, more queries than keys
+    b.lq = {70}, b.lk = {37}, b.wl = -1, b.wr = kMax;
+    ws.push_back({b, true});
+    Case e = c;  // exactly at the thresholds: left seqlen_k - 1, right seqlen_q - 1
+    e.lq = {33}, e.lk = {65}, e.wl = 64, e.wr = 32;
+    ws.push_back({e, true});
+    Case f = e;  // one below: the first window that excludes a key (reference only)
+    f.wl = 63, f.wr = 31;
+    ws.push_back({f, false});
+    Case v = c;  // varlen q and k, INT_MAX - 1 and INT_MAX (bounds: q_rows, kv_rows)
+    v.varlen_q = true, v.kv = KV::kVarlen, v.lq = {37, 1, 0, 70}, v.lk = {70, 130, 5, 37}, v.wl = kMax - 1, v.wr = kMax;
+    ws.push_back({v, true});
+    Case w = v;  // past the ends of some sequences, not of the longest (reference only)
+    w.wl = 69, w.wr = 36;
+    ws.push_back({w, false});
+    Case d = c;  // paged decode, split-KV: a right window 0 on one query is unbounded too
+    d.H = 4, d.lq = {1, 1, 1}, d.lk = {300, 17, 0}, d.kv = KV::kPaged, d.block_size = 16, d.num_splits = 4;
+    d.wl = kMax, d.wr = 0;
+    ws.push_back({d, true});
+    Case k = c;  // a dense cache with seqlens_k and kv_batch_idx (flash_attn_with_kvcache's layout)
+    k.lq = {4, 4}, k.lk = {40, 17}, k.seqlens_k = true, k.batch_idx = true, k.wl = kMax, k.wr = kMax;
+    ws.push_back({k, true});
+  }
+  return ws;
+}
+
 int main(int argc, char** argv) {
   int n_random = 300, max_fixed = 1 << 30;
   uint64_t seed = 1234;
@@ -633,6 +682,33 @@ int main(int argc, char** argv) {
       std::printf("ERROR case %zu: %s\n  %s\n", i, cases[i].str().c_str(), e.what());
     }
   }
+  int window_failed = 0;
+  const std::vector<WindowCase> wcases = window_cases(dims);
+  for (size_t i = 0; i < wcases.size(); ++i) {
+    const WindowCase& w = wcases[i];
+    try {
+      std::vector<uint16_t> out_w, out_u;
+      std::vector<float> lse_w, lse_u;
+      Rng r1(seed * 4099 + i);
+      run_attention_case(w.c, r1, &worst_out, &worst_lse, &out_w, &lse_w);
+      if (w.exact) {
+        Case u = w.c;
+        u.wl = w.wl_unbounded, u.wr = w.wr_unbounded;
+        Rng r2(seed * 4099 + i);  // the same inputs
+        run_attention_case(u, r2, &worst_out, &worst_lse, &out_u, &lse_u);
+        expect(out_w == out_u && lse_w.size() == lse_u.size() &&
+                   std::memcmp(lse_w.data(), lse_u.data(), lse_w.size() * sizeof(float)) == 0,
+               "out/lse differ from the unbounded call's, window (" + std::to_string(u.wl) + "," +
+                   std::to_string(u.wr) + ")");
+      }
+    } catch (const Failure& f) {
+      ++window_failed;
+      std::printf("FAIL window case %zu: %s\n  %s\n", i, w.c.str().c_str(), f.what.c_str());
+    } catch (const std::exception& e) {
+      ++window_failed;
+      std::printf("ERROR window case %zu: %s\n  %s\n", i, w.c.str().c_str(), e.what());
+    }
+  }
   int cache_failed = 0;
   for (int i = 0; i < (quick ? 8 : 40); ++i) {
     Rng crng(seed * 31 + i);
@@ -664,7 +740,8 @@ int main(int argc, char** argv) {
       std::printf("head_dim 80 rejected: %s\n", e.what());
     }
   }
-  std::printf("attention cases: %zu, failed %d (worst |out err| %.3g, |lse err| %.3g); cache cases failed %d; api %d\n",
-              cases.size(), failed, worst_out, worst_lse, cache_failed, api_failed);
-  return failed || cache_failed || api_failed ? 1 : 0;
+  std::printf("attention cases: %zu, failed %d (worst |out err| %.3g, |lse err| %.3g); window cases: %zu, failed %d; "
+              "cache cases failed %d; api %d\n",
+              cases.size(), failed, worst_out, worst_lse, wcases.size(), window_failed, cache_failed, api_failed);
+  return failed || window_failed || cache_failed || api_failed ? 1 : 0;
 }
