@@ -3,8 +3,10 @@
 
 The batch-file reader (entrypoints/cli) uses it now; an OpenAI-compatible server is meant to use the same functions.
 Request fields are SamplingParams' own dataclass fields, each taking the JSON types of its annotation
-(SAMPLING_FIELDS, derived, not listed); OPENAI_ALIASES maps OpenAI's other names onto them. A request that cannot be
-served raises ProtocolError: one message naming the field, and the request's id when it is known.
+(SAMPLING_FIELDS, derived, not listed; logit_bias and structured_outputs take JSON objects); OPENAI_ALIASES maps
+OpenAI's other names onto them, and REQUEST_FIELDS are OpenAI fields that set one (response_format sets
+structured_outputs). A request that cannot be served raises ProtocolError: one message naming the field, and the
+request's id when it is known.
 """
 
 from __future__ import annotations
