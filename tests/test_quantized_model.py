@@ -74,6 +74,86 @@ def test_greedy_next_token_agrees_with_the_dequantised_path(pair):
     assert agree >= 0.9, agree
 
 
+def test_quantised_weights_default_to_float32_activations(pair):
+    native, dequantised = pair
+    assert native.engine.runner.model.dtype == torch.float32  # dtype="auto" with quantised weights
+    assert dequantised.engine.runner.model.dtype == torch.bfloat16
+    explicit = LLM(None, kv_cache_memory_bytes=CACHE, dtype="bfloat16")
+    assert explicit.engine.runner.model.dtype == torch.bfloat16
+
+
+def test_prompt_rows_are_the_float32_models(pair):
+    """Prompt rows keep float activations, so the token after a prompt is the float32 dequantised model's
+    (summation order aside), not the int8 path's (which agrees on ~0.9 only)."""
+    native, _ = pair
+    exact = LLM(None, kv_cache_memory_bytes=CACHE, quantization=None, dtype="float32")
+    prompts = word_prompts(100, 11)
+    assert agreement(native, exact, prompts) >= 0.98
+    first = SamplingParams(temperature=0.0, max_tokens=1, logprobs=3)
+    a = native.generate(prompts[:20], first, use_tqdm=False)
+    b = exact.generate(prompts[:20], first, use_tqdm=False)
+    for x, y in zip(a, b):
+        lx, ly = x.outputs[0].logprobs[0], y.outputs[0].logprobs[0]
+        for tok in set(lx) & set(ly):
+            assert abs(lx[tok].logprob - ly[tok].logprob) < 2e-3
+
+
+class _Spy:
+    """Stands in for the model's CpuDecoder, recording each step's prompt_rows."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder, self.seen = decoder, []
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def __call__(self, x, positions, kv_caches, meta):
+        self.seen.append(meta.prompt_rows.tolist())
+        return self.decoder(x, positions, kv_caches, meta)
+
+
+def test_prompt_rows_are_marked_by_position_not_by_batch(pair):
+    """The decoder hears which rows are prompt tokens (float activations): a prompt's rows, whether in a batch
+    of their own or chunked next to another request's generated rows; generated rows never."""
+    native, _ = pair
+    model = native.engine.runner.model
+    spy = _Spy(model.cpu_decoder)
+    model.cpu_decoder = spy
+    try:
+        native.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(temperature=0.0, max_tokens=3),
+                        use_tqdm=False)
+        assert spy.seen == [[True] * 4, [False], [False]]
+        spy.seen.clear()
+        engine = native.engine
+        engine.add_request("a", [5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=3))
+        engine.step()
+        engine.add_request("b", [10, 11, 12], SamplingParams(temperature=0.0, max_tokens=2))
+        for _ in range(20):
+            if not engine.has_unfinished():
+                break
+            engine.step()
+        assert spy.seen[0] == [True] * 5
+        assert spy.seen[1] == [False, True, True, True]  # a's first generated token beside b's prompt
+        assert all(not any(rows) for rows in spy.seen[2:])
+    finally:
+        model.cpu_decoder = spy.decoder
+
+
+def test_float_rows_argument_is_checked(pair):
+    native, _ = pair
+    decoder = native.engine.runner.model.cpu_decoder
+    x = torch.zeros(2, 576, dtype=torch.float32)
+    args = [x, torch.empty_like(x), torch.zeros(2, 32), torch.zeros(2, 32), torch.arange(2),
+            torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32),
+            torch.zeros(1, 1, dtype=torch.int32), torch.arange(2), torch.zeros(1 << 22, dtype=torch.uint8)]
+    if decoder._bound is None:
+        pytest.skip("caches not bound yet")
+    with pytest.raises(TypeError, match="float_rows"):
+        decoder.native.forward(*args, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="float_rows"):
+        decoder.native.forward(*args, torch.zeros(3, dtype=torch.bool))
+
+
 def test_a_request_gives_the_same_tokens_alone_and_in_a_batch(pair):
     native, _ = pair
     rng = random.Random(7)
