@@ -55,8 +55,7 @@ ID_COLUMNS = ("id", "custom_id", "request_id")
 _OWN_FIELDS = {"num_cpus": "num_cpus", "concurrency": "concurrency", "runtime_env": "runtime_env",
                "compute": "concurrency", "max_concurrent_calls_per_actor": "max_concurrent_batches",
                "batch_size": "batch_size"}
-_SET_BY_PROCESSOR = ("fn", "fn_args", "fn_kwargs", "fn_constructor_args", "fn_constructor_kwargs", "batch_format",
-                     "zero_copy_batch", "udf_modifying_row_count", "ray_remote_args_fn")
+_SET_BY_PROCESSOR = ("fn", "fn_args", "fn_kwargs", "fn_constructor_args", "fn_constructor_kwargs", "batch_format")
 
 
 def _is_int(v: object) -> bool:
@@ -144,6 +143,9 @@ class FastInferProcessorConfig:
             "min_size": self.concurrency[0], "max_size": self.concurrency[1]}
         if self.max_concurrent_batches == 1:
             return ray.data.ActorPoolStrategy(**size)
+        if "max_concurrent_calls_per_actor" not in inspect.signature(ray.data.ActorPoolStrategy).parameters:
+            raise ValueError(f"max_concurrent_batches > 1 needs Ray Data's threaded actors (ActorPoolStrategy("
+                             f"max_concurrent_calls_per_actor=...)), which ray {ray.__version__} lacks")
         return ray.data.ActorPoolStrategy(**size, max_tasks_in_flight_per_actor=self.max_concurrent_batches,
                                           max_concurrent_calls_per_actor=self.max_concurrent_batches,
                                           enable_true_multi_threading=True)
@@ -187,8 +189,7 @@ class Processor:
         # parameters; Ray 2.60 deprecates the others (max_restarts, ...) and warns about them itself.
         dataset = dataset.map_batches(
             LLMStage, fn_constructor_kwargs={"config": c}, batch_size=c.batch_size, batch_format="pyarrow",
-            compute=c.compute(), num_cpus=c.threads, runtime_env=c.runtime_env, udf_modifying_row_count=False,
-            **c.ray_remote_args)
+            compute=c.compute(), num_cpus=c.threads, runtime_env=c.runtime_env, **c.ray_remote_args)
         if self.postprocess is not None:
             dataset = dataset.map(self.postprocess, **self.postprocess_map_kwargs)
         return dataset
