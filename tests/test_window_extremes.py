@@ -18,7 +18,7 @@ import fastinfer
 import fastinfer.kernels.backward
 from fastinfer import _C
 from fastinfer.kernels.backward import attention_backward
-from conftest import _poisoned_like
+from conftest import _poisoned_like, requires_cuda
 from reference import attention_ref, attention_ref_paged, attention_ref_varlen, check, cu_seqlens, paged_cache, randn
 from reference_backward import attention_grads_ref, attention_grads_ref_varlen, check_grads
 
@@ -157,10 +157,10 @@ def varlen_run(q, k, v, dout, cq, ck, window):
     return (out, lse, *grads)
 
 
-def varlen_inputs(gen, dtype):
-    q, k, v = randn((sum(LENS_Q), H, D), dtype, gen), randn((sum(LENS_K), HK, D), dtype, gen), \
-        randn((sum(LENS_K), HK, D), dtype, gen)
-    return q, k, v, randn((sum(LENS_Q), H, D), dtype, gen), cu_seqlens(LENS_Q), cu_seqlens(LENS_K)
+def varlen_inputs(gen, dtype, d=D):
+    q, k, v = randn((sum(LENS_Q), H, d), dtype, gen), randn((sum(LENS_K), HK, d), dtype, gen), \
+        randn((sum(LENS_K), HK, d), dtype, gen)
+    return q, k, v, randn((sum(LENS_Q), H, d), dtype, gen), cu_seqlens(LENS_Q), cu_seqlens(LENS_K)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -229,6 +229,39 @@ def test_kvcache_extreme_windows(cpu_isa, gen, snew, window):
 
     unbounded = (-1, -1 if window[1] == INT32_MAX else window[1])
     assert_identical(run(window), run(unbounded), f"kvcache {window}")
+
+
+# ----------------------------------------------------------------------------- CUDA (with a device)
+# The host normalises against the lengths' bounds (dense: the lengths themselves, varlen: the packed row
+# counts), so the extremes are the unbounded launch; the emulated self-tests check the same without a GPU.
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("sq,sk", [(37, 70), (70, 37)], ids=str)
+def test_cuda_dense_extremes_are_unbounded(gen, dtype, headdim, sq, sk):
+    q, k, v = (randn((2, n, h, headdim), dtype, gen).cuda() for n, h in ((sq, H), (sk, HK), (sk, HK)))
+    dout = randn((2, sq, H, headdim), dtype, gen).cuda()
+    for window, unbounded in [((INT32_MAX, 0), (-1, 0)), ((-1, INT32_MAX), (-1, -1)), ((sk - 1, sq - 1), (-1, -1)),
+                              ((INT32_MAX - 1, INT32_MAX), (-1, -1))]:
+        assert_identical(dense_run(q, k, v, dout, window), dense_run(q, k, v, dout, unbounded), f"cuda {window}")
+
+
+@requires_cuda
+def test_cuda_varlen_and_kvcache_extremes_are_unbounded(gen):
+    q, k, v, dout, cq, ck = (x.cuda() for x in varlen_inputs(gen, torch.bfloat16, 64))  # a compiled head dim
+    assert_identical(varlen_run(q, k, v, dout, cq, ck, (INT32_MAX, INT32_MAX)),
+                     varlen_run(q, k, v, dout, cq, ck, (-1, -1)), "cuda varlen")
+    lens = torch.tensor([0, 45, 300], dtype=torch.int32)
+    kc, vc, table = paged_cache(gen, torch.bfloat16, lens.tolist(), 16, HK, 64)
+    q = randn((3, 4, H, 64), torch.bfloat16, gen)
+
+    def run(w):
+        return fastinfer.flash_attn_with_kvcache(q.cuda(), kc.cuda(), vc.cuda(), cache_seqlens=lens.cuda(),
+                                                 block_table=table.cuda(), window_size=w, return_softmax_lse=True)
+
+    assert_identical(run((INT32_MAX, 0)), run((-1, 0)), "cuda kvcache")
 
 
 # ----------------------------------------------------------------------------- argument checks
