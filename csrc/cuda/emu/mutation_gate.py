@@ -240,7 +240,13 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "bench"))
         from timing import machine_info, write_result  # noqa: E402
 
-        path = write_result("mutation_gate", {"summary": summary, "baseline": baseline, "mutants": results,
+        # The default gate is "mutation_gate"; a mode subset or the full matrix gets its own file.
+        name = "mutation_gate"
+        if [m[0] for m in modes] != [m[0] for m in MODES]:
+            name += "-" + "+".join(m[0] for m in modes)
+        if args.all_modes:
+            name += "-all-modes"
+        path = write_result(name, {"summary": summary, "baseline": baseline, "mutants": results,
                                               "machine": machine_info()}, args.out)
         print(f"wrote {path}")
     if not args.work:
