@@ -391,3 +391,41 @@ def test_abort_while_compiling():
     engine.abort("r")
     [out] = engine.step()
     assert out.finished and out.outputs[0].finish_reason == "abort" and not engine.has_unfinished()
+
+
+def test_accelerator_path_of_the_constraints_matches_the_cpu_path():
+    """TokenConstraints works in numpy on the CPU and in torch elsewhere; both give the same logits (the torch path
+    runs here on CPU tensors, the only device this suite has)."""
+    from fastinfer.engine.grammar_matcher import GrammarMatcher
+    from fastinfer.engine.sequence import Sequence
+    from fastinfer.engine.token_constraints import TokenConstraints
+
+    engine = fake_engine()
+    compiled = engine.grammar_compiler().submit(StructuredOutputsParams(regex="[a-c]{2}x"))
+    compiled.result()
+    tok = ByteTokenizer()
+    vocab = tok.vocab_size
+    kinds = [dict(structured_outputs=StructuredOutputsParams(regex="[a-c]{2}x")), {},
+             dict(allowed_token_ids=[3, 5, 7]), dict(logit_bias={4: -100.0, 9: 3.5}),
+             dict(structured_outputs=StructuredOutputsParams(regex="[a-c]{2}x"), logit_bias={98: 2.0})]
+    seqs = []
+    for i, kw in enumerate(kinds):
+        params = SamplingParams(**kw)
+        grammar = GrammarMatcher(compiled) if params.structured_outputs is not None else None
+        seqs.append(Sequence(i, str(i), [1, 2], 2, params, grammar=grammar))
+        if grammar is not None:
+            assert grammar.ready() and grammar.error is None
+    assert seqs[4].grammar.accept(tok.encode("b")[0])  # this one is a token further along
+    x = torch.randn(len(seqs), vocab, generator=torch.Generator().manual_seed(0))
+    constraints = TokenConstraints(engine.grammar_compiler().vocab_size)
+    cpu = constraints.apply(x, seqs)
+    rows = lambda pred: [i for i, s in enumerate(seqs) if pred(s)]  # noqa: E731
+    other = constraints._apply_torch(x.clone(), seqs, rows(lambda s: s.grammar is not None),
+                                     rows(lambda s: s.params.allowed_token_ids is not None),
+                                     rows(lambda s: bool(s.params.logit_bias)))
+    assert torch.equal(cpu, other)
+    assert torch.equal(cpu[1], x[1])  # the free row is untouched
+    allowed_first = {i for i in range(vocab) if cpu[0, i] > float("-inf")}
+    assert allowed_first == {tok.encode(c)[0] for c in "abc"}
+    assert torch.isfinite(cpu[2]).sum() == 3 and cpu[3, 4] == x[3, 4] - 100 and cpu[3, 9] == x[3, 9] + 3.5
+    assert {i for i in range(vocab) if cpu[4, i] > float("-inf")} == {tok.encode(c)[0] for c in "abc"}
