@@ -116,6 +116,7 @@ def main() -> None:
                     help="of the single process; each of the 2 actors gets half (default: 512 MiB)")
     ap.add_argument("--quick", action="store_true", help="32 prompts, 1 round")
     ap.add_argument("--no-write", action="store_true", help="print only; no JSON under bench/results")
+    ap.add_argument("--name", default="ray_batch", help="result file name prefix (default: %(default)s)")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.rounds = 32, 1
@@ -192,7 +193,7 @@ def main() -> None:
                             "actor_engine": actor_engine},
                "ray_version": ray.__version__, "summary": summary, "rounds": rounds, "machine": machine_info()}
     if not args.no_write:
-        print("wrote", write_result("ray_batch", payload))
+        print("wrote", write_result(args.name, payload))
 
 
 if __name__ == "__main__":
