@@ -90,8 +90,14 @@ std::string cuda_device_problem(int device) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(device);
   if (it != known.end()) return it->second;
-  const cuda::DeviceInfo info = cuda::device_info(device);
-  return known[device] = cuda_arch_problem(device, info.name, info.major, info.minor, FASTINFER_CUDA_ARCHS_STR);
+  std::string problem;
+  try {
+    const cuda::DeviceInfo info = cuda::device_info(device);
+    problem = cuda_arch_problem(device, info.name, info.major, info.minor, FASTINFER_CUDA_ARCHS_STR);
+  } catch (const std::runtime_error& e) {  // a device whose properties cannot be read cannot be used either
+    problem = e.what();
+  }
+  return known[device] = problem;
 }
 
 void check_cuda_device(int device) {
