@@ -146,3 +146,53 @@ def default_model_or_skip() -> str:
         return default_model_path()
     except Exception as err:  # the package is an optional test input
         pytest.skip(str(err))
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_tiny_llama(path, corpus: list[str], vocab_size: int, special_tokens: list[str],
+                     max_position_embeddings: int) -> None:
+    """A 2-layer Llama folder (random weights, float32, safetensors) with a byte-level BPE tokenizer.json trained
+    here on ``corpus`` (every byte is a token, so any text can be written), TINY_CHAT_TEMPLATE, BOS "<s>" and
+    EOS "</s>" (ids 0 and 1: the first two ``special_tokens``)."""
+    import json
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 20, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": TINY_CHAT_TEMPLATE}))
+    vocab, hidden, inter, layers, heads, kv_heads, head_dim = tok.get_vocab_size(), 64, 128, 2, 4, 2, 16
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 0,
+        "eos_token_id": 1, "torch_dtype": "float32", "hidden_act": "silu"}))
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
+         "lm_head.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": torch.ones(hidden),
+              p + "post_attention_layernorm.weight": torch.ones(hidden),
+              p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+              p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+              p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+              p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+              p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+              p + "mlp.down_proj.weight": w(hidden, inter)}
+    save_file(t, str(path / "model.safetensors"))

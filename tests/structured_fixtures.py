@@ -4,56 +4,18 @@ the schema suite."""
 
 from __future__ import annotations
 
-import json
 import re
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+import model_fixtures
 
 
 def write_tiny_llama(path) -> None:
     """A 2-layer Llama (random weights, float32) with a byte-level BPE tokenizer.json trained here (every byte is a
     token, so any text can be written), a chat template and EOS "</s>"."""
-    import torch
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ['{"name": "Bob", "age": 33, "tags": ["a", "b"]}', "the quick brown fox jumps over the lazy dog",
-              "red green blue yes no 0123456789", '[{"k": "x", "v": 1}, {"k": "y", "v": -2}] true false null']
-    tok.train_from_iterator(corpus * 20, trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": CHAT_TEMPLATE}))
-    vocab, hidden, inter, layers, heads, kv_heads, head_dim = tok.get_vocab_size(), 64, 128, 2, 4, 2, 16
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 0,
-        "eos_token_id": 1, "torch_dtype": "float32", "hidden_act": "silu"}))
-    g = torch.Generator().manual_seed(0)
-
-    def w(*shape):
-        return torch.randn(*shape, generator=g) * 0.3
-
-    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
-         "lm_head.weight": w(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t |= {p + "input_layernorm.weight": torch.ones(hidden),
-              p + "post_attention_layernorm.weight": torch.ones(hidden),
-              p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
-              p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
-              p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
-              p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-              p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
-              p + "mlp.down_proj.weight": w(hidden, inter)}
-    save_file(t, str(path / "model.safetensors"))
+    model_fixtures.write_tiny_llama(
+        path, ['{"name": "Bob", "age": 33, "tags": ["a", "b"]}', "the quick brown fox jumps over the lazy dog",
+               "red green blue yes no 0123456789", '[{"k": "x", "v": 1}, {"k": "y", "v": -2}] true false null'],
+        vocab_size=400, special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>"], max_position_embeddings=512)
 
 
 def _object(properties: dict, required: list[str] | None = None) -> dict:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from fastinfer.entrypoints.cli import arg_types, batch_input, generate
+from model_fixtures import write_tiny_llama
 from fastinfer.entrypoints.cli import main as cli
 from fastinfer.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from fastinfer.engine.sampling_params import SamplingParams
@@ -447,51 +448,11 @@ def test_resume_rejects_foreign_output(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- end to end
 # The real LLM on a random-weight 2-layer Llama written here (config.json, safetensors, a small BPE tokenizer).
 
-_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def _write_tiny_llama(path) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>",
-                                                                  "<|system|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world, once upon a time"] * 20,
-                            trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": _CHAT_TEMPLATE}))
-    vocab, hidden, inter, layers, heads, kv_heads, head_dim = tok.get_vocab_size(), 64, 128, 2, 4, 2, 16
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 0,
-        "eos_token_id": 1, "torch_dtype": "float32", "hidden_act": "silu"}))
-    g = torch.Generator().manual_seed(0)
-
-    def w(*shape):
-        return torch.randn(*shape, generator=g) * 0.3
-
-    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
-         "lm_head.weight": w(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t |= {p + "input_layernorm.weight": torch.ones(hidden),
-              p + "post_attention_layernorm.weight": torch.ones(hidden),
-              p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
-              p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
-              p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
-              p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-              p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
-              p + "mlp.down_proj.weight": w(hidden, inter)}
-    save_file(t, str(path / "model.safetensors"))
+def write_cli_llama(path) -> None:
+    """The tiny Llama of the end-to-end CLI tests (also the Ray processor's)."""
+    write_tiny_llama(path, ["the quick brown fox jumps over the lazy dog", "hello world, once upon a time"],
+                     vocab_size=320, special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+                     max_position_embeddings=128)
 
 
 def _llm_ready() -> bool:
@@ -514,7 +475,7 @@ def tiny(tmp_path_factory):
     import fastinfer
 
     path = tmp_path_factory.mktemp("tiny_llama")
-    _write_tiny_llama(path)
+    write_cli_llama(path)
     before = torch.get_num_threads(), fastinfer.get_num_threads()
     torch.set_num_threads(1)
     fastinfer.set_num_threads(1)

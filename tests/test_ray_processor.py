@@ -21,7 +21,7 @@ from fastinfer.integrations.ray import (  # noqa: E402
     OUTPUT_COLUMNS, FastInferProcessorConfig, Processor, LLMStage, build_processor)
 from fastinfer.engine.sampling_params import SamplingParams  # noqa: E402
 from model_fixtures import default_model_or_skip  # noqa: E402
-from test_cli import _write_tiny_llama  # noqa: E402
+from test_cli import write_cli_llama  # noqa: E402
 
 ENGINE = {"device": "cpu", "kv_cache_memory_bytes": 8 << 20, "max_num_seqs": 16}
 
@@ -30,7 +30,7 @@ ENGINE = {"device": "cpu", "kv_cache_memory_bytes": 8 << 20, "max_num_seqs": 16}
 def tiny(tmp_path_factory):
     """A random-weight 2-layer Llama with a BPE tokenizer and a chat template (max_model_len 128)."""
     path = tmp_path_factory.mktemp("tiny_llama_ray")
-    _write_tiny_llama(path)
+    write_cli_llama(path)
     return str(path)
 
 
