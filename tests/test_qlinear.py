@@ -103,13 +103,15 @@ def test_large_batches_equal_the_same_quantised_activations(cpu_isa, np_rng, qty
 
 
 @pytest.mark.parametrize("qtype", list(QTYPES))
-def test_a_rows_result_does_not_depend_on_the_batch(np_rng, qtype):
+def test_a_rows_result_does_not_depend_on_the_batch(cpu_isa, np_rng, qtype):
+    """Bit for bit, at every level: with AMX-INT8, whole groups of 16 rows run on the tile unit and the rest on
+    VNNI, and a row must not see which (37 rows: two tile groups and 5; n = 70: 9 sub-panels, an odd one out)."""
     n, k = 70, kk(qtype, 64)
     raw, _ = quantized(np_rng, n, k, qtype)
     packed = ops.pack_linear_weight(raw, qtype=qtype)
     x = torch.from_numpy(np_rng.standard_normal((37, k)).astype(np.float32))
     whole = run(x, packed, n)
-    for lo, hi in ((0, 1), (5, 7), (3, 20), (36, 37)):
+    for lo, hi in ((0, 1), (5, 7), (3, 20), (36, 37), (0, 16), (1, 33)):
         assert torch.equal(run(x[lo:hi], packed, n), whole[lo:hi])
 
 
@@ -155,11 +157,12 @@ def test_threads_do_not_change_the_result(np_rng, qtype):
 
     raw, _ = quantized(np_rng, 1000, 256, qtype)
     packed = ops.pack_linear_weight(raw, qtype=qtype)
-    x = torch.from_numpy(np_rng.standard_normal((3, 256)).astype(np.float32))
-    fastinfer.set_num_threads(1)
-    one = run(x, packed, 1000)
-    fastinfer.set_num_threads(2)
-    assert torch.equal(run(x, packed, 1000), one)
+    for m in (3, 40):  # 40: tile groups (AMX-INT8) too, in tasks of any number of sub-panels
+        x = torch.from_numpy(np_rng.standard_normal((m, 256)).astype(np.float32))
+        fastinfer.set_num_threads(1)
+        one = run(x, packed, 1000)
+        fastinfer.set_num_threads(2)
+        assert torch.equal(run(x, packed, 1000), one)
 
 
 def test_the_default_models_own_tensors():

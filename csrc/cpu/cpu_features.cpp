@@ -53,7 +53,7 @@ Features features() {
   f.zmm_os = (f.xcr0 & 0xe6) == 0xe6;
   __cpuid_count(7, 0, a, b, c, d);
   f.avx2 = b & (1u << 5);
-  f.amx = (d & (1u << 24)) && (d & (1u << 22));  // AMX-TILE, AMX-BF16
+  f.amx = (d & (1u << 24)) && (d & (1u << 22)) && (d & (1u << 25));  // AMX-TILE, AMX-BF16, AMX-INT8
   f.avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
   f.vnni = c & (1u << 11);
   __cpuid_count(7, 1, a, b, c, d);

@@ -21,7 +21,7 @@
   FI_ISA(avx2,       kAvx2,       "avx2",        x86, "-mavx2 -mfma -mf16c",                                                                  1, 1, 1, 1, f.avx2 && f.ymm_os && f.fma && f.f16c) \
   FI_ISA(avx512,     kAvx512,     "avx512",      x86, "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c",                       1, 1, 1, 1, f.avx512 && f.zmm_os && f.fma && f.f16c) \
   FI_ISA(avx512bf16, kAvx512Bf16, "avx512_bf16", x86, "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512bf16 -mavx512vnni -mavx2 -mfma -mf16c", 1, 0, 1, 0, f.avx512 && f.zmm_os && f.fma && f.f16c && f.bf16 && f.vnni) \
-  FI_ISA(amx,        kAmx,        "amx",         x86, "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512bf16 -mamx-tile -mamx-bf16 -mavx2 -mfma -mf16c", 1, 0, 0, 0, f.avx512 && f.zmm_os && f.fma && f.f16c && f.bf16 && f.vnni && f.amx && amx_usable(f.xcr0))
+  FI_ISA(amx,        kAmx,        "amx",         x86, "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512bf16 -mavx512vnni -mamx-tile -mamx-bf16 -mamx-int8 -mavx2 -mfma -mf16c", 1, 0, 1, 0, f.avx512 && f.zmm_os && f.fma && f.f16c && f.bf16 && f.vnni && f.amx && amx_usable(f.xcr0))
 // clang-format on
 
 // Helpers of the per-family tables (*_dispatch.cpp): FI_ISA_ENTRY(arch, has, getter) is `&getter,`

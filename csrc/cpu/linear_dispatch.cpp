@@ -17,7 +17,8 @@ constexpr int64_t kInlineMacs = int64_t(1) << 17;
 constexpr int64_t kRowChunk = 48;
 constexpr int64_t kTileRows = 6;  // rows a tile kernel keeps in registers at most
 
-// One getter per level of isa_list.h (null: the level runs the next lower level's tile; AMX the bf16 one).
+// One getter per level of isa_list.h (null: the level runs the next lower level's tile). AMX's float tile is the
+// bf16 level's code; the level has its own unit for the quantised linear's AMX-INT8 kernel (qlinear_amx.h).
 LinearTileFn pick_tile() {
 #define FI_ISA_ROW(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) FI_ISA_ENTRY(arch, lin, linear_tile_##suffix)
   static constexpr LinearTileFn (*kTable[])() = {FI_CPU_ISAS(FI_ISA_ROW)};

@@ -11,6 +11,8 @@
 #include "cpu/qlinear_dot32.h"
 #include "cpu/qlinear_kquant.h"
 #include "cpu/qlinear_float.h"
+#include "cpu/scratch.h"
+#include "cpu/qlinear_amx.h"
 
 namespace fastinfer::cpu::FI_ISA_NS {
 namespace {
@@ -47,7 +49,7 @@ void qlinear_quantize(const QLinearParams& p, int8_t* qa, float* da, float* as, 
 }
 
 // All m rows of `out` for the outputs of sub-panels sub0 .. sub0 + subs - 1 (8 rows each), from the quantised
-// activations.
+// activations. With AMX-INT8, whole groups of 16 rows run on the tile unit (bit for bit dot32's results).
 void qlinear_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8_t* qa, const float* da,
                    const float* as, const int32_t* hs) {
   if (qtype_is_k(p.qtype)) return kquant_panel(p, sub0, subs, qa, da, as, hs);
@@ -55,23 +57,31 @@ void qlinear_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int
   const int64_t nb = p.k / kQBlock, sub_bytes = nb * qpacked_block_bytes(p.qtype);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
   const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
-  for (int64_t i0 = 0; i0 < p.m; i0 += kChunk) {
+  // Rows i0 .. i0 + m - 1 of sub-panel `sub` (out[i][r]): plus bias, to the output dtype.
+  auto store = [&](int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) {
+    const int64_t col0 = sub * kQRows;
+    const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
+    float bias[kQRows] = {};
+    if (p.bias != nullptr)
+      for (int r = 0; r < valid; ++r) bias[r] = x_at(static_cast<const char*>(p.bias) + bsz * col0, p.dtype, r);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int r = 0; r < valid; ++r) out[i][r] += bias[r];
+      store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
+    }
+  };
+  int64_t done = 0;
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+  done = amx_panel(p, sub0, subs, qa, da, as, store);
+#endif
+  for (int64_t i0 = done; i0 < p.m; i0 += kChunk) {
     const int64_t m = std::min<int64_t>(kChunk, p.m - i0);
     QRow rows[kChunk];
     for (int64_t i = 0; i < m; ++i) rows[i] = {qa + (i0 + i) * p.k, da + (i0 + i) * nb, as + (i0 + i) * nb};
     for (int64_t s = 0; s < subs; ++s) {
-      const int64_t col0 = (sub0 + s) * kQRows;
-      if (col0 >= p.n) break;
-      const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
-      float bias[kQRows] = {};
-      if (p.bias != nullptr)
-        for (int r = 0; r < valid; ++r) bias[r] = x_at(static_cast<const char*>(p.bias) + bsz * col0, p.dtype, r);
+      if ((sub0 + s) * kQRows >= p.n) break;
       float out[kChunk][kQRows];
       dot32_all(p.qtype, base + s * sub_bytes, nb, rows, m, out);
-      for (int64_t i = 0; i < m; ++i) {
-        for (int r = 0; r < valid; ++r) out[i][r] += bias[r];
-        store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
-      }
+      store(sub0 + s, i0, m, out);
     }
   }
 }
