@@ -200,10 +200,10 @@ void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    // As the 32-block kernel (qlinear_dot32.h): the weight stream kPrefetch bytes ahead, toward L1, on the
+    // As the 32-block kernel (qlinear_dot32.h): the weight stream kPrefetch bytes ahead, toward L2, on the
     // first pass over the sub-panel.
     if (prefetch)
-      for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(sub + sb * bb + kPrefetch + off, 0, 3);
+      for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(sub + sb * bb + kPrefetch + off, 0, 2);
     ksuper_dot<T, R>(std::make_integer_sequence<int, kSubs>{}, sub + sb * bb, rows, sb * kSubs, acc);
   }
   for (int i = 0; i < R; ++i) _mm256_storeu_ps(out[i], acc[i]);
