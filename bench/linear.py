@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_quantized(args: argparse.Namespace) -> int:
     reps = Reps(1, 4, 0.0) if args.quick else Reps(2, 12, 0.5)
     cold_bytes = int(args.cold_mb * 1e6)
-    isas = args.quantized or [i for i in ("scalar", "avx2", "avx512", "avx512_bf16", "amx") if _isa_ok(i)]
+    isas = args.quantized or [i for i in ("scalar", "avx2", "avx_vnni", "avx512", "avx512_bf16", "amx") if _isa_ok(i)]
     before = fastinfer.get_cpu_isa()
     rows = []
     try:

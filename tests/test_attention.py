@@ -429,7 +429,7 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512_bf16", "amx"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512_bf16", "amx"])  # avx_vnni: avx2's attention
 def test_result_does_not_depend_on_earlier_calls(isa):
     if isa not in SUPPORTED_ISAS:
         pytest.skip(f"this build/CPU does not support {isa}")

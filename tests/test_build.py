@@ -98,7 +98,28 @@ def test_isa_levels_are_ordered():
     # Every level up to the best one is available, and the best is what "auto" picks.
     best = fastinfer.build_info()["cpu_isa_best"]
     assert best in SUPPORTED_ISAS
-    assert SUPPORTED_ISAS == ALL_ISAS[: ALL_ISAS.index(best) + 1]
+    below = ALL_ISAS[: ALL_ISAS.index(best) + 1]
+    assert SUPPORTED_ISAS == tuple(i for i in below if i != "avx_vnni" or _cpu_flag("avx_vnni"))
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def test_avx_vnni_level_follows_the_cpu():
+    """avx_vnni is offered exactly where the CPU has AVX-VNNI (forcing it elsewhere would be an illegal instruction)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or not fastinfer.build_info()["cpu_isa_best"].startswith(("avx", "amx")):
+        pytest.skip("x86 levels only")
+    assert ("avx_vnni" in SUPPORTED_ISAS) == _cpu_flag("avx_vnni")
+    if "avx_vnni" not in SUPPORTED_ISAS:
+        with pytest.raises(ValueError, match="'avx_vnni' is not supported"):
+            fastinfer.set_cpu_isa("avx_vnni")
 
 
 def test_every_base_level_runs_here():

@@ -360,7 +360,7 @@ def test_C_attention_with_kvcache_validates_before_writing(t):
 @pytest.mark.parametrize("name", ["sse9", "AVX2", "avx512bf16", " scalar"])
 def test_unknown_isa(name):
     before = fastinfer.get_cpu_isa()
-    with pytest.raises(ValueError, match=r"unknown CPU ISA .*expected one of auto, scalar, avx2, avx512, avx512_bf16"):
+    with pytest.raises(ValueError, match=r"unknown CPU ISA .*expected one of auto, scalar, avx2, avx_vnni, avx512, avx512_bf16"):
         fastinfer.set_cpu_isa(name)
     assert fastinfer.get_cpu_isa() == before
 

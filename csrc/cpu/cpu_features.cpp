@@ -21,6 +21,7 @@ namespace {
 struct Features {
   bool fma = false, f16c = false, avx2 = false, avx512 = false, bf16 = false, amx = false;
   bool vnni = false;  // AVX512_VNNI: int8 dot products (vpdpbusd), on every CPU with AVX512_BF16
+  bool avxvnni = false;  // AVX-VNNI: the same dot products VEX-encoded, on 256-bit registers
   bool ymm_os = false, zmm_os = false;  // the OS saves the 256-bit / 512-bit registers
   unsigned long long xcr0 = 0;
 };
@@ -58,6 +59,7 @@ Features features() {
   f.vnni = c & (1u << 11);
   __cpuid_count(7, 1, a, b, c, d);
   f.bf16 = a & (1u << 5);
+  f.avxvnni = a & (1u << 4);
   return f;
 }
 #else
@@ -72,9 +74,9 @@ constexpr const char* kNames[] = {
 };
 constexpr int kNumIsas = sizeof(kNames) / sizeof(kNames[0]);
 
-// The highest level built here whose predicate holds. Predicates run highest first, so amx_usable
-// asks the OS for the tile state only when everything else about AMX holds.
-Isa detect() {
+// Whether level i is built here and this CPU and OS run it. amx_usable asks the OS for the tile state,
+// so AMX's predicate runs only once everything else about AMX holds.
+bool level_holds(int i) {
   using Predicate = bool (*)(const Features&);
   static const Predicate kPredicates[] = {
 #define FI_ISA_PREDICATE(suffix, Enum, name, arch, flags, att, bwd, lin, pw, pred) \
@@ -82,9 +84,14 @@ Isa detect() {
       FI_CPU_ISAS(FI_ISA_PREDICATE)
 #undef FI_ISA_PREDICATE
   };
-  const Features f = features();
+  static const Features f = features();
+  return kPredicates[i](f);
+}
+
+// The highest level that holds.
+Isa detect() {
   for (int i = kNumIsas - 1; i > 0; --i)
-    if (kPredicates[i](f)) return static_cast<Isa>(i);
+    if (level_holds(i)) return static_cast<Isa>(i);
   return static_cast<Isa>(0);
 }
 
@@ -97,7 +104,8 @@ Isa parse(const std::string& name) {
     all += std::string(", ") + kNames[i];
   }
   if (want < 0) throw std::invalid_argument("unknown CPU ISA '" + name + "': expected one of " + all);
-  if (want > static_cast<int>(best_isa()))
+  // Not every level below the best holds (isa_list.h): each forced level must hold itself.
+  if (want > static_cast<int>(best_isa()) || !level_holds(want))
     throw std::invalid_argument(std::string("CPU ISA '") + name + "' is not supported by this CPU/build (best is '" +
                                 isa_name(best_isa()) + "')");
   return static_cast<Isa>(want);

@@ -4,6 +4,10 @@
 // kernel specialisations where a kernel header needs one (vec.h, tile_*.h), and a Features bit in
 // cpu_features.cpp if its predicate needs a new cpuid bit. CMake generates its kernel sources.
 //
+// A level need not hold wherever a higher one does (avx_vnni, the VEX-encoded int8 dot products of
+// Alder Lake and Sapphire Rapids, is absent from the earlier AVX-512 CPUs): auto picks the highest
+// level that holds, and forcing a level asks only its own predicate.
+//
 // FI_ISA(suffix, Enum, "name", arch, "flags", attention, backward, linear, pointwise, predicate)
 //   suffix     kernel namespace (FI_ISA_NS) and source suffix: <family>_<suffix>.cpp
 //   Enum       its Isa enumerator; the order of the rows is the order of the levels
@@ -19,6 +23,7 @@
 #define FI_CPU_ISAS(FI_ISA) \
   FI_ISA(scalar,     kScalar,     "scalar",      any, "",                                                                                     1, 1, 1, 1, true) \
   FI_ISA(avx2,       kAvx2,       "avx2",        x86, "-mavx2 -mfma -mf16c",                                                                  1, 1, 1, 1, f.avx2 && f.ymm_os && f.fma && f.f16c) \
+  FI_ISA(avxvnni,    kAvxVnni,    "avx_vnni",    x86, "-mavx2 -mfma -mf16c -mavxvnni",                                                        0, 0, 1, 0, f.avx2 && f.ymm_os && f.fma && f.f16c && f.avxvnni) \
   FI_ISA(avx512,     kAvx512,     "avx512",      x86, "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c",                       1, 1, 1, 1, f.avx512 && f.zmm_os && f.fma && f.f16c) \
   FI_ISA(avx512bf16, kAvx512Bf16, "avx512_bf16", x86, "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512bf16 -mavx512vnni -mavx2 -mfma -mf16c", 1, 0, 1, 0, f.avx512 && f.zmm_os && f.fma && f.f16c && f.bf16 && f.vnni) \
   FI_ISA(amx,        kAmx,        "amx",         x86, "-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512bf16 -mavx512vnni -mamx-tile -mamx-bf16 -mamx-int8 -mavx2 -mfma -mf16c", 1, 0, 1, 0, f.avx512 && f.zmm_os && f.fma && f.f16c && f.bf16 && f.vnni && f.amx && amx_usable(f.xcr0))

@@ -51,7 +51,9 @@ def cuda_available() -> bool:
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU SIMD level: ``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512_bf16"`` or ``"amx"``.
+    """Force the CPU SIMD level: ``"auto"``, ``"scalar"``, ``"avx2"``, ``"avx_vnni"``, ``"avx512"``, ``"avx512_bf16"``
+    or ``"amx"`` (lowest first; ``"avx_vnni"``, AVX2 with VEX int8 dot products for the quantised linear, is
+    missing on the AVX-512 CPUs before Sapphire Rapids).
 
     The environment variable ``FASTINFER_CPU_ISA`` sets the same at import time.
     Raises ValueError for a level this CPU does not support.
