@@ -98,6 +98,37 @@ def test_prompt_rows_are_the_float32_models(pair):
             assert abs(lx[tok].logprob - ly[tok].logprob) < 2e-3
 
 
+def test_prompt_rows_are_the_float32_models_on_the_per_op_path(pair):
+    """Models the native decoder does not run (Gemma 3) go layer by layer: their projections too keep prompt
+    rows float, so the first token's logprobs are the float32 dequantised model's; generated rows stay int8."""
+    native, _ = pair
+    exact = LLM(None, kv_cache_memory_bytes=CACHE, quantization=None, dtype="float32")
+    model = native.engine.runner.model
+    decoder, model.cpu_decoder = model.cpu_decoder, None
+    calls = []
+    linear = fastinfer.ops.linear
+
+    def spy(x, packed, n, *args, **kwargs):
+        calls.append((x.shape[0], args[2] if len(args) > 2 else kwargs.get("activations", "int8")))
+        return linear(x, packed, n, *args, **kwargs)
+
+    fastinfer.ops.linear = spy
+    try:
+        prompts = word_prompts(12, 17)
+        params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=3)
+        a = native.generate(prompts, params, use_tqdm=False)
+    finally:
+        fastinfer.ops.linear = linear
+        model.cpu_decoder = decoder
+    b = exact.generate(prompts, params, use_tqdm=False)
+    for x, y in zip(a, b):
+        lx, ly = x.outputs[0].logprobs[0], y.outputs[0].logprobs[0]
+        for tok in set(lx) & set(ly):
+            assert abs(lx[tok].logprob - ly[tok].logprob) < 2e-3
+    kinds = {kind for _, kind in calls}
+    assert kinds == {"float", "int8"}, kinds  # prompt rows float, the generated token's rows int8
+
+
 class _Spy:
     """Stands in for the model's CpuDecoder, recording each step's prompt_rows."""
 

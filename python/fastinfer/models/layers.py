@@ -169,13 +169,15 @@ class GatedMLP(nn.Module):
         self.inter = inter
         self.gelu = act == "gelu_pytorch_tanh"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor, float_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float_rows: see ``Linear.forward``."""
+        gate_up = self.gate_up_proj(x, float_rows=float_rows)
         if gate_up.ndim == 2 and use_cpu_kernels(gate_up):
-            return self.down_proj(fastinfer.ops.act_and_mul(gate_up, "gelu_tanh" if self.gelu else "silu"))
+            return self.down_proj(fastinfer.ops.act_and_mul(gate_up, "gelu_tanh" if self.gelu else "silu"),
+                                  float_rows=float_rows)
         gate, up = gate_up.split(self.inter, dim=-1)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * up)
+        return self.down_proj(gate * up, float_rows=float_rows)
 
 
 class Linear(nn.Module):
@@ -226,12 +228,25 @@ class Linear(nn.Module):
             self.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)
         return True
 
-    def forward(self, x: torch.Tensor, out_float32: bool = False, activations: str = "int8") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_float32: bool = False, activations: str = "int8",
+                float_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype, or float32 with ``out_float32`` (unrounded on the packed path).
 
-        ``activations`` ("int8" or "float"): how a quantised weight treats x (``fastinfer.ops.linear``)."""
+        ``activations`` ("int8" or "float"): how a quantised weight treats x (``fastinfer.ops.linear``).
+        ``float_rows`` : (T,) bool for x (T, in), or None: rows whose activations stay float whatever
+        ``activations`` says (prompt tokens, ``AttentionMetadata.prompt_rows``); ignored by float weights."""
         if self.quantized and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
                 and not x.requires_grad:
+            if float_rows is not None and activations != "float" and bool(float_rows.any()):
+                if bool(float_rows.all()):
+                    activations = "float"
+                else:  # the two kinds of rows apart, as the native decoder runs them
+                    out = torch.empty((x.shape[0], self.out_features), device=x.device,
+                                      dtype=torch.float32 if out_float32 else x.dtype)
+                    out[float_rows] = self.forward(x[float_rows], out_float32, "float")
+                    rest = ~float_rows
+                    out[rest] = self.forward(x[rest], out_float32, activations)
+                    return out
             return fastinfer.ops.linear(x.contiguous(), self.packed, self.out_features, self.bias, out_float32,
                                         activations)
         if self.packed is not None and not self.quantized and x.dtype == self.packed.dtype and not x.requires_grad:
@@ -279,7 +294,7 @@ class Attention(nn.Module):
         """x : (T, hidden); cos, sin : (T, 1, head_dim // 2); kv_cache : (k, v) each
         (num_blocks, block_size, kv_heads, head_dim) -> (T, hidden)."""
         t, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x, float_rows=meta.prompt_rows)
         n_qk = self.heads + self.kv_heads
         qk = qkv[:, : n_qk * d].view(t, n_qk, d)
         v = qkv[:, n_qk * d:].view(t, self.kv_heads, d)
@@ -296,4 +311,4 @@ class Attention(nn.Module):
             q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
             softmax_scale=self.scale, causal=True, window_size=self.window, softcap=self.softcap,
             block_table=meta.block_table)
-        return self.o_proj(out.view(t, self.heads * d))
+        return self.o_proj(out.view(t, self.heads * d), float_rows=meta.prompt_rows)

@@ -41,7 +41,7 @@ class LlamaDecoderLayer(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
         h, x = self.post_attention_layernorm.add_and_norm(h, x)  # may update x in place
-        return x + self.mlp(h)
+        return x + self.mlp(h, meta.prompt_rows)
 
 
 class LlamaModel(nn.Module):
@@ -144,14 +144,8 @@ class LlamaForCausalLM(nn.Module):
         # the model dtype first; greedy picks can differ only where two logits tie after rounding).
         if head is None:
             logits = F.linear(hidden, self.head_weight()).float()
-        elif head.quantized and prompt_rows is not None and bool(prompt_rows.any()):
-            logits = torch.empty((hidden.shape[0], head.out_features), dtype=torch.float32, device=hidden.device)
-            logits[prompt_rows] = head(hidden[prompt_rows], out_float32=True, activations="float")
-            rest = ~prompt_rows
-            if bool(rest.any()):
-                logits[rest] = head(hidden[rest], out_float32=True)
         else:
-            logits = head(hidden, out_float32=True)
+            logits = head(hidden, out_float32=True, float_rows=prompt_rows)
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
