@@ -387,15 +387,20 @@ def test_float_activations_equal_the_dequantised_product(cpu_isa, np_rng, qtype,
     assert got16.dtype == torch.bfloat16 and torch.equal(got16, got32.bfloat16())
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_1", "q6_k"])
-def test_float_activations_rows_do_not_depend_on_the_batch(np_rng, qtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q6_k"])
+def test_float_activations_rows_do_not_depend_on_the_batch(cpu_isa, np_rng, qtype, dtype):
+    """Bit for bit (with AMX: every row on the tile unit, a last group of fewer than 16 rows padded; x prepared
+    in slabs of 256 rows, so 300 rows cross one)."""
     n, k = 70, kk(qtype, 64)
-    raw, _ = quantized(np_rng, n, k, qtype)
+    raw, w = quantized(np_rng, n, k, qtype)
     packed = ops.pack_linear_weight(raw, qtype=qtype)
-    x = torch.from_numpy(np_rng.standard_normal((37, k)).astype(np.float32)).bfloat16()
-    whole = ops.linear(x, packed, n, activations="float")
-    for lo, hi in ((0, 1), (5, 7), (3, 20), (36, 37)):
-        assert torch.equal(ops.linear(x[lo:hi], packed, n, activations="float"), whole[lo:hi])
+    x = torch.from_numpy(np_rng.standard_normal((300, k)).astype(np.float32)).to(dtype)
+    whole = ops.linear(x, packed, n, activations="float", out_float32=True)
+    if dtype == torch.float32:
+        assert rel_err(whole, x.double().numpy() @ w.T) <= 1e-5
+    for lo, hi in ((0, 1), (5, 7), (3, 20), (36, 37), (0, 16), (250, 262), (17, 300)):
+        assert torch.equal(ops.linear(x[lo:hi], packed, n, activations="float", out_float32=True), whole[lo:hi])
 
 
 def test_float_activations_are_closer_than_int8(np_rng):

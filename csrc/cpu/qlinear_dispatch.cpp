@@ -81,6 +81,7 @@ void pack_k_row(QType t, const uint8_t* src, uint8_t* dst, int r) {
 }
 
 struct QFloatScratch;  // a worker's dequantised sub-panel (float activations)
+struct QFloatPrep;     // x prepared for the float kernels, once per call (calling thread)
 
 // Tasks of whole sub-panels, about 8 per thread (a panel at most): 9 panels on 2 threads would leave
 // one thread a panel behind, and small projections are most of a decode step.
@@ -111,10 +112,25 @@ void qlinear_forward_float(const QLinearParams& p, const QLinearKernels& kern) {
     }
     xf = buf;
   }
-  for_sub_panels(p, int64_t(1) << 16, [&](int64_t sub0, int64_t subs) {
-    float* scratch = reinterpret_cast<float*>(thread_scratch<QFloatScratch>(sizeof(float) * qfloat_scratch_floats(p.k)));
-    kern.float_panel(p, sub0, subs, xf, scratch);
-  });
+  auto run = [&](const QLinearParams& q, const void* prep) {
+    for_sub_panels(q, int64_t(1) << 16, [&](int64_t sub0, int64_t subs) {
+      float* scratch = reinterpret_cast<float*>(thread_scratch<QFloatScratch>(sizeof(float) * qfloat_scratch_floats(q.k)));
+      kern.float_panel(q, sub0, subs, xf, prep, scratch);
+    });
+  };
+  if (kern.float_prep_bytes(p) == 0) return run(p, nullptr);  // (a level with prep reads float32 x: xf is null)
+  // x prepared once per slab of rows, shared by the tasks; slabs bound its memory on long prompts (a row's
+  // result is the same in any slab).
+  constexpr int64_t kSlabRows = 256;
+  for (int64_t i0 = 0; i0 < p.m; i0 += kSlabRows) {
+    QLinearParams q = p;
+    q.m = std::min(kSlabRows, p.m - i0);
+    q.x = static_cast<const char*>(p.x) + dtype_size(p.dtype) * i0 * p.x_row_stride;
+    q.out = static_cast<char*>(p.out) + dtype_size(p.out_dtype) * i0 * p.out_row_stride;
+    void* prep = thread_scratch<QFloatPrep>(kern.float_prep_bytes(q));
+    kern.float_prep(q, prep);
+    run(q, prep);
+  }
 }
 
 }  // namespace

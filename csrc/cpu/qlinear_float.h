@@ -8,6 +8,9 @@
 #pragma once
 #include <type_traits>
 
+#include "cpu/scratch.h"
+#include "cpu/qlinear_amx_float.h"
+
 namespace fastinfer::cpu::FI_ISA_NS {
 namespace {
 
@@ -167,11 +170,42 @@ bool qlinear_float_reads_bf16() { return kBf16Dots; }
 
 // All m rows of out for sub-panels sub0 .. sub0 + subs - 1, activations kept in float (QActivations::kFloat).
 // xf: the rows of x as float32 (m, k), or null where x is read as it is (float32 x, or bf16 x on a level
-// with bf16 dot products). scratch: qfloat_sub_floats(k) floats and as many bf16 after them.
-void qlinear_float_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const float* xf, float* scratch) {
+// with bf16 dot products). scratch: qfloat_sub_floats(k) floats and as many bf16 after them; prep: see
+// qlinear_float_prep.
+// x prepared once per call: the tile unit's bf16 parts of float32 x (qlinear_amx_float.h); elsewhere nothing.
+int64_t qlinear_float_prep_bytes(const QLinearParams& p) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+  if (p.dtype == DType::kFloat32 && !qtype_is_k(p.qtype)) return af_prep_bytes(p);
+#endif
+  (void)p;
+  return 0;
+}
+void qlinear_float_prep(const QLinearParams& p, void* prep) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+  if (p.dtype == DType::kFloat32 && !qtype_is_k(p.qtype)) return af_prep(p, prep);
+#endif
+  (void)p, (void)prep;
+}
+
+void qlinear_float_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const float* xf, const void* prep,
+                         float* scratch) {
   constexpr int kRowsPerPass = 6;
   const int64_t sub_bytes = p.k / qtype_block_elems(p.qtype) * qpacked_block_bytes(p.qtype);
   const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+  if (p.dtype == DType::kFloat32 && !qtype_is_k(p.qtype)) {  // the tile unit (qlinear_amx_float.h)
+    auto store = [&](int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) {
+      const int64_t col0 = sub * kQRows;
+      const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
+      for (int64_t i = 0; i < m; ++i) {
+        if (p.bias != nullptr)
+          for (int r = 0; r < valid; ++r) out[i][r] += static_cast<const float*>(p.bias)[col0 + r];
+        store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
+      }
+    };
+    return amx_float_panel(p, sub0, subs, prep, store);
+  }
+#endif
   const bool bf16 = p.dtype == DType::kBFloat16 && xf == nullptr;
   uint16_t* wb = reinterpret_cast<uint16_t*>(scratch + qfloat_sub_floats(p.k));
   for (int64_t s = 0; s < subs; ++s) {

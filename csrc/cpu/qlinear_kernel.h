@@ -124,6 +124,7 @@ namespace fastinfer::cpu {
 // This level's quantised-linear kernels (qlinear_kernels_<suffix>, declared in qlinear_cpu.h).
 QLinearKernels FI_ISA_CAT(qlinear_kernels_, FI_ISA_NS)() {
   return {&FI_ISA_NS::qlinear_quantize, &FI_ISA_NS::qlinear_panel, &FI_ISA_NS::qlinear_rows,
-          &FI_ISA_NS::qlinear_float_panel, FI_ISA_NS::qlinear_float_reads_bf16()};
+          &FI_ISA_NS::qlinear_float_panel, FI_ISA_NS::qlinear_float_reads_bf16(), &FI_ISA_NS::qlinear_float_prep_bytes,
+          &FI_ISA_NS::qlinear_float_prep};
 }
 }  // namespace fastinfer::cpu
