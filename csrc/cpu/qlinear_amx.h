@@ -6,6 +6,7 @@
 // order, lane for lane: a row's output is bit for bit what the VNNI kernel gives it, so which kernel a
 // row runs (batch size) never changes its result.
 #pragma once
+#include "cpu/amx_tiles.h"
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 namespace fastinfer::cpu::FI_ISA_NS {
@@ -15,16 +16,10 @@ constexpr int kAmxRows = 16;  // activation rows per tile product
 
 struct QAmxScratch;  // a task's weights as B tiles and one product's integer sums
 
-struct alignas(64) QTileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Per task: another kernel (attention's bf16 tiles, oneDNN in torch) may have configured the tiles differently.
 // Two sets of tiles, for even and odd blocks, so one block's product need not wait for the last one's store.
 inline void qamx_configure() {
-  QTileConfig cfg{};
+  AmxTileConfig cfg{};
   cfg.palette = 1;
   for (int set = 0; set < 2; ++set) {
     cfg.rows[3 * set] = 8;  // B: the block's 8 groups of 4 values, each for the 16 rows of two sub-panels
@@ -72,13 +67,6 @@ inline void pair_block(bool q8, const uint8_t* a, const uint8_t* b, uint8_t* u) 
       emit(4 + 2 * h, _mm512_and_si512(_mm512_srli_epi16(va, 4), low4), _mm512_and_si512(_mm512_srli_epi16(vb, 4), low4));
     }
   }
-}
-
-// 8 f16 scales of sub-panel a's block and 8 of b's (null: zeros) as 16 floats.
-inline __m512 scales16(const uint16_t* a, const uint16_t* b) {
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
-  const __m256 hi = b != nullptr ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))) : _mm256_setzero_ps();
-  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
 }
 
 // Activation rows i0 .. i0 + 15 against sub-panels sa and sb (null: none) -> out[16][16] (columns 0..7: sa's
@@ -138,12 +126,8 @@ int64_t amx_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8
   uint8_t* tiles = reinterpret_cast<uint8_t*>(buf);
   int32_t* sums = reinterpret_cast<int32_t*>(buf + pairs * nb * kPairBytes);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
-  for (int64_t j = 0; j < pairs; ++j) {
-    const uint8_t* sa = base + 2 * j * sub_bytes;
-    const uint8_t* sb = 2 * j + 1 < subs ? sa + sub_bytes : nullptr;
-    for (int64_t b = 0; b < nb; ++b)
-      pair_block(q8, sa + b * block, sb != nullptr ? sb + b * block : nullptr, tiles + (j * nb + b) * kPairBytes);
-  }
+  for_pair_blocks(base, subs, nb, block,
+                  [&](const uint8_t* a, const uint8_t* b, int64_t i) { pair_block(q8, a, b, tiles + i * kPairBytes); });
   qamx_configure();
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t j = 0; j < pairs; ++j) {

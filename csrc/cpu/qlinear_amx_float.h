@@ -9,6 +9,7 @@
 // speed of the FMA kernel. Every row runs on the tile unit (a last group of fewer than 16 rows in shorter
 // tiles), and a row's arithmetic never involves another row, so its result does not depend on the batch.
 #pragma once
+#include "cpu/amx_tiles.h"
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
 namespace fastinfer::cpu::FI_ISA_NS {
@@ -19,17 +20,11 @@ constexpr int kAfPairBytes = 1024;   // a block of two sub-panels as one B tile:
 
 struct QAmxFloatScratch;  // a task's weights as B tiles and the tile sums
 
-struct alignas(64) QAfTileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Tiles 0-2: A (x's hi, mid, lo parts: 16 rows x 32 bf16); 3, 5: B (16 pair rows x 16 outputs); 4, 6: C (16 x 16
 // floats). Always 16 rows: a last group of fewer rows has zero rows after them (its scaling then runs in
 // registers, a fixed 16 rows; a row's arithmetic is the same either way).
 inline void qaf_configure() {
-  QAfTileConfig cfg{};
+  AmxTileConfig cfg{};
   cfg.palette = 1;
   for (int t = 0; t < 7; ++t) {
     cfg.rows[t] = kAfRows;
@@ -142,20 +137,13 @@ void amx_float_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const v
   uint8_t* tiles = reinterpret_cast<uint8_t*>(buf);
   float* sums = reinterpret_cast<float*>(buf + tiles_bytes);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
-  for (int64_t j = 0; j < pairs; ++j) {
-    const uint8_t* sa = base + 2 * j * sub_bytes;
-    const uint8_t* sb = 2 * j + 1 < subs ? sa + sub_bytes : nullptr;
-    for (int64_t b = 0; b < nb; ++b)
-      af_pair_block(q8, sa + b * block, sb != nullptr ? sb + b * block : nullptr, tiles + (j * nb + b) * kAfPairBytes);
-  }
+  for_pair_blocks(base, subs, nb, block,
+                  [&](const uint8_t* a, const uint8_t* b, int64_t i) { af_pair_block(q8, a, b, tiles + i * kAfPairBytes); });
   const int vb = qtype_value_bytes(p.qtype);
   auto scales = [&](int64_t j, int64_t b, int which) {  // d (0) or m (1) of pair j's block b, 16 outputs
     const uint8_t* sa = base + 2 * j * sub_bytes + b * block + kQRows * vb + 2 * kQRows * which;
-    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa)));
-    const __m256 hi = 2 * j + 1 < subs
-                          ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa + sub_bytes)))
-                          : _mm256_setzero_ps();
-    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+    return scales16(reinterpret_cast<const uint16_t*>(sa),
+                    2 * j + 1 < subs ? reinterpret_cast<const uint16_t*>(sa + sub_bytes) : nullptr);
   };
   qaf_configure();
   for (int64_t i0 = 0; i0 < p.m; i0 += kAfRows) {

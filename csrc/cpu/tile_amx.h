@@ -1,5 +1,6 @@
 // AMX tile kernel (bf16 on CPUs with AMX-BF16).
 #pragma once
+#include "cpu/amx_tiles.h"
 #include "cpu/tile_common.h"
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
@@ -9,15 +10,9 @@ namespace {
 // ---- AMX: S^T = K.Q^T and O = P.V on the tile unit; softmax stays vertical in AVX-512.
 //   A operands are plain row-major bf16 (keys, or probabilities), B operands are
 //   "VNNI" pairs: Q^T pairs of d (packed once per tile), V pairs of keys (pack_v_bf16).
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Loaded per job: another library (oneDNN in torch) may have configured the tiles differently.
 inline void amx_configure() {
-  TileConfig cfg{};
+  AmxTileConfig cfg{};
   cfg.palette = 1;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;

@@ -38,7 +38,10 @@
 // The activations are quantised on the fly to int8 per 32-block (scale = max|x| / 127, round to
 // nearest), as ggml does; the dot products are exact integer sums, scaled once per block (per
 // 32-block also for the K-quants, whose offsets -dmin m and -32 d sc are applied through the
-// activations' per-block and per-16 sums).
+// activations' per-block and per-16 sums). The levels: scalar, AVX2 (maddubs + madd), AVX-VNNI and
+// AVX-512 VNNI (vpdpbusd), and AMX-INT8 tiles for whole groups of 16 rows of the 32-block formats,
+// whose float operations after the exact sums are the VNNI kernel's, so a row's result is the same
+// whichever runs it.
 #pragma once
 #include <cstdint>
 
@@ -81,8 +84,10 @@ enum class QActivations : int {
   kInt8 = 0,
   // Kept as they are: each 8-row sub-panel of W is dequantised once per call (to bf16 where the CPU
   // has bf16 dot products and x is bf16, else to float32) and multiplied by every row with float
-  // accumulation, as the dequantised model computes. For prompt rows: a batch of them amortises the
-  // dequantisation, and the float activations keep the next token the dequantised model's.
+  // accumulation, as the dequantised model computes; with AMX-BF16 and float32 x (32-block formats),
+  // x is split exactly into three bf16 parts and multiplied by the integer q on the tile unit, then
+  // scaled (float32 accuracy). For prompt rows: a batch of them amortises the dequantisation, and the
+  // float activations keep the next token the dequantised model's.
   kFloat = 1,
 };
 
