@@ -128,6 +128,93 @@ void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*ou
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// Two sub-panels at once on 512-bit registers (lanes 0-7: a's rows, 8-15: b's): half the instructions per weight
+// byte of dot32, so more of the weight stream is in flight (decode reads it from memory). Per lane, the very
+// operations of dot32 on the same exact integer sums: a row's outputs are the same whichever kernel runs them.
+// q8_0's signed weights go through vpdpbusd offset by 128 (w ^ 0x80), and 128 sum(a) is taken off the integer sum.
+template <int R>
+void dot32_pair(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const QRow* rows, const int32_t* const* hsum,
+                float (*out)[2 * kQRows], bool prefetch) {
+  const int64_t block = qpacked_block_bytes(t);
+  const __m512i low4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(int8_t(0x80));
+  constexpr int kAcc = R == 1 ? 4 : 2;
+  __m512 acc[R], macc[R];
+  for (int i = 0; i < R; ++i) acc[i] = macc[i] = _mm512_setzero_ps();
+  auto both = [](const uint8_t* pa, const uint8_t* pb) {  // 32 bytes of each sub-panel, a's in the low half
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb)), 1);
+  };
+  auto bcast = [](const int8_t* q) {
+    int32_t v;
+    std::memcpy(&v, q, 4);
+    return _mm512_set1_epi32(v);
+  };
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const uint8_t* pa = a + bi * block;
+    const uint8_t* pb = b + bi * block;
+    if (prefetch)
+      for (int64_t off = 0; off < block; off += 64) {
+        __builtin_prefetch(pa + kPrefetch + off, 0, 2);
+        __builtin_prefetch(pb + kPrefetch + off, 0, 2);
+      }
+    __m512i s[R][kAcc];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < kAcc; ++c) s[i][c] = _mm512_setzero_si512();
+    if (t == QType::kQ8_0) {
+      for (int c = 0; c < 8; ++c) {
+        const __m512i w = _mm512_xor_si512(both(pa + 32 * c, pb + 32 * c), flip);
+        for (int i = 0; i < R; ++i)
+          s[i][c % kAcc] = _mm512_dpbusd_epi32(s[i][c % kAcc], w, bcast(rows[i].q + bi * kQBlock + 4 * c));
+      }
+    } else {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i w = both(pa + 32 * j, pb + 32 * j);
+        const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        for (int i = 0; i < R; ++i) {
+          const int8_t* q = rows[i].q + bi * kQBlock;
+          __m512i& x = s[i][(2 * j) % kAcc];
+          __m512i& y = s[i][(2 * j + 1) % kAcc];
+          x = _mm512_dpbusd_epi32(x, lo, bcast(q + 4 * j));
+          y = _mm512_dpbusd_epi32(y, hi, bcast(q + 16 + 4 * j));
+        }
+      }
+    }
+    const uint16_t* sa = reinterpret_cast<const uint16_t*>(pa + kQRows * qtype_value_bytes(t));
+    const uint16_t* sb = reinterpret_cast<const uint16_t*>(pb + kQRows * qtype_value_bytes(t));
+    const __m512 dw = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa)))),
+                                         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb))), 1);
+    for (int i = 0; i < R; ++i) {
+      __m512i sum = s[i][0];
+      for (int c = 1; c < kAcc; ++c) sum = _mm512_add_epi32(sum, s[i][c]);
+      if (t == QType::kQ8_0)
+        sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * (hsum[i][2 * bi] + hsum[i][2 * bi + 1])));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(rows[i].d[bi])), acc[i]);
+    }
+    if (t != QType::kQ8_0) {
+      const __m512 mw = _mm512_insertf32x8(
+          _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa + kQRows)))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + kQRows))), 1);
+      for (int i = 0; i < R; ++i) macc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(rows[i].s[bi]), macc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i], macc[i]));
+}
+
+// Rows [0, m) against sub-panels a and b, kDotRows at a time.
+void dot32_pair_all(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const QRow* rows,
+                    const int32_t* const* hsum, int64_t m, float (*out)[2 * kQRows]) {
+  int64_t i = 0;
+  for (; i + kDotRows <= m; i += kDotRows) dot32_pair<kDotRows>(t, a, b, nb, rows + i, hsum + i, out + i, i == 0);
+  switch (m - i) {
+    case 3: dot32_pair<3>(t, a, b, nb, rows + i, hsum + i, out + i, i == 0); break;
+    case 2: dot32_pair<2>(t, a, b, nb, rows + i, hsum + i, out + i, i == 0); break;
+    case 1: dot32_pair<1>(t, a, b, nb, rows + i, hsum + i, out + i, i == 0); break;
+    default: break;
+  }
+}
+#endif
+
 // Rows [0, m) of the activations against one sub-panel, kDotRows at a time.
 void dot32_all(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, int64_t m, float (*out)[kQRows]) {
   int64_t i = 0;

@@ -77,7 +77,20 @@ void qlinear_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int
     const int64_t m = std::min<int64_t>(kChunk, p.m - i0);
     QRow rows[kChunk];
     for (int64_t i = 0; i < m; ++i) rows[i] = {qa + (i0 + i) * p.k, da + (i0 + i) * nb, as + (i0 + i) * nb};
-    for (int64_t s = 0; s < subs; ++s) {
+    int64_t s = 0;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    const int32_t* hsum[kChunk];
+    for (int64_t i = 0; i < m; ++i) hsum[i] = hs + 2 * (i0 + i) * nb;
+    for (; s + 2 <= subs && (sub0 + s + 1) * kQRows < p.n; s += 2) {  // two sub-panels that both hold outputs
+      float out[kChunk][2 * kQRows], half[kChunk][kQRows];
+      dot32_pair_all(p.qtype, base + s * sub_bytes, base + (s + 1) * sub_bytes, nb, rows, hsum, m, out);
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t i = 0; i < m; ++i) std::memcpy(half[i], out[i] + kQRows * h, sizeof(half[i]));
+        store(sub0 + s + h, i0, m, half);
+      }
+    }
+#endif
+    for (; s < subs; ++s) {
       if ((sub0 + s) * kQRows >= p.n) break;
       float out[kChunk][kQRows];
       dot32_all(p.qtype, base + s * sub_bytes, nb, rows, m, out);
