@@ -122,7 +122,7 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
 
         outputs: dict = {}
 
-        def no_matmul(self, x, out_float32=False):
+        def no_matmul(self, x, out_float32=False, activations="int8", float_rows=None):
             dtype = torch.float32 if out_float32 else x.dtype
             key = (x.shape[:-1], self.out_features, dtype)
             if key not in outputs:
@@ -153,11 +153,13 @@ def profile_batch(llm, batch: int, steps: int) -> dict:
 
     x = torch.randn(batch, model.config.hidden_size, dtype=model.dtype)
     xi = torch.randn(batch, model.config.intermediate_size, dtype=model.dtype)
+    attn = model.model.layers[0].self_attn
+    xo = torch.randn(batch, attn.heads * attn.head_dim, dtype=model.dtype)  # o_proj's input (Gemma 3: not hidden)
 
     def matmuls():
         for layer in model.model.layers:
             layer.self_attn.qkv_proj(x)
-            layer.self_attn.o_proj(x)
+            layer.self_attn.o_proj(xo)
             layer.mlp.gate_up_proj(x)
             layer.mlp.down_proj(xi)
         model.head_proj(x) if model.head_proj is not None else torch.nn.functional.linear(x, model.head_weight())
