@@ -1,4 +1,4 @@
-"""ops.pack_linear_weight(raw, qtype=...) / ops.linear on GGUF-quantised weights (q8_0, q4_0, q4_1 and the
+"""ops.pack_linear_weight(raw, qtype=...) / ops.linear on GGUF-quantised weights (q8_0, q4_0, q4_1, q5_0 and the
 K-quants q4_k, q5_k, q6_k).
 
 The weights are made with the ``gguf`` package's own quantize (the K-quants, which it cannot quantise:
@@ -21,7 +21,8 @@ from fastinfer import _C, ops
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-QTYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+QTYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K,
+          "q6_k": Q.Q6_K}
 K_QUANTS = ("q4_k", "q5_k", "q6_k")  # 256-element super-blocks
 
 
@@ -184,8 +185,9 @@ def test_the_default_models_own_tensors():
 
 
 def test_packed_bytes_are_about_the_gguf_bytes(np_rng):
-    # q4_0 stores its -8 d offset; q4_k / q5_k their 6-bit scales and mins a byte each
-    extras = {"q8_0": 1.0, "q4_0": 20 / 18, "q4_1": 1.0, "q4_k": 148 / 144, "q5_k": 180 / 176, "q6_k": 1.0}
+    # q4_0 / q5_0 store their -8 d / -16 d offset; q4_k / q5_k their 6-bit scales and mins a byte each
+    extras = {"q8_0": 1.0, "q4_0": 20 / 18, "q4_1": 1.0, "q5_0": 24 / 22, "q4_k": 148 / 144, "q5_k": 180 / 176,
+              "q6_k": 1.0}
     for qtype, extra in extras.items():
         raw, _ = quantized(np_rng, 256, 1024, qtype)
         packed = ops.pack_linear_weight(raw, qtype=qtype)
@@ -301,6 +303,10 @@ def test_corrupt_block_is_refused_naming_the_tensor_and_row(np_rng):
     raw2[3, 18:20] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)  # the second block
     with pytest.raises(ValueError, match="row 3"):
         ops.pack_linear_weight(raw2, qtype="q4_0")
+    raw3, _ = quantized(np_rng, 10, 64, "q5_0")
+    raw3[5, 22:24] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # the second block's d
+    with pytest.raises(ValueError, match="row 5"):
+        ops.pack_linear_weight(raw3, qtype="q5_0")
 
 
 def test_size_not_a_multiple_of_the_block(np_rng):

@@ -182,15 +182,16 @@ QType qtype_arg(const std::string& name) {
   if (name == "q8_0") return QType::kQ8_0;
   if (name == "q4_0") return QType::kQ4_0;
   if (name == "q4_1") return QType::kQ4_1;
+  if (name == "q5_0") return QType::kQ5_0;
   if (name == "q4_k") return QType::kQ4_K;
   if (name == "q5_k") return QType::kQ5_K;
   if (name == "q6_k") return QType::kQ6_K;
-  throw py::value_error(cat("qtype: expected one of 'q8_0', 'q4_0', 'q4_1', 'q4_k', 'q5_k', 'q6_k' (the block formats "
+  throw py::value_error(cat("qtype: expected one of 'q8_0', 'q4_0', 'q4_1', 'q5_0', 'q4_k', 'q5_k', 'q6_k' (the block formats "
                             "the quantised linear runs), got '", name, "'"));
 }
 
 const char* qtype_name(QType t) {
-  static const char* const kNames[] = {"q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"};
+  static const char* const kNames[] = {"q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q5_0"};
   return kNames[static_cast<int>(t)];
 }
 

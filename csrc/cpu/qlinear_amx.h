@@ -50,22 +50,36 @@ constexpr int kPairBytes = 512;  // a block of two sub-panels as one B tile: 8 r
 
 // Block values of sub-panels a and b (null: zeros) as one B tile: row c = values 4 c .. 4 c + 3 of a's 8 rows,
 // then of b's, a byte each (q4: nibbles unpacked; packed byte 32 j + 4 r + e holds value 4 j + e of row r in its
-// low half and 16 + 4 j + e in its high half).
-inline void pair_block(bool q8, const uint8_t* a, const uint8_t* b, uint8_t* u) {
+// low half and 16 + 4 j + e in its high half; q5_0: the fifth bits or-ed in).
+inline void pair_block(QType t, const uint8_t* a, const uint8_t* b, uint8_t* u) {
   auto emit = [u](int c, __m512i va, __m512i vb) {  // va, vb: rows c and c + 1, 32 bytes each
     _mm512_storeu_si512(u + 64 * c, _mm512_shuffle_i64x2(va, vb, 0x44));
     _mm512_storeu_si512(u + 64 * (c + 1), _mm512_shuffle_i64x2(va, vb, 0xee));
   };
+  const bool q8 = t == QType::kQ8_0, q5 = t == QType::kQ5_0;
+  alignas(64) uint8_t ha[8][32] = {}, hb[8][32] = {};
+  if (q5) {
+    q5_high(a, ha);
+    if (b != nullptr) q5_high(b, hb);
+  }
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   for (int h = 0; h < (q8 ? 4 : 2); ++h) {
     const __m512i va = _mm512_loadu_si512(a + 64 * h);
     const __m512i vb = b != nullptr ? _mm512_loadu_si512(b + 64 * h) : _mm512_setzero_si512();
     if (q8) {
       emit(2 * h, va, vb);
-    } else {
-      emit(2 * h, _mm512_and_si512(va, low4), _mm512_and_si512(vb, low4));
-      emit(4 + 2 * h, _mm512_and_si512(_mm512_srli_epi16(va, 4), low4), _mm512_and_si512(_mm512_srli_epi16(vb, 4), low4));
+      continue;
     }
+    __m512i la = _mm512_and_si512(va, low4), lb = _mm512_and_si512(vb, low4);
+    __m512i ua = _mm512_and_si512(_mm512_srli_epi16(va, 4), low4), ub = _mm512_and_si512(_mm512_srli_epi16(vb, 4), low4);
+    if (q5) {  // chunks 2 h, 2 h + 1 (low nibbles) and 4 + 2 h, 5 + 2 h (high): 64 bytes of ha / hb each
+      la = _mm512_or_si512(la, _mm512_load_si512(ha[2 * h]));
+      lb = _mm512_or_si512(lb, _mm512_load_si512(hb[2 * h]));
+      ua = _mm512_or_si512(ua, _mm512_load_si512(ha[4 + 2 * h]));
+      ub = _mm512_or_si512(ub, _mm512_load_si512(hb[4 + 2 * h]));
+    }
+    emit(2 * h, la, lb);
+    emit(4 + 2 * h, ua, ub);
   }
 }
 
@@ -127,7 +141,7 @@ int64_t amx_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8
   int32_t* sums = reinterpret_cast<int32_t*>(buf + pairs * nb * kPairBytes);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
   for_pair_blocks(base, subs, nb, block,
-                  [&](const uint8_t* a, const uint8_t* b, int64_t i) { pair_block(q8, a, b, tiles + i * kPairBytes); });
+                  [&](const uint8_t* a, const uint8_t* b, int64_t i) { pair_block(p.qtype, a, b, tiles + i * kPairBytes); });
   qamx_configure();
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t j = 0; j < pairs; ++j) {

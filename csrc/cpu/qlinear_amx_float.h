@@ -1,5 +1,5 @@
 // AMX-BF16 kernel of the float-activation path (QActivations::kFloat) for the 32-element block formats
-// (q8_0, q4_0, q4_1) with float32 x, included by qlinear_float.h where the level has AMX-BF16.
+// (q8_0, q4_0, q4_1, q5_0) with float32 x, included by qlinear_float.h where the level has AMX-BF16.
 //
 // A weight is d q + m per 32-block, with q a small integer (exact in bf16), so a row's output is
 //   sum over blocks b of  d_b (sum_j q_j x_j) + m_b (sum_j x_j).
@@ -39,7 +39,7 @@ inline __m256i i32_to_bf16(__m512i v) { return (__m256i)_mm512_cvtneps_pbh(_mm51
 // Block b of sub-panels a and b (null: zeros) as one B tile: row r holds, for each of the 16 outputs (a's 8
 // rows, then b's), values 2 r and 2 r + 1 as bf16. Packed chunk c (32 bytes: 4 values of each of 8 rows)
 // gives tile rows 2 c (values 4 c, 4 c + 1 of each row) and 2 c + 1 (4 c + 2, 4 c + 3).
-inline void af_pair_block(bool q8, const uint8_t* a, const uint8_t* b, uint8_t* u) {
+inline void af_pair_block(QType t, const uint8_t* a, const uint8_t* b, uint8_t* u) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   // Chunk as 32 bf16 ([row][4 values]; as 16 dwords: dword 2 r = values 4c, 4c+1 of row r, 2 r + 1 the other two)
@@ -48,7 +48,7 @@ inline void af_pair_block(bool q8, const uint8_t* a, const uint8_t* b, uint8_t* 
     _mm512_storeu_si512(u + 64 * (2 * c), _mm512_permutex2var_epi32(va, even, vb));
     _mm512_storeu_si512(u + 64 * (2 * c + 1), _mm512_permutex2var_epi32(va, odd, vb));
   };
-  if (q8) {
+  if (t == QType::kQ8_0) {
     auto chunk = [](const uint8_t* blk, int c) {
       const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 * c)));
       const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 * c + 16)));
@@ -57,21 +57,32 @@ inline void af_pair_block(bool q8, const uint8_t* a, const uint8_t* b, uint8_t* 
     for (int c = 0; c < kQBlock / 4; ++c) emit(c, chunk(a, c), b != nullptr ? chunk(b, c) : _mm512_setzero_si512());
     return;
   }
-  // Nibbles: bytes 32 j .. hold chunk j in their low halves and chunk 4 + j in their high ones; 0..15 -> bf16
-  // by a 16-bit table lookup (the bf16 of v is 0x3f80.. for 1.., 0 for 0).
-  alignas(64) static const uint16_t kBf16Of[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                                    0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+  // Nibbles: bytes 32 j .. hold chunk j in their low halves and chunk 4 + j in their high ones (q5_0: plus 16 for
+  // the fifth bit); 0..31 -> bf16 by a 16-bit table lookup (the bf16 of v: 0x3f80 for 1, 0x4000 for 2, ...).
+  alignas(64) static const uint16_t kBf16Of[32] = {
+      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
+      0x4180, 0x4188, 0x4190, 0x4198, 0x41a0, 0x41a8, 0x41b0, 0x41b8, 0x41c0, 0x41c8, 0x41d0, 0x41d8, 0x41e0, 0x41e8, 0x41f0, 0x41f8};
   const __m512i table = _mm512_load_si512(kBf16Of);
   const __m512i low4 = _mm512_set1_epi16(15);
-  auto words = [](const uint8_t* blk, int j) {
-    return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * j)));
-  };
+  const bool q5 = t == QType::kQ5_0;
+  alignas(32) uint8_t ha[8][32] = {}, hb[8][32] = {};
+  if (q5) {
+    q5_high(a, ha);
+    if (b != nullptr) q5_high(b, hb);
+  }
+  auto words = [](const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
   for (int j = 0; j < 4; ++j) {
-    const __m512i wa = words(a, j), wb = b != nullptr ? words(b, j) : _mm512_setzero_si512();
-    emit(j, _mm512_permutexvar_epi16(_mm512_and_si512(wa, low4), table),
-         _mm512_permutexvar_epi16(_mm512_and_si512(wb, low4), table));
-    emit(4 + j, _mm512_permutexvar_epi16(_mm512_srli_epi16(wa, 4), table),
-         _mm512_permutexvar_epi16(_mm512_srli_epi16(wb, 4), table));
+    const __m512i wa = words(a + 32 * j), wb = b != nullptr ? words(b + 32 * j) : _mm512_setzero_si512();
+    __m512i la = _mm512_and_si512(wa, low4), lb = _mm512_and_si512(wb, low4);
+    __m512i ua = _mm512_srli_epi16(wa, 4), ub = _mm512_srli_epi16(wb, 4);
+    if (q5) {
+      la = _mm512_or_si512(la, words(ha[j]));
+      lb = _mm512_or_si512(lb, words(hb[j]));
+      ua = _mm512_or_si512(ua, words(ha[4 + j]));
+      ub = _mm512_or_si512(ub, words(hb[4 + j]));
+    }
+    emit(j, _mm512_permutexvar_epi16(la, table), _mm512_permutexvar_epi16(lb, table));
+    emit(4 + j, _mm512_permutexvar_epi16(ua, table), _mm512_permutexvar_epi16(ub, table));
   }
 }
 
@@ -138,7 +149,7 @@ void amx_float_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const v
   float* sums = reinterpret_cast<float*>(buf + tiles_bytes);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
   for_pair_blocks(base, subs, nb, block,
-                  [&](const uint8_t* a, const uint8_t* b, int64_t i) { af_pair_block(q8, a, b, tiles + i * kAfPairBytes); });
+                  [&](const uint8_t* a, const uint8_t* b, int64_t i) { af_pair_block(p.qtype, a, b, tiles + i * kAfPairBytes); });
   const int vb = qtype_value_bytes(p.qtype);
   auto scales = [&](int64_t j, int64_t b, int which) {  // d (0) or m (1) of pair j's block b, 16 outputs
     const uint8_t* sa = base + 2 * j * sub_bytes + b * block + kQRows * vb + 2 * kQRows * which;

@@ -172,6 +172,7 @@ int64_t qlinear_pack(const QLinearPackParams& p) {
       if (p.qtype == QType::kQ4_1 || p.qtype == QType::kQ4_K || p.qtype == QType::kQ5_K) std::memcpy(&m, blk + 2, 2);
       if (!finite_f16(d) || !finite_f16(m)) return row;
       if (p.qtype == QType::kQ4_0 && !finite_f16(f32_to_f16(-8.f * f16_value(d)))) return row;
+      if (p.qtype == QType::kQ5_0 && !finite_f16(f32_to_f16(-16.f * f16_value(d)))) return row;
     }
   }
   if (kq) {
@@ -197,12 +198,17 @@ int64_t qlinear_pack(const QLinearPackParams& p) {
           for (int64_t c = 0; c < vb / 4; ++c) std::memset(values + 32 * c + 4 * r, 0, 4);
           d[r] = 0;
           if (qtype_has_offset(p.qtype)) m[r] = 0;
+          if (p.qtype == QType::kQ5_0) std::memset(values + kQ5HighOffset + 4 * r, 0, 4);
           continue;
         }
         const uint8_t* blk = static_cast<const uint8_t*>(p.raw) + row * p.raw_row_stride + b * block_bytes;
         std::memcpy(&d[r], blk, 2);
-        const uint8_t* q = blk + (p.qtype == QType::kQ4_1 ? 4 : 2);
+        const uint8_t* q = blk + (p.qtype == QType::kQ4_1 ? 4 : p.qtype == QType::kQ5_0 ? 6 : 2);
         if (p.qtype == QType::kQ4_0) m[r] = f32_to_f16(-8.f * f16_value(d[r]));
+        if (p.qtype == QType::kQ5_0) {  // m = -16 d; the fifth bits, GGUF's qh word as it is
+          m[r] = f32_to_f16(-16.f * f16_value(d[r]));
+          std::memcpy(values + kQ5HighOffset + 4 * r, blk + 2, 4);
+        }
         if (p.qtype == QType::kQ4_1) std::memcpy(&m[r], blk + 2, 2);
         // 4 bytes at a time, the 8 rows side by side (qlinear.h): bytes 4c..4c+3 of row r at 32 c + 4 r
         for (int64_t c = 0; c < vb / 4; ++c) std::memcpy(values + 32 * c + 4 * r, q + 4 * c, 4);

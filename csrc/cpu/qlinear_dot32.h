@@ -1,4 +1,4 @@
-// The int8 dot kernel of the 32-element block formats (q8_0, q4_0, q4_1), included by qlinear_kernel.h
+// The int8 dot kernel of the 32-element block formats (q8_0, q4_0, q4_1, q5_0), included by qlinear_kernel.h
 // (compiled per SIMD level). Their packed values interleave the 8 rows of a sub-panel 4 bytes at a
 // time (fastinfer/qlinear.h), so that one 32-byte load holds 4 consecutive values of each of the 8
 // rows: a dot-product instruction against 4 activation values broadcast to every lane gives each
@@ -20,6 +20,26 @@ struct QRow {
   const float* d;
   const float* s;
 };
+
+// q5_0: a packed block's fifth bits as bit 4 of the value bytes, in the chunk layout of the values: hb[c][4 r + e]
+// for element 4 c + e of row r (bit 4 c + e of the row's qh word). Or-ed into the nibbles, they give 0..31.
+inline void q5_high(const uint8_t* blk, uint8_t (*hb)[32]) {
+#if defined(__AVX2__)
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQ5HighOffset));  // lane r: row r
+  for (int c = 0; c < 8; ++c) {  // 4 bits b0..b3 -> bytes 0..3, bit 4 each: x * (2^4 + 2^11 + 2^18 + 2^25), no carries
+    const __m256i x = _mm256_and_si256(_mm256_srli_epi32(qh, 4 * c), _mm256_set1_epi32(15));
+    const __m256i spread = _mm256_and_si256(_mm256_mullo_epi32(x, _mm256_set1_epi32(0x02040810)), _mm256_set1_epi32(0x10101010));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hb[c]), spread);
+  }
+#else
+  for (int r = 0; r < kQRows; ++r) {
+    uint32_t qh;
+    std::memcpy(&qh, blk + kQ5HighOffset + 4 * r, 4);
+    for (int c = 0; c < 8; ++c)
+      for (int e = 0; e < 4; ++e) hb[c][4 * r + e] = static_cast<uint8_t>(((qh >> (4 * c + e)) & 1) << 4);
+  }
+#endif
+}
 
 #if defined(__AVX2__)
 // acc (8 int32 lanes) += per lane, the dot product of 4 u8 weights with 4 s8 activations.
@@ -66,9 +86,15 @@ void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*ou
           s[i][c % kAcc] = dot4(s[i][c % kAcc], aw, _mm256_sign_epi8(bcast4(rows[i].q + b * kQBlock + 4 * c), w));
       }
     } else {
+      alignas(32) uint8_t hb[8][32];
+      if (t == QType::kQ5_0) q5_high(blk, hb);
       for (int j = 0; j < 4; ++j) {  // low nibbles: values 4j..4j+3; high nibbles: 16+4j..16+4j+3
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * j));
-        const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+        __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+        if (t == QType::kQ5_0) {
+          lo = _mm256_or_si256(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(hb[j])));
+          hi = _mm256_or_si256(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(hb[4 + j])));
+        }
         for (int i = 0; i < R; ++i) {
           const int8_t* a = rows[i].q + b * kQBlock;
           __m256i& x = s[i][(2 * j) % kAcc];
@@ -107,10 +133,12 @@ void dot32(QType t, const uint8_t* sub, int64_t nb, const QRow* rows, float (*ou
       if (t == QType::kQ8_0) {
         for (int e = 0; e < kQBlock; ++e) w[e] = reinterpret_cast<const int8_t*>(blk)[32 * (e / 4) + 4 * r + e % 4];
       } else {
+        uint32_t qh = 0;
+        if (t == QType::kQ5_0) std::memcpy(&qh, blk + kQ5HighOffset + 4 * r, 4);
         for (int e = 0; e < 16; ++e) {
           const uint8_t byte = blk[32 * (e / 4) + 4 * r + e % 4];
-          w[e] = byte & 15;
-          w[e + 16] = byte >> 4;
+          w[e] = (byte & 15) | int32_t((qh >> e) & 1) << 4;
+          w[e + 16] = (byte >> 4) | int32_t((qh >> (e + 16)) & 1) << 4;
         }
       }
       const float dw = f16_to_f32(scales[r]), mw = t == QType::kQ8_0 ? 0.f : f16_to_f32(scales[kQRows + r]);
@@ -168,9 +196,21 @@ void dot32_pair(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const Q
           s[i][c % kAcc] = _mm512_dpbusd_epi32(s[i][c % kAcc], w, bcast(rows[i].q + bi * kQBlock + 4 * c));
       }
     } else {
+      // q5_0: the 16 rows' qh words (a's, then b's); 4 of their bits -> bit 4 of 4 bytes by a 16-entry table
+      const __m512i qh = t == QType::kQ5_0 ? both(pa + kQ5HighOffset, pb + kQ5HighOffset) : _mm512_setzero_si512();
+      const __m512i spread = _mm512_setr_epi32(0x00000000, 0x00000010, 0x00001000, 0x00001010, 0x00100000, 0x00100010,
+                                               0x00101000, 0x00101010, 0x10000000, 0x10000010, 0x10001000, 0x10001010,
+                                               0x10100000, 0x10100010, 0x10101000, 0x10101010);
+      auto high = [&](int c) {  // bit 4 of element 4 c + e's byte, for each row
+        return _mm512_permutexvar_epi32(_mm512_and_si512(_mm512_srli_epi32(qh, 4 * c), _mm512_set1_epi32(15)), spread);
+      };
       for (int j = 0; j < 4; ++j) {
         const __m512i w = both(pa + 32 * j, pb + 32 * j);
-        const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        if (t == QType::kQ5_0) {
+          lo = _mm512_or_si512(lo, high(j));
+          hi = _mm512_or_si512(hi, high(4 + j));
+        }
         for (int i = 0; i < R; ++i) {
           const int8_t* q = rows[i].q + bi * kQBlock;
           __m512i& x = s[i][(2 * j) % kAcc];

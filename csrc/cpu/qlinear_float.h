@@ -82,7 +82,7 @@ void dequant_sub(QType t, const uint8_t* sub, int64_t k, float* w) {
         }
     return;
   }
-  const bool q8 = t == QType::kQ8_0;
+  const bool q8 = t == QType::kQ8_0, q5 = t == QType::kQ5_0;
   for (int64_t b = 0; b < k / kQBlock; ++b) {
     const uint8_t* blk = sub + b * block;
     const uint16_t* dm = reinterpret_cast<const uint16_t*>(blk + kQRows * qtype_value_bytes(t));
@@ -90,6 +90,8 @@ void dequant_sub(QType t, const uint8_t* sub, int64_t k, float* w) {
     VecF d0, d1, m0 = vzero(), m1 = vzero();  // each row's scale and offset, over the 4 lanes of it a chunk holds
     row_values(dm, d0, d1);
     if (!q8) row_values(dm + kQRows, m0, m1);
+    alignas(32) uint8_t hb[8][32];  // q5_0: 16 where the fifth bit is set
+    if (q5) q5_high(blk, hb);
     for (int c = 0; c < kQBlock / 4; ++c) {  // chunk c: values 4c..4c+3 of the 8 rows, 32 lanes
       if (q8) {
         const int8_t* q = reinterpret_cast<const int8_t*>(blk) + 32 * c;
@@ -98,8 +100,13 @@ void dequant_sub(QType t, const uint8_t* sub, int64_t k, float* w) {
       } else {  // nibbles: chunk c < 4 in the low halves of bytes 32c.., chunk c >= 4 in the high halves
         const uint8_t* q = blk + 32 * (c % 4);
         const int shift = 4 * (c / 4);
-        vstore(o + 32 * c, vfma(d0, nibble_to_f32(q, shift), m0));
-        vstore(o + 32 * c + 16, vfma(d1, nibble_to_f32(q + 16, shift), m1));
+        VecF v0 = nibble_to_f32(q, shift), v1 = nibble_to_f32(q + 16, shift);
+        if (q5) {
+          v0 = vadd(v0, s8_to_f32(reinterpret_cast<const int8_t*>(hb[c])));
+          v1 = vadd(v1, s8_to_f32(reinterpret_cast<const int8_t*>(hb[c]) + 16));
+        }
+        vstore(o + 32 * c, vfma(d0, v0, m0));
+        vstore(o + 32 * c + 16, vfma(d1, v1, m1));
       }
     }
   }

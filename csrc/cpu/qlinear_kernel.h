@@ -122,8 +122,13 @@ void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, in
       const float d = f16_to_f32(scales[r]), m = qtype_has_offset(t) ? f16_to_f32(scales[kQRows + r]) : 0.f;
       for (int j = 0; j < kQBlock; ++j) {
         const int e = j & 15, at = 32 * (e / 4) + 4 * r + e % 4;  // interleaved 4 bytes at a time
-        const int q = t == QType::kQ8_0 ? reinterpret_cast<const int8_t*>(blk)[32 * (j / 4) + 4 * r + j % 4]
-                                        : (blk[at] >> (j < 16 ? 0 : 4)) & 15;
+        int q = t == QType::kQ8_0 ? reinterpret_cast<const int8_t*>(blk)[32 * (j / 4) + 4 * r + j % 4]
+                                  : (blk[at] >> (j < 16 ? 0 : 4)) & 15;
+        if (t == QType::kQ5_0) {
+          uint32_t qh;
+          std::memcpy(&qh, blk + kQ5HighOffset + 4 * r, 4);
+          q |= int((qh >> j) & 1) << 4;
+        }
         o[b * kQBlock + j] = d * static_cast<float>(q) + m;
       }
     }

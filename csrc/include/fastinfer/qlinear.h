@@ -5,6 +5,9 @@
 //   q8_0: 34-byte blocks of 32: f16 d, 32 int8 q;           w = d * q
 //   q4_0: 18-byte blocks of 32: f16 d, 16 bytes of nibbles; w = d * (q - 8)
 //   q4_1: 20-byte blocks of 32: f16 d, f16 m, 16 bytes;      w = d * q + m
+//   q5_0: 22-byte blocks of 32: f16 d, 4 bytes qh, 16 bytes; w = d * (q - 16), q = 5 bits: the nibble, and
+//         bit j of qh (little-endian uint32) is bit 4 of element j (llama.cpp's choice for rows whose size
+//         is not a multiple of 256, where a K-quant cannot go)
 //   (a nibble byte j holds element j in its low half and element j + 16 in its high half)
 //   K-quants, super-blocks of 256 elements = 8 sub-blocks s of 32 (q6_k: 16 scales of 16):
 //   q4_k: 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8], 128 bytes qs;
@@ -19,9 +22,10 @@
 // Packed layout: outputs in panels of kLinearPanel (64) rows, zero-padded to whole panels, as the
 // float linear; a panel is 8 sub-panels of kQRows (8) rows, each one contiguous stream of packed
 // blocks, one per GGUF block of the inputs (32 inputs; 256 for the K-quants), that hold the 8 rows:
-//   q8_0/q4_0/q4_1, per 32-block: the 8 rows' values (q8: 32 bytes each, q4: GGUF's 16 nibble
+//   q8_0/q4_0/q4_1/q5_0, per 32-block: the 8 rows' values (q8: 32 bytes each, q4/q5: GGUF's 16 nibble
 //     bytes each) interleaved 4 bytes at a time (bytes 4c..4c+3 of row r at 32 c + 4 r), then their
-//     8 f16 scales d, then (q4) their 8 f16 offsets m (q4_0: m = -8 d).
+//     8 f16 scales d, then (q4/q5) their 8 f16 offsets m (q4_0: m = -8 d; q5_0: m = -16 d), then (q5)
+//     their 8 qh words [row] (8 x 24 bytes: GGUF's 22 + the offset).
 //   K-quants, per super-block: GGUF's value bytes in runs of 8 x 32 bytes, a run interleaving 32 bytes
 //     of each row 4 at a time ([c 0..7][row 0..7][4]: bytes 4 c .. 4 c + 3 of each row), then the
 //     scales, one byte each, [sub-block][row], and the f16 d (and dmin) [row]:
@@ -49,7 +53,7 @@
 
 namespace fastinfer {
 
-enum class QType : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kQ4_K = 3, kQ5_K = 4, kQ6_K = 5 };
+enum class QType : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kQ4_K = 3, kQ5_K = 4, kQ6_K = 5, kQ5_0 = 6 };
 
 constexpr int kQBlock = 32;   // elements per activation block, and per q8_0/q4_0/q4_1 block
 constexpr int kQSuper = 256;  // elements per K-quant super-block
@@ -61,15 +65,18 @@ FI_ALWAYS_INLINE int qtype_block_elems(QType t) { return qtype_is_k(t) ? kQSuper
 
 // Bytes of one GGUF block of `t` (qtype_block_elems(t) elements).
 FI_ALWAYS_INLINE int64_t qtype_block_bytes(QType t) {
-  constexpr int64_t kBytes[] = {34, 18, 20, 144, 176, 210};
+  constexpr int64_t kBytes[] = {34, 18, 20, 144, 176, 210, 22};
   return kBytes[static_cast<int>(t)];
 }
-// q8_0/q4_0/q4_1: bytes of one row's values in a packed block; whether it has offsets m.
+// q8_0/q4_0/q4_1/q5_0: bytes of one row's values in a packed block (q5_0: its nibbles; the fifth bits come
+// after the scales); whether it has offsets m.
 FI_ALWAYS_INLINE int qtype_value_bytes(QType t) { return t == QType::kQ8_0 ? 32 : 16; }
 FI_ALWAYS_INLINE bool qtype_has_offset(QType t) { return t != QType::kQ8_0; }
+// q5_0: where a packed block's fifth bits start (after the values and the 8 d and 8 m).
+constexpr int kQ5HighOffset = kQRows * 16 + 2 * kQRows * 2;
 // Bytes of one packed block (one GGUF block of each of a sub-panel's 8 rows), layout above.
 FI_ALWAYS_INLINE int64_t qpacked_block_bytes(QType t) {
-  constexpr int64_t kRowBytes[] = {34, 20, 20, 148, 180, 210};
+  constexpr int64_t kRowBytes[] = {34, 20, 20, 148, 180, 210, 24};
   return kQRows * kRowBytes[static_cast<int>(t)];
 }
 // Bytes of the packed weight of an (n, k) matrix (k a multiple of qtype_block_elems(t)).

@@ -71,7 +71,8 @@ class LLM:
     max_logprobs : the most logprobs a request may ask for (vLLM's name and default); more raises ValueError
     allow_pickle : permit ``.bin`` PyTorch checkpoints (loaded with ``weights_only=True``)
     quantization : "auto" (a GGUF's quantised weights stay quantised and run natively on the CPU wherever a
-        kernel exists: q8_0, q4_0, q4_1; other types are dequantised, with one warning naming them), None
+        kernel exists: q8_0, q4_0, q4_1, q5_0, q4_k, q5_k, q6_k; other types are dequantised, with one warning
+        naming them), None
         (every weight dequantised to ``dtype``) or "q8_0" (float weights quantised to Q8_0 at load)
     """
 

@@ -20,8 +20,8 @@ __all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "QuantizedPacked
            "rms_norm", "act_and_mul", "rotary_embedding_"]
 
 # GGUF block formats the CPU linear runs natively: elements per block and bytes per block.
-QUANT_TYPES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q4_k": (256, 144), "q5_k": (256, 176),
-               "q6_k": (256, 210)}
+QUANT_TYPES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q4_k": (256, 144),
+               "q5_k": (256, 176), "q6_k": (256, 210)}
 
 
 def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
@@ -65,7 +65,7 @@ class QuantizedPacked:
     """A quantised weight packed by ``pack_linear_weight(raw, qtype=...)``: what :func:`linear` needs."""
 
     data: Any  # 1-D uint8 (the framework of the raw blocks), _C.qlinear_packed_bytes(out, in, qtype) bytes
-    qtype: str  # a QUANT_TYPES key: "q8_0", "q4_0", "q4_1", "q4_k", "q5_k" or "q6_k"
+    qtype: str  # a QUANT_TYPES key: "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k" or "q6_k"
     out_features: int
     in_features: int
 
@@ -91,7 +91,7 @@ def pack_linear_weight(weight: Any, qtype: Any = None, name: str = "weight") -> 
         ``qtype``, the GGUF-quantised weight as its raw blocks: (out_features, bytes per row) uint8,
         one row of blocks per output (what gguf's reader and ``gguf.quants.quantize`` give)
     qtype : None for a float weight, else its GGUF block type, one of QUANT_TYPES: "q8_0", "q4_0", "q4_1",
-        "q4_k", "q5_k" or "q6_k" (any case, or gguf's GGMLQuantizationType); another type is a ValueError
+        "q5_0", "q4_k", "q5_k" or "q6_k" (any case, or gguf's GGMLQuantizationType); another type is a ValueError
         naming ``name`` and the type
     name : the tensor's name in error messages
 

@@ -159,7 +159,7 @@ def add_engine_args(e: Any) -> None:
     e.add_argument("--threads", type=arg_types.threads, metavar="N",
                    help="CPU threads (default: all this process may use)")
     e.add_argument("--quantization", choices=("auto", "none", "q8_0"),
-                   help="auto: a GGUF's quantised weights run natively on the CPU (q8_0, q4_0, q4_1; other types "
+                   help="auto: a GGUF's quantised weights run natively on the CPU (q8_0, q4_0, q4_1, q5_0, q4_k, q5_k, q6_k; other types "
                         "dequantised); none: every weight dequantised to --dtype; q8_0: float weights quantised "
                         "to Q8_0 at load (default: auto)")
 
