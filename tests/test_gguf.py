@@ -68,10 +68,11 @@ def _llama3_rope_freqs(theta: float, dim: int, s: dict) -> np.ndarray:
 
 
 def write_gguf(path, arch: str, cfg, state: dict[str, torch.Tensor], qtype: Q = Q.F32, *, drop=(), extra=None,
-               tokenizer: dict | None = None) -> None:
+               tokenizer: dict | None = None, types: dict[str, Q] | None = None) -> None:
     """Write an HF state dict as a GGUF file the way convert_hf_to_gguf.py lays it out.
 
-    2-D weights are stored as ``qtype`` (token_embd too); norms and biases as F32. ``extra`` adds metadata.
+    2-D weights are stored as ``qtype`` (token_embd too), or as ``types[suffix]`` for the HF names ending in
+    that suffix (a mixed file, as llama.cpp's Q4_K_M); norms and biases as F32. ``extra`` adds metadata.
     """
     w = gguf.GGUFWriter(str(path), arch)
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -132,12 +133,13 @@ def write_gguf(path, arch: str, cfg, state: dict[str, torch.Tensor], qtype: Q = 
             data = _permute(data, heads, kv)
         if arch == "gemma3" and hf_name.endswith("norm.weight"):
             data = data + 1
-        if data.ndim == 1 or qtype == Q.F32:
+        kind = next((t for suffix, t in (types or {}).items() if hf_name.endswith(suffix)), qtype)
+        if data.ndim == 1 or kind == Q.F32:
             w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
-        elif qtype == Q.F16:
+        elif kind == Q.F16:
             w.add_tensor(name, data.astype(np.float16))
         else:
-            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -684,3 +686,42 @@ def test_default_model_end_to_end(fastinfer_model, hf_model):
         reference_picks = ref[len(ids) - 1:].argmax(-1).tolist()
         assert generated == reference_picks, (prompt, tokenizer.decode(generated), tokenizer.decode(reference_picks))
     print(f"max |logit difference| vs transformers over {len(PROMPTS)} prompts x {new_tokens} tokens: {worst:.2e}")
+
+
+def test_a_fused_projection_of_mixed_block_types_runs_natively_in_parts(tmp_path):
+    """As in llama.cpp's Q4_K_M files, q, k and v of one layer in different block types: the fused q/k/v runs as
+    one projection of three natively quantised parts (no dequantised copy, no warning), in the native decoder
+    and layer by layer alike (the same tokens), its bias split among the parts (qwen2 has one); prompt rows are
+    the float32 dequantised model's."""
+    import warnings
+
+    import fastinfer.ops
+    from fastinfer import LLM, SamplingParams
+
+    cfg, model = _tiny_model("qwen2")
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path, "qwen2", cfg, model.state_dict(), Q.Q4_1, types={"k_proj.weight": Q.Q4_0, "v_proj.weight": Q.Q8_0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = LLM(str(path), kv_cache_memory_bytes=1 << 24)
+    assert not [w for w in caught if "dequantised" in str(w.message)], [str(w.message) for w in caught]
+    runner_model = llm.engine.runner.model
+    qkv = runner_model.model.layers[0].self_attn.qkv_proj.packed
+    assert isinstance(qkv, fastinfer.ops.QuantizedParts) and qkv.qtype == "q4_1+q4_0+q8_0"
+    assert [p.out_features for p in qkv.parts] == [64, 32, 32]
+    assert runner_model.cpu_decoder is not None
+    prompts = [{"prompt_token_ids": [5 + i, 40, 7 * i + 3, 99, 12, 250 - i]} for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=3)
+    native = llm.generate(prompts, params, use_tqdm=False)
+    decoder, runner_model.cpu_decoder = runner_model.cpu_decoder, None
+    try:
+        per_op = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        runner_model.cpu_decoder = decoder
+    assert [o.outputs[0].token_ids for o in native] == [o.outputs[0].token_ids for o in per_op]
+    exact = LLM(str(path), kv_cache_memory_bytes=1 << 24, quantization=None, dtype="float32")
+    for a, b in zip(native, exact.generate(prompts, params, use_tqdm=False)):
+        la, lb = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        assert set(la) & set(lb)
+        for tok in set(la) & set(lb):
+            assert abs(la[tok].logprob - lb[tok].logprob) < 2e-3

@@ -265,6 +265,7 @@ class CpuDecoder {
 
   PackedProjection projection(const py::object& w_obj, const py::object& bias_obj, int64_t n, int64_t k, bool first,
                               const std::string& name) {
+    if (py::hasattr(w_obj, "parts")) return parts_projection(w_obj, bias_obj, n, k, first, name);
     // A quantised projection is ops.QuantizedPacked: its uint8 `data` and its `qtype`.
     const bool quantized = py::hasattr(w_obj, "qtype") && py::hasattr(w_obj, "data");
     const py::object data_obj = quantized ? py::object(w_obj.attr("data")) : w_obj;
@@ -283,22 +284,62 @@ class CpuDecoder {
     } else {
       check_packed(w, config_.dtype, n, k);
     }
-    if (!bias_obj.is_none()) {
-      const std::string bias_name = name + "_bias";
-      TensorView b(bias_obj, bias_name.c_str());
-      check_cpu(b);
-      if (float_dtype(b) != config_.dtype)
-        throw py::type_error(cat(bias_name, ": expected dtype ", dtype_name(config_.dtype), ", got ", b.dtype_str()));
-      check_shape(b, {n});
-      check(n <= 1 || b.stride(0) == 1, bias_name, ": must be contiguous");
-      p.bias = b.data<const void>();
-      keep_.append(bias_obj);
-    }
+    if (!bias_obj.is_none()) p.bias = projection_bias(bias_obj, n, name).bias;
     keep_.append(data_obj);
     return p;
   }
 
+  // A projection's bias (n,), in the stack's dtype: checked, kept alive, and returned as `bias`.
+  PackedProjection projection_bias(const py::object& bias_obj, int64_t n, const std::string& name) {
+    const std::string bias_name = name + "_bias";
+    TensorView b(bias_obj, bias_name.c_str());
+    check_cpu(b);
+    if (float_dtype(b) != config_.dtype)
+      throw py::type_error(cat(bias_name, ": expected dtype ", dtype_name(config_.dtype), ", got ", b.dtype_str()));
+    check_shape(b, {n});
+    check(n <= 1 || b.stride(0) == 1, bias_name, ": must be contiguous");
+    keep_.append(bias_obj);
+    PackedProjection p{};
+    p.bias = b.data<const void>();
+    return p;
+  }
+
+  // ops.QuantizedParts: each part as its own projection of its rows, chained through `rest` (the parts after the
+  // first live in parts_); the bias, checked whole, split among them.
+  PackedProjection parts_projection(const py::object& w_obj, const py::object& bias_obj, int64_t n, int64_t k, bool first,
+                                    const std::string& name) {
+    const py::tuple parts = w_obj.attr("parts");
+    check(py::len(parts) > 0, name, ": no parts");
+    std::vector<PackedProjection> built;
+    int64_t rows = 0;
+    for (size_t i = 0; i < py::len(parts); ++i) {
+      const py::object part = parts[i];
+      check(py::hasattr(part, "qtype") && py::hasattr(part, "data") && py::hasattr(part, "out_features"), name,
+            ".parts[", i, "]: expected a QuantizedPacked");
+      const int64_t r = py::cast<int64_t>(part.attr("out_features"));
+      check(r > 0 && rows + r <= n, name, ".parts[", i, "]: ", r, " outputs, past the projection's ", n);
+      built.push_back(projection(part, py::none(), r, k, first && i == 0, cat(name, ".parts[", i, "]")));
+      built.back().rows = r;
+      rows += r;
+    }
+    check(rows == n, name, ": the parts hold ", rows, " outputs, expected ", n);
+    if (!bias_obj.is_none()) {
+      const PackedProjection whole = projection_bias(bias_obj, n, name);
+      int64_t col = 0;
+      for (PackedProjection& part : built) {
+        part.bias = static_cast<const char*>(whole.bias) + dtype_size(config_.dtype) * col;
+        col += part.rows;
+      }
+    }
+    for (size_t i = built.size() - 1; i > 0; --i) {  // back to front: each part points at the stored next one
+      parts_.push_back(built[i]);
+      built[i - 1].rest = &parts_.back();
+    }
+    return built[0];
+  }
+
   DecoderConfig config_{};
+  std::deque<PackedProjection> parts_;  // the parts after the first of multi-part projections (stable addresses)
   std::string dtype_;  // StackConfig.dtype
   int64_t num_blocks_ = 0;
   py::list keep_;    // the weight tensors: alive as long as this object

@@ -40,8 +40,9 @@ Buffers carve(const DecoderConfig& c, const DecoderStep& s) {
   return b;
 }
 
-void project(const DecoderConfig& c, const DecoderStep& s, const void* x, int64_t k, const PackedProjection& w, int64_t n,
-             void* out) {
+// Outputs of one part of a projection: n columns of out, whose rows are ld elements apart.
+void project_part(const DecoderConfig& c, const DecoderStep& s, const void* x, int64_t k, const PackedProjection& w,
+                  int64_t n, void* out, int64_t ld) {
   const int64_t t = s.tokens;
   if (w.qtype >= 0) {
     // One call per run of rows with the same kind of activations (a step's sequences keep their
@@ -53,14 +54,26 @@ void project(const DecoderConfig& c, const DecoderStep& s, const void* x, int64_
       while (r1 < t && (s.float_rows != nullptr && s.float_rows[r1] != 0) == exact) ++r1;
       QLinearParams p{static_cast<QType>(w.qtype), c.dtype, c.dtype, r1 - r0, n, k,
                       static_cast<const char*>(x) + esz * r0 * k, k, w.w_packed, w.bias,
-                      static_cast<char*>(out) + esz * r0 * n, n, exact ? QActivations::kFloat : QActivations::kInt8};
+                      static_cast<char*>(out) + esz * r0 * ld, ld, exact ? QActivations::kFloat : QActivations::kInt8};
       qlinear_forward(p);
       r0 = r1;
     }
     return;
   }
-  LinearParams p{c.dtype, c.dtype, t, n, k, x, k, w.w_packed, w.bias, out, n};
+  LinearParams p{c.dtype, c.dtype, t, n, k, x, k, w.w_packed, w.bias, out, ld};
   linear_forward(p);
+}
+
+// out (T, n) = x (T, k) W^T (+ bias), W in one part or several (PackedProjection::rest).
+void project(const DecoderConfig& c, const DecoderStep& s, const void* x, int64_t k, const PackedProjection& w, int64_t n,
+             void* out) {
+  const int64_t esz = dtype_size(c.dtype);
+  int64_t col = 0;
+  for (const PackedProjection* part = &w; part != nullptr; part = part->rest) {
+    const int64_t cols = part->rows > 0 ? part->rows : n - col;
+    project_part(c, s, x, k, *part, cols, static_cast<char*>(out) + esz * col, n);
+    col += cols;
+  }
 }
 
 // out = rms_norm(x (+ residual, written back to residual)) * weight.

@@ -18,6 +18,10 @@ struct PackedProjection {
   const void* w_packed;
   const void* bias;  // or null
   int qtype = -1;    // a QType: w_packed is quantised; -1: float, in the config's dtype
+  // A projection quantised in parts of different block types (a fused q/k/v whose v differs): this part
+  // holds the first `rows` outputs and `rest` the ones after them. rows 0: this part holds all of them.
+  int64_t rows = 0;
+  const PackedProjection* rest = nullptr;
 };
 
 struct DecoderLayerWeights {

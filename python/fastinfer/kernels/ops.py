@@ -16,8 +16,8 @@ from fastinfer import _C
 from fastinfer.kernels.arrays import (as_index, as_index_traceable, float_arg, int_arg, is_torch, kernel_view,
                                       launch_kwargs, require_array)
 
-__all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "QuantizedPacked", "QUANT_TYPES", "dequantize_rows",
-           "rms_norm", "act_and_mul", "rotary_embedding_"]
+__all__ = ["reshape_and_cache", "pack_linear_weight", "linear", "QuantizedPacked", "QuantizedParts", "QUANT_TYPES",
+           "dequantize_rows", "rms_norm", "act_and_mul", "rotary_embedding_"]
 
 # GGUF block formats the CPU linear runs natively: elements per block and bytes per block.
 QUANT_TYPES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q4_k": (256, 144),
@@ -72,6 +72,37 @@ class QuantizedPacked:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes) if hasattr(self.data, "nbytes") else int(self.data.numel())
+
+
+@dataclass(frozen=True)
+class QuantizedParts:
+    """A projection whose consecutive output rows are quantised in different block types (a fused q/k/v of
+    a Q4_K_M file: q and k in one type, v in another), each part packed on its own: what :func:`linear`
+    runs as one projection, writing each part's columns."""
+
+    parts: tuple  # QuantizedPacked, in output order, all with the same in_features
+
+    def __post_init__(self) -> None:
+        if not self.parts or not all(isinstance(p, QuantizedPacked) for p in self.parts):
+            raise TypeError("parts: expected one or more QuantizedPacked")
+        if len({p.in_features for p in self.parts}) != 1:
+            raise ValueError(f"parts: in_features differ: {[p.in_features for p in self.parts]}")
+
+    @property
+    def qtype(self) -> str:
+        return "+".join(p.qtype for p in self.parts)
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
 def quant_type_name(qtype: Any) -> str:
@@ -186,7 +217,8 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     ----------
     x : (..., in_features) float32 or bfloat16, CPU, last axis contiguous
     packed_weight : from ``pack_linear_weight`` of an (out_features, in_features) weight of x's dtype, or
-        the QuantizedPacked of a quantised one (see ``activations``)
+        the QuantizedPacked of a quantised one (see ``activations``), or a QuantizedParts (each part writes
+        its own columns)
     out_features : rows of the original weight
     bias : (out_features,) of x's dtype, or None
     out_float32 : return float32 whatever x's dtype: the float32 sums unrounded (logits from a bf16
@@ -205,7 +237,7 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
     out_features = int_arg(out_features, "out_features")
     if activations not in ("int8", "float"):
         raise ValueError(f"activations: expected 'int8' or 'float', got {activations!r}")
-    quantized = isinstance(packed_weight, QuantizedPacked)
+    quantized = isinstance(packed_weight, (QuantizedPacked, QuantizedParts))
     if quantized and out_features != packed_weight.out_features:
         raise ValueError(f"out_features: the packed weight has {packed_weight.out_features}, got {out_features}")
     lead = tuple(x.shape[:-1])
@@ -219,7 +251,14 @@ def linear(x: Any, packed_weight: Any, out_features: int, bias: Any = None, out_
         out = np.empty(shape, dtype=np.float32)
     else:
         out = _empty(x, shape)
-    if quantized:
+    if isinstance(packed_weight, QuantizedParts):
+        col = 0
+        for part in packed_weight.parts:
+            cols = slice(col, col + part.out_features)
+            _C.qlinear(kernel_view(x2), kernel_view(part.data), part.qtype, None if bias is None else kernel_view(bias[cols]),
+                       kernel_view(out[:, cols]), activations)
+            col += part.out_features
+    elif quantized:
         _C.qlinear(kernel_view(x2), kernel_view(packed_weight.data), packed_weight.qtype, kernel_view(bias),
                    kernel_view(out), activations)
     else:

@@ -213,7 +213,7 @@ class Linear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return isinstance(self.packed, fastinfer.ops.QuantizedPacked)
+        return isinstance(self.packed, (fastinfer.ops.QuantizedPacked, fastinfer.ops.QuantizedParts))
 
     def pack(self, free_weight: bool = True) -> bool:
         """Pack for the CPU kernel; returns False (and changes nothing) where it does not apply.

@@ -70,6 +70,28 @@ def join(pieces: list[tuple[int, QuantizedTensor]], rows: int) -> QuantizedTenso
     return QuantizedTensor(names, first.qtype, raw, (rows, first.shape[1]))
 
 
+def split_by_type(pieces: list[tuple[int, QuantizedTensor]], rows: int) -> list[QuantizedTensor] | None:
+    """The row pieces of a parameter of ``rows`` rows joined into runs of one block type each, in row order (a
+    fused q/k/v of types q5_0, q5_0, q8_0: two runs), or None when the pieces do not cover the rows."""
+    pieces = sorted(pieces, key=lambda p: p[0])
+    runs: list[list[tuple[int, QuantizedTensor]]] = []
+    for start, piece in pieces:
+        if runs and runs[-1][-1][1].qtype == piece.qtype:
+            runs[-1].append((start, piece))
+        else:
+            runs.append([(start, piece)])
+    joined = []
+    for run in runs:
+        start, end = run[0][0], run[-1][0] + run[-1][1].shape[0]
+        j = join([(s - start, p) for s, p in run], end - start)
+        if j is None:
+            return None
+        joined.append((start, end, j))
+    if joined[0][0] != 0 or joined[-1][1] != rows or any(a[1] != b[0] for a, b in zip(joined, joined[1:])):
+        return None
+    return [j for _, _, j in joined]
+
+
 def pack(q: QuantizedTensor) -> fastinfer.ops.QuantizedPacked:
     with warnings.catch_warnings():  # read-only (the file's memory map): only read here, no copy needed
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

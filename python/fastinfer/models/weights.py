@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from fastinfer.models import registry
-from fastinfer.models.quantized import QuantizedTensor, join, pack
+import fastinfer.ops
+from fastinfer.models.quantized import QuantizedTensor, join, pack, split_by_type
 
 
 class WeightError(ValueError):
@@ -78,18 +79,24 @@ def load_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tens
 
 def _attach_quantized(model: nn.Module, params: dict, quantized: dict[str, list]) -> None:
     """Pack each quantised weight once and hand it to its module (``qweight``; a Linear runs it as ``packed``),
-    releasing the float parameter. A fused weight whose pieces differ in block type is dequantised into the
-    parameter instead, with one warning naming them."""
+    releasing the float parameter. A fused weight whose pieces differ in block type becomes one packed part per
+    run of pieces of one type (``ops.QuantizedParts``: a Linear runs it as one projection); a module that is
+    not a Linear (an embedding) gets such a weight dequantised into its parameter, with one warning."""
     mixed = []
     for pname, pieces in quantized.items():
         param = params[pname]
+        owner = model.get_submodule(pname.rsplit(".", 1)[0])
         joined = join(pieces, param.shape[0])
         if joined is None:
+            runs = split_by_type(pieces, param.shape[0])
+            if runs is not None and hasattr(owner, "packed"):
+                owner.qweight = owner.packed = fastinfer.ops.QuantizedParts(tuple(pack(r) for r in runs))
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+                continue
             for start, piece in pieces:
                 param.data.narrow(0, start, piece.shape[0]).copy_(piece.dequantize())
             mixed.append(f"{pname} ({'+'.join(p.qtype for _, p in sorted(pieces, key=lambda x: x[0]))})")
             continue
-        owner = model.get_submodule(pname.rsplit(".", 1)[0])
         owner.qweight = pack(joined)
         if hasattr(owner, "packed"):
             owner.packed = owner.qweight
