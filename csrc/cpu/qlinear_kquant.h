@@ -208,6 +208,142 @@ void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows
   }
   for (int i = 0; i < R; ++i) _mm256_storeu_ps(out[i], acc[i]);
 }
+#if defined(__AVX512BW__)
+// ---- Two sub-panels at once on 512-bit registers (lanes 0-7: sub-panel a's rows, 8-15: b's): half the
+// instructions per weight byte, as dot32_pair. Per lane the very operations of the 256-bit kernel above, so a
+// row's outputs are the same whichever kernel runs them.
+FI_ALWAYS_INLINE __m512i kboth(const uint8_t* a, const uint8_t* b) {  // 32 bytes of each, a's in the low half
+  return _mm512_inserti64x4(_mm512_castsi256_si512(kload(a)), kload(b), 1);
+}
+
+template <int N>
+FI_ALWAYS_INLINE __m512i shift16x2(__m512i v) {
+  if constexpr (N > 0) return _mm512_slli_epi16(v, N);
+  else if constexpr (N < 0) return _mm512_srli_epi16(v, -N);
+  else return v;
+}
+
+template <QType T, int S>
+FI_ALWAYS_INLINE __m512i kvalues2(const uint8_t* a, const uint8_t* b, int c) {  // kvalues of a and of b
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  if constexpr (T == QType::kQ6_K) {
+    constexpr int u = S % 4;
+    const int off = (S / 4) * kQ6KHalf;
+    const __m512i ql = kboth(a + off + (u & 1) * 256 + 32 * c, b + off + (u & 1) * 256 + 32 * c);
+    const __m512i qh = kboth(a + off + 512 + 32 * c, b + off + 512 + 32 * c);
+    return _mm512_or_si512(_mm512_and_si512(u >= 2 ? _mm512_srli_epi16(ql, 4) : ql, low4),
+                           _mm512_and_si512(shift16x2<4 - 2 * u>(qh), _mm512_set1_epi8(0x30)));
+  } else {
+    const __m512i qs = kboth(a + (S / 2) * 256 + 32 * c, b + (S / 2) * 256 + 32 * c);
+    const __m512i w = _mm512_and_si512(S & 1 ? _mm512_srli_epi16(qs, 4) : qs, low4);
+    if constexpr (T == QType::kQ4_K) return w;
+    return _mm512_or_si512(w, _mm512_and_si512(shift16x2<4 - S>(kboth(a + 1024 + 32 * c, b + 1024 + 32 * c)),
+                                               _mm512_set1_epi8(0x10)));
+  }
+}
+
+template <QType T, int S, int R, int N>
+FI_ALWAYS_INLINE void kdot_run2(const uint8_t* a, const uint8_t* b, const int8_t* const (&x)[R], int c0,
+                                __m512i (&s)[R]) {
+  __m512i p[R];
+  for (int c = c0; c < c0 + N; ++c) {
+    const __m512i w = kvalues2<T, S>(a, b, c);
+    for (int i = 0; i < R; ++i) {
+      int32_t v;
+      std::memcpy(&v, x[i] + 4 * c, 4);
+      const __m512i d = _mm512_maddubs_epi16(w, _mm512_set1_epi32(v));
+      p[i] = c == c0 ? d : _mm512_add_epi16(p[i], d);
+    }
+  }
+  for (int i = 0; i < R; ++i) s[i] = _mm512_add_epi32(s[i], _mm512_madd_epi16(p[i], _mm512_set1_epi16(1)));
+}
+
+// 8 bytes of a and 8 of b -> 16 floats (kernel above: bytes8_ps).
+FI_ALWAYS_INLINE __m512 bytes8x2_ps(const uint8_t* a, const uint8_t* b, bool is_signed) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(bytes8_ps(a, is_signed)), bytes8_ps(b, is_signed), 1);
+}
+FI_ALWAYS_INLINE __m512 f16x2_ps(const uint8_t* a, const uint8_t* b) {  // 8 f16 of a and 8 of b
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)))),
+                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))), 1);
+}
+
+template <QType T, int S, int R>
+FI_ALWAYS_INLINE void ksub_dot2(const uint8_t* ba, const uint8_t* bb, const KRow* rows, int64_t b, __m512 (&acc)[R]) {
+  const int8_t* x[R];
+  for (int i = 0; i < R; ++i) x[i] = rows[i].q + b * kQBlock;
+  __m512i s[R];
+  [[maybe_unused]] __m512i s1[R];
+  for (int i = 0; i < R; ++i) s[i] = s1[i] = _mm512_setzero_si512();
+  if constexpr (T == QType::kQ4_K) {
+    kdot_run2<T, S, R, 8>(ba, bb, x, 0, s);
+  } else if constexpr (T == QType::kQ5_K) {
+    kdot_run2<T, S, R, 4>(ba, bb, x, 0, s);
+    kdot_run2<T, S, R, 4>(ba, bb, x, 4, s);
+  } else {
+    kdot_run2<T, S, R, 2>(ba, bb, x, 0, s);
+    kdot_run2<T, S, R, 2>(ba, bb, x, 2, s);
+    kdot_run2<T, S, R, 2>(ba, bb, x, 4, s1);
+    kdot_run2<T, S, R, 2>(ba, bb, x, 6, s1);
+  }
+  const uint8_t* sa = ba + kscales_offset(T);
+  const uint8_t* sb = bb + kscales_offset(T);
+  const __m512 d = f16x2_ps(ba + kd_offset(T), bb + kd_offset(T));
+  if constexpr (T == QType::kQ6_K) {
+    const __m512 sc0 = bytes8x2_ps(sa + 16 * S, sb + 16 * S, true), sc1 = bytes8x2_ps(sa + 16 * S + 8, sb + 16 * S + 8, true);
+    for (int i = 0; i < R; ++i) {
+      const int32_t* hs = rows[i].hs + 2 * b;
+      const __m512i lo = _mm512_sub_epi32(s[i], _mm512_set1_epi32(32 * hs[0]));
+      const __m512i hi = _mm512_sub_epi32(s1[i], _mm512_set1_epi32(32 * hs[1]));
+      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), sc0, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), sc1));
+      acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(d, _mm512_set1_ps(rows[i].d[b])), acc[i]);
+    }
+  } else {
+    const __m512 dmin = f16x2_ps(sa + 144, sb + 144);
+    const __m512 dsc = _mm512_mul_ps(d, bytes8x2_ps(sa + 8 * S, sb + 8 * S, false));
+    const __m512 dm = _mm512_mul_ps(dmin, bytes8x2_ps(sa + 64 + 8 * S, sb + 64 + 8 * S, false));
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_mul_ps(dsc, _mm512_set1_ps(rows[i].d[b])), acc[i]);
+      acc[i] = _mm512_fnmadd_ps(dm, _mm512_set1_ps(rows[i].s[b]), acc[i]);
+    }
+  }
+}
+
+template <QType T, int R, int... S>
+FI_ALWAYS_INLINE void ksuper_dot2(std::integer_sequence<int, S...>, const uint8_t* a, const uint8_t* b, const KRow* rows,
+                                  int64_t b0, __m512 (&acc)[R]) {
+  (ksub_dot2<T, S, R>(a, b, rows, b0 + S, acc), ...);
+}
+
+// out[i][0..7] = sub-panel a's rows . activation row i, out[i][8..15] = b's, for R rows.
+template <QType T, int R>
+void kdot2(const uint8_t* a, const uint8_t* b, int64_t nsb, const KRow* rows, float (*out)[2 * kQRows], bool prefetch) {
+  constexpr int kSubs = kQSuper / kQBlock;
+  const int64_t bb = qpacked_block_bytes(T);
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    if (prefetch)
+      for (int64_t off = 0; off < bb; off += 64) {
+        __builtin_prefetch(a + sb * bb + kPrefetch + off, 0, 2);
+        __builtin_prefetch(b + sb * bb + kPrefetch + off, 0, 2);
+      }
+    ksuper_dot2<T, R>(std::make_integer_sequence<int, kSubs>{}, a + sb * bb, b + sb * bb, rows, sb * kSubs, acc);
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(out[i], acc[i]);
+}
+
+template <QType T>
+void kdot2_all(const uint8_t* a, const uint8_t* b, int64_t nsb, const KRow* rows, int64_t m, float (*out)[2 * kQRows]) {
+  int64_t i = 0;
+  for (; i + kKDotRows <= m; i += kKDotRows) kdot2<T, kKDotRows>(a, b, nsb, rows + i, out + i, i == 0);
+  switch (m - i) {
+    case 3: kdot2<T, 3>(a, b, nsb, rows + i, out + i, i == 0); break;
+    case 2: kdot2<T, 2>(a, b, nsb, rows + i, out + i, i == 0); break;
+    case 1: kdot2<T, 1>(a, b, nsb, rows + i, out + i, i == 0); break;
+    default: break;
+  }
+}
+#endif
 #else
 template <QType T, int R>
 void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows], bool) {
@@ -247,6 +383,24 @@ void kdot_all(const uint8_t* sub, int64_t nsb, const KRow* rows, int64_t m, floa
   }
 }
 
+// Rows i0 .. i0 + m - 1 of sub-panel `sub`'s 8 outputs (out[i][r]): plus bias, to the output dtype.
+inline void kstore(const QLinearParams& p, int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) {
+  const int64_t col0 = sub * kQRows;
+  const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
+  const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
+  float bias[kQRows] = {};
+  if (p.bias != nullptr)
+    for (int r = 0; r < valid; ++r) {
+      const char* bp = static_cast<const char*>(p.bias) + bsz * (col0 + r);
+      bias[r] = p.dtype == DType::kFloat32 ? *reinterpret_cast<const float*>(bp)
+                                           : bf16_to_f32(*reinterpret_cast<const uint16_t*>(bp));
+    }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int r = 0; r < valid; ++r) out[i][r] += bias[r];
+    store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
+  }
+}
+
 // All m rows of out for the outputs of sub-panels sub0 .. sub0 + subs - 1 of a K-quant weight, from the quantised
 // activations (qlinear_quantize's qa, da, as, hs).
 void kquant_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8_t* qa, const float* da,
@@ -254,32 +408,33 @@ void kquant_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8
   constexpr int kMaxRows = 16;
   const int64_t nb = p.k / kQBlock, nsb = p.k / kQSuper, sub_bytes = nsb * qpacked_block_bytes(p.qtype);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
-  const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
   for (int64_t i0 = 0; i0 < p.m; i0 += kMaxRows) {
     const int64_t m = std::min<int64_t>(kMaxRows, p.m - i0);
     KRow rows[kMaxRows];
     for (int64_t i = 0; i < m; ++i)
       rows[i] = {qa + (i0 + i) * p.k, da + (i0 + i) * nb, as + (i0 + i) * nb, hs + 2 * (i0 + i) * nb};
-    for (int64_t s = 0; s < subs; ++s) {
-      const int64_t col0 = (sub0 + s) * kQRows;
-      if (col0 >= p.n) break;
-      const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
-      float out[kMaxRows][kQRows];
+    for (int64_t s = 0; s < subs && (sub0 + s) * kQRows < p.n; ++s) {
       const uint8_t* sub = base + s * sub_bytes;
+      float out[kMaxRows][kQRows];
+#if defined(__AVX512BW__)
+      if (s + 1 < subs && (sub0 + s + 1) * kQRows < p.n) {  // this sub-panel and the next, which also holds outputs
+        float both[kMaxRows][2 * kQRows];
+        const uint8_t* next = sub + sub_bytes;
+        if (p.qtype == QType::kQ4_K) kdot2_all<QType::kQ4_K>(sub, next, nsb, rows, m, both);
+        else if (p.qtype == QType::kQ5_K) kdot2_all<QType::kQ5_K>(sub, next, nsb, rows, m, both);
+        else kdot2_all<QType::kQ6_K>(sub, next, nsb, rows, m, both);
+        for (int h = 0; h < 2; ++h) {
+          for (int64_t i = 0; i < m; ++i) std::memcpy(out[i], both[i] + kQRows * h, sizeof(out[i]));
+          kstore(p, sub0 + s + h, i0, m, out);
+        }
+        ++s;
+        continue;
+      }
+#endif
       if (p.qtype == QType::kQ4_K) kdot_all<QType::kQ4_K>(sub, nsb, rows, m, out);
       else if (p.qtype == QType::kQ5_K) kdot_all<QType::kQ5_K>(sub, nsb, rows, m, out);
       else kdot_all<QType::kQ6_K>(sub, nsb, rows, m, out);
-      float bias[kQRows] = {};
-      if (p.bias != nullptr)
-        for (int r = 0; r < valid; ++r) {
-          const char* bp = static_cast<const char*>(p.bias) + bsz * (col0 + r);
-          bias[r] = p.dtype == DType::kFloat32 ? *reinterpret_cast<const float*>(bp)
-                                               : bf16_to_f32(*reinterpret_cast<const uint16_t*>(bp));
-        }
-      for (int64_t i = 0; i < m; ++i) {
-        for (int r = 0; r < valid; ++r) out[i][r] += bias[r];
-        store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
-      }
+      kstore(p, sub0 + s, i0, m, out);
     }
   }
 }
