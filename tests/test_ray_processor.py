@@ -280,20 +280,13 @@ def test_actor_killed_mid_job_every_id_once(cluster, tiny, tmp_path):
             return self.by_pid
 
     handles = Handles.remote()
-    first_pid = str(tmp_path / "first_pid")
-    deadline = time.time() + 300  # one bound for every wait below, whatever the load
+    go = str(tmp_path / "go")
+    deadline = time.time() + 120  # one bound for every wait below, whatever the load
 
     def pre(row):  # runs in the actor (Ray fuses it into the engine stage): records the actor's handle
         ray.get(handles.put.remote(os.getpid(), ray.get_runtime_context().current_actor))
-        try:  # the first process to get here is the one that will be killed
-            with open(first_pid, "x") as f:
-                f.write(str(os.getpid()))
-        except FileExistsError:
-            pass
-        # In the first actor, later batches wait until the kill lands (ray.kill returns before it does,
-        # so a flag set after it could let a batch finish in the doomed actor); its restart goes on.
-        while row["id"] >= 4 and open(first_pid).read() == str(os.getpid()) and time.time() < deadline:
-            time.sleep(0.02)
+        while row["id"] >= 4 and not os.path.exists(go) and time.time() < deadline:
+            time.sleep(0.02)  # later batches wait until the killed process is gone, so the kill lands mid-job
         return {**row, "pid": os.getpid()}
 
     rows = [{"id": i, "prompt": f"count {i}", "sampling_params": _greedy(3)} for i in range(16)]
@@ -305,6 +298,13 @@ def test_actor_killed_mid_job_every_id_once(cluster, tiny, tmp_path):
     assert {r["id"] for r in got} == {0, 1, 2, 3}
     victim = got[0]["pid"]
     ray.kill(ray.get(handles.get.remote())[victim], no_restart=False)
+    while time.time() < deadline:  # ray.kill returns before the kill lands: release the rest once it has
+        try:
+            os.kill(victim, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    open(go, "w").close()
     for b in batches:
         got += b.to_pylist()
     assert sorted(r["id"] for r in got) == list(range(16))  # every id, once
