@@ -265,6 +265,21 @@ def test_failing_row_fails_the_job_naming_it(cluster, tiny):
     assert "should_continue_on_error=True" in text
 
 
+def _running(pid: int) -> bool:
+    """Whether process pid still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 def test_actor_killed_mid_job_every_id_once(cluster, tiny, tmp_path):
     """An actor is ray.kill-ed (restart allowed) while it holds a batch; Ray restarts it and retries the batch."""
 
@@ -298,13 +313,10 @@ def test_actor_killed_mid_job_every_id_once(cluster, tiny, tmp_path):
     assert {r["id"] for r in got} == {0, 1, 2, 3}
     victim = got[0]["pid"]
     ray.kill(ray.get(handles.get.remote())[victim], no_restart=False)
-    while time.time() < deadline:  # ray.kill returns before the kill lands: release the rest once it has
-        try:
-            os.kill(victim, 0)
-        except ProcessLookupError:
-            break
+    while time.time() < deadline and _running(victim):  # ray.kill returns before the kill lands
         time.sleep(0.05)
     open(go, "w").close()
+    assert not _running(victim), "ray.kill did not end the actor's process within the bound"
     for b in batches:
         got += b.to_pylist()
     assert sorted(r["id"] for r in got) == list(range(16))  # every id, once
