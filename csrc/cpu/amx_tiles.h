@@ -1,5 +1,5 @@
 // What the AMX kernels share (attention's bf16 tiles, the quantised linear's int8 and bf16 tiles): the tile
-// configuration (palette 1), and the f16 scales of two 8-row sub-panels as one 16-output vector.
+// configuration (palette 1), and the walk over a task's sub-panels two by two.
 #pragma once
 #include <cstdint>
 
@@ -24,13 +24,6 @@ void for_pair_blocks(const uint8_t* base, int64_t subs, int64_t nb, int64_t bloc
     const uint8_t* sb = 2 * j + 1 < subs ? sa + nb * block : nullptr;
     for (int64_t b = 0; b < nb; ++b) fn(sa + b * block, sb != nullptr ? sb + b * block : nullptr, j * nb + b);
   }
-}
-
-// 8 f16 values of sub-panel a and 8 of sub-panel b (null: zeros) as 16 floats.
-inline __m512 scales16(const uint16_t* a, const uint16_t* b) {
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
-  const __m256 hi = b != nullptr ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))) : _mm256_setzero_ps();
-  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
 }
 
 }  // namespace

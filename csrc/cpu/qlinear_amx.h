@@ -1,4 +1,4 @@
-// AMX-INT8 kernel of the 32-element block formats (q8_0, q4_0, q4_1), included by qlinear_kernel.h and
+// AMX-INT8 kernel of the 32-element block formats (q8_0, q4_0, q4_1, q5_0), included by qlinear_kernel.h and
 // compiled where the level has AMX-INT8: 16 activation rows at a time against one 8-row sub-panel. Per
 // 32-block one tile product gives the 16 x 8 exact integer sums (q8_0: signed x signed; q4: signed
 // activations x the unsigned nibbles, their offsets applied through the activation sums as dot32 does),
@@ -7,6 +7,7 @@
 // row runs (batch size) never changes its result.
 #pragma once
 #include "cpu/amx_tiles.h"
+#include "cpu/qlinear_common.h"
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 namespace fastinfer::cpu::FI_ISA_NS {
@@ -103,7 +104,7 @@ void amx_rows16(const QLinearParams& p, const uint8_t* sa, const uint8_t* sb, co
   auto scales = [&](int64_t blk, int which) {  // d (0) or m (1) of both sub-panels' block blk
     const uint8_t* pa = sa + blk * block + kQRows * vb + 2 * kQRows * which;
     const uint8_t* pb = sb != nullptr ? sb + blk * block + kQRows * vb + 2 * kQRows * which : nullptr;
-    return scales16(reinterpret_cast<const uint16_t*>(pa), reinterpret_cast<const uint16_t*>(pb));
+    return f16_pair(reinterpret_cast<const uint16_t*>(pa), reinterpret_cast<const uint16_t*>(pb));
   };
   // dot32's float operations, lane for lane and in its order: acc += sum * (dw * da); macc += mw * (da * sum q).
   __m512 acc[kAmxRows];

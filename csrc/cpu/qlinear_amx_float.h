@@ -10,6 +10,7 @@
 // tiles), and a row's arithmetic never involves another row, so its result does not depend on the batch.
 #pragma once
 #include "cpu/amx_tiles.h"
+#include "cpu/qlinear_common.h"
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
 namespace fastinfer::cpu::FI_ISA_NS {
@@ -153,7 +154,7 @@ void amx_float_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const v
   const int vb = qtype_value_bytes(p.qtype);
   auto scales = [&](int64_t j, int64_t b, int which) {  // d (0) or m (1) of pair j's block b, 16 outputs
     const uint8_t* sa = base + 2 * j * sub_bytes + b * block + kQRows * vb + 2 * kQRows * which;
-    return scales16(reinterpret_cast<const uint16_t*>(sa),
+    return f16_pair(reinterpret_cast<const uint16_t*>(sa),
                     2 * j + 1 < subs ? reinterpret_cast<const uint16_t*>(sa + sub_bytes) : nullptr);
   };
   qaf_configure();

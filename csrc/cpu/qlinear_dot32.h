@@ -5,6 +5,7 @@
 // row's partial sum in its own lane, with no horizontal reduction; the unpacked weights of a block
 // serve up to kDotRows activation rows before the next block is read.
 #pragma once
+#include "cpu/qlinear_common.h"
 
 namespace fastinfer::cpu::FI_ISA_NS {
 namespace {
@@ -169,10 +170,6 @@ void dot32_pair(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const Q
   constexpr int kAcc = R == 1 ? 4 : 2;
   __m512 acc[R], macc[R];
   for (int i = 0; i < R; ++i) acc[i] = macc[i] = _mm512_setzero_ps();
-  auto both = [](const uint8_t* pa, const uint8_t* pb) {  // 32 bytes of each sub-panel, a's in the low half
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa))),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb)), 1);
-  };
   auto bcast = [](const int8_t* q) {
     int32_t v;
     std::memcpy(&v, q, 4);
@@ -191,13 +188,13 @@ void dot32_pair(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const Q
       for (int c = 0; c < kAcc; ++c) s[i][c] = _mm512_setzero_si512();
     if (t == QType::kQ8_0) {
       for (int c = 0; c < 8; ++c) {
-        const __m512i w = _mm512_xor_si512(both(pa + 32 * c, pb + 32 * c), flip);
+        const __m512i w = _mm512_xor_si512(load_pair(pa + 32 * c, pb + 32 * c), flip);
         for (int i = 0; i < R; ++i)
           s[i][c % kAcc] = _mm512_dpbusd_epi32(s[i][c % kAcc], w, bcast(rows[i].q + bi * kQBlock + 4 * c));
       }
     } else {
       // q5_0: the 16 rows' qh words (a's, then b's); 4 of their bits -> bit 4 of 4 bytes by a 16-entry table
-      const __m512i qh = t == QType::kQ5_0 ? both(pa + kQ5HighOffset, pb + kQ5HighOffset) : _mm512_setzero_si512();
+      const __m512i qh = t == QType::kQ5_0 ? load_pair(pa + kQ5HighOffset, pb + kQ5HighOffset) : _mm512_setzero_si512();
       const __m512i spread = _mm512_setr_epi32(0x00000000, 0x00000010, 0x00001000, 0x00001010, 0x00100000, 0x00100010,
                                                0x00101000, 0x00101010, 0x10000000, 0x10000010, 0x10001000, 0x10001010,
                                                0x10100000, 0x10100010, 0x10101000, 0x10101010);
@@ -205,7 +202,7 @@ void dot32_pair(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const Q
         return _mm512_permutexvar_epi32(_mm512_and_si512(_mm512_srli_epi32(qh, 4 * c), _mm512_set1_epi32(15)), spread);
       };
       for (int j = 0; j < 4; ++j) {
-        const __m512i w = both(pa + 32 * j, pb + 32 * j);
+        const __m512i w = load_pair(pa + 32 * j, pb + 32 * j);
         __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
         if (t == QType::kQ5_0) {
           lo = _mm512_or_si512(lo, high(j));
@@ -222,8 +219,7 @@ void dot32_pair(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const Q
     }
     const uint16_t* sa = reinterpret_cast<const uint16_t*>(pa + kQRows * qtype_value_bytes(t));
     const uint16_t* sb = reinterpret_cast<const uint16_t*>(pb + kQRows * qtype_value_bytes(t));
-    const __m512 dw = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa)))),
-                                         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb))), 1);
+    const __m512 dw = f16_pair(sa, sb);
     for (int i = 0; i < R; ++i) {
       __m512i sum = s[i][0];
       for (int c = 1; c < kAcc; ++c) sum = _mm512_add_epi32(sum, s[i][c]);
@@ -232,9 +228,7 @@ void dot32_pair(QType t, const uint8_t* a, const uint8_t* b, int64_t nb, const Q
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(rows[i].d[bi])), acc[i]);
     }
     if (t != QType::kQ8_0) {
-      const __m512 mw = _mm512_insertf32x8(
-          _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa + kQRows)))),
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + kQRows))), 1);
+      const __m512 mw = f16_pair(sa + kQRows, sb + kQRows);
       for (int i = 0; i < R; ++i) macc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(rows[i].s[bi]), macc[i]);
     }
   }

@@ -201,15 +201,7 @@ void qlinear_float_panel(const QLinearParams& p, int64_t sub0, int64_t subs, con
   const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
   if (p.dtype == DType::kFloat32 && !qtype_is_k(p.qtype)) {  // the tile unit (qlinear_amx_float.h)
-    auto store = [&](int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) {
-      const int64_t col0 = sub * kQRows;
-      const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
-      for (int64_t i = 0; i < m; ++i) {
-        if (p.bias != nullptr)
-          for (int r = 0; r < valid; ++r) out[i][r] += static_cast<const float*>(p.bias)[col0 + r];
-        store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
-      }
-    };
+    auto store = [&](int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) { store_sub_panel(p, sub, i0, m, out); };
     return amx_float_panel(p, sub0, subs, prep, store);
   }
 #endif

@@ -56,19 +56,7 @@ void qlinear_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int
   constexpr int kChunk = 64;  // activation rows per pass over the panel's sub-panels
   const int64_t nb = p.k / kQBlock, sub_bytes = nb * qpacked_block_bytes(p.qtype);
   const uint8_t* base = static_cast<const uint8_t*>(p.w_packed) + sub0 * sub_bytes;
-  const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
-  // Rows i0 .. i0 + m - 1 of sub-panel `sub` (out[i][r]): plus bias, to the output dtype.
-  auto store = [&](int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) {
-    const int64_t col0 = sub * kQRows;
-    const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
-    float bias[kQRows] = {};
-    if (p.bias != nullptr)
-      for (int r = 0; r < valid; ++r) bias[r] = x_at(static_cast<const char*>(p.bias) + bsz * col0, p.dtype, r);
-    for (int64_t i = 0; i < m; ++i) {
-      for (int r = 0; r < valid; ++r) out[i][r] += bias[r];
-      store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
-    }
-  };
+  auto store = [&](int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) { store_sub_panel(p, sub, i0, m, out); };
   int64_t done = 0;
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
   done = amx_panel(p, sub0, subs, qa, da, as, store);
@@ -120,15 +108,12 @@ void qlinear_rows(QType t, int64_t k, const void* packed, const int64_t* ids, in
       const uint8_t* blk = sub + b * qpacked_block_bytes(t);
       const uint16_t* scales = reinterpret_cast<const uint16_t*>(blk + kQRows * qtype_value_bytes(t));
       const float d = f16_to_f32(scales[r]), m = qtype_has_offset(t) ? f16_to_f32(scales[kQRows + r]) : 0.f;
+      uint32_t qh = 0;  // q5_0: the fifth bits
+      if (t == QType::kQ5_0) std::memcpy(&qh, blk + kQ5HighOffset + 4 * r, 4);
       for (int j = 0; j < kQBlock; ++j) {
         const int e = j & 15, at = 32 * (e / 4) + 4 * r + e % 4;  // interleaved 4 bytes at a time
-        int q = t == QType::kQ8_0 ? reinterpret_cast<const int8_t*>(blk)[32 * (j / 4) + 4 * r + j % 4]
-                                  : (blk[at] >> (j < 16 ? 0 : 4)) & 15;
-        if (t == QType::kQ5_0) {
-          uint32_t qh;
-          std::memcpy(&qh, blk + kQ5HighOffset + 4 * r, 4);
-          q |= int((qh >> j) & 1) << 4;
-        }
+        const int q = t == QType::kQ8_0 ? reinterpret_cast<const int8_t*>(blk)[32 * (j / 4) + 4 * r + j % 4]
+                                        : ((blk[at] >> (j < 16 ? 0 : 4)) & 15) | int((qh >> j) & 1) << 4;
         o[b * kQBlock + j] = d * static_cast<float>(q) + m;
       }
     }

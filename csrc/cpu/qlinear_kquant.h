@@ -23,6 +23,7 @@
 #include <cstring>
 #include <utility>
 
+#include "cpu/qlinear_common.h"
 #include "cpu/qlinear_cpu.h"
 #include "cpu/vec.h"
 
@@ -212,10 +213,6 @@ void kdot(const uint8_t* sub, int64_t nsb, const KRow* rows, float (*out)[kQRows
 // ---- Two sub-panels at once on 512-bit registers (lanes 0-7: sub-panel a's rows, 8-15: b's): half the
 // instructions per weight byte, as dot32_pair. Per lane the very operations of the 256-bit kernel above, so a
 // row's outputs are the same whichever kernel runs them.
-FI_ALWAYS_INLINE __m512i kboth(const uint8_t* a, const uint8_t* b) {  // 32 bytes of each, a's in the low half
-  return _mm512_inserti64x4(_mm512_castsi256_si512(kload(a)), kload(b), 1);
-}
-
 template <int N>
 FI_ALWAYS_INLINE __m512i shift16x2(__m512i v) {
   if constexpr (N > 0) return _mm512_slli_epi16(v, N);
@@ -229,15 +226,15 @@ FI_ALWAYS_INLINE __m512i kvalues2(const uint8_t* a, const uint8_t* b, int c) {  
   if constexpr (T == QType::kQ6_K) {
     constexpr int u = S % 4;
     const int off = (S / 4) * kQ6KHalf;
-    const __m512i ql = kboth(a + off + (u & 1) * 256 + 32 * c, b + off + (u & 1) * 256 + 32 * c);
-    const __m512i qh = kboth(a + off + 512 + 32 * c, b + off + 512 + 32 * c);
+    const __m512i ql = load_pair(a + off + (u & 1) * 256 + 32 * c, b + off + (u & 1) * 256 + 32 * c);
+    const __m512i qh = load_pair(a + off + 512 + 32 * c, b + off + 512 + 32 * c);
     return _mm512_or_si512(_mm512_and_si512(u >= 2 ? _mm512_srli_epi16(ql, 4) : ql, low4),
                            _mm512_and_si512(shift16x2<4 - 2 * u>(qh), _mm512_set1_epi8(0x30)));
   } else {
-    const __m512i qs = kboth(a + (S / 2) * 256 + 32 * c, b + (S / 2) * 256 + 32 * c);
+    const __m512i qs = load_pair(a + (S / 2) * 256 + 32 * c, b + (S / 2) * 256 + 32 * c);
     const __m512i w = _mm512_and_si512(S & 1 ? _mm512_srli_epi16(qs, 4) : qs, low4);
     if constexpr (T == QType::kQ4_K) return w;
-    return _mm512_or_si512(w, _mm512_and_si512(shift16x2<4 - S>(kboth(a + 1024 + 32 * c, b + 1024 + 32 * c)),
+    return _mm512_or_si512(w, _mm512_and_si512(shift16x2<4 - S>(load_pair(a + 1024 + 32 * c, b + 1024 + 32 * c)),
                                                _mm512_set1_epi8(0x10)));
   }
 }
@@ -262,10 +259,6 @@ FI_ALWAYS_INLINE void kdot_run2(const uint8_t* a, const uint8_t* b, const int8_t
 FI_ALWAYS_INLINE __m512 bytes8x2_ps(const uint8_t* a, const uint8_t* b, bool is_signed) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(bytes8_ps(a, is_signed)), bytes8_ps(b, is_signed), 1);
 }
-FI_ALWAYS_INLINE __m512 f16x2_ps(const uint8_t* a, const uint8_t* b) {  // 8 f16 of a and 8 of b
-  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)))),
-                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))), 1);
-}
 
 template <QType T, int S, int R>
 FI_ALWAYS_INLINE void ksub_dot2(const uint8_t* ba, const uint8_t* bb, const KRow* rows, int64_t b, __m512 (&acc)[R]) {
@@ -287,7 +280,7 @@ FI_ALWAYS_INLINE void ksub_dot2(const uint8_t* ba, const uint8_t* bb, const KRow
   }
   const uint8_t* sa = ba + kscales_offset(T);
   const uint8_t* sb = bb + kscales_offset(T);
-  const __m512 d = f16x2_ps(ba + kd_offset(T), bb + kd_offset(T));
+  const __m512 d = f16_pair(ba + kd_offset(T), bb + kd_offset(T));
   if constexpr (T == QType::kQ6_K) {
     const __m512 sc0 = bytes8x2_ps(sa + 16 * S, sb + 16 * S, true), sc1 = bytes8x2_ps(sa + 16 * S + 8, sb + 16 * S + 8, true);
     for (int i = 0; i < R; ++i) {
@@ -298,7 +291,7 @@ FI_ALWAYS_INLINE void ksub_dot2(const uint8_t* ba, const uint8_t* bb, const KRow
       acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(d, _mm512_set1_ps(rows[i].d[b])), acc[i]);
     }
   } else {
-    const __m512 dmin = f16x2_ps(sa + 144, sb + 144);
+    const __m512 dmin = f16_pair(sa + 144, sb + 144);
     const __m512 dsc = _mm512_mul_ps(d, bytes8x2_ps(sa + 8 * S, sb + 8 * S, false));
     const __m512 dm = _mm512_mul_ps(dmin, bytes8x2_ps(sa + 64 + 8 * S, sb + 64 + 8 * S, false));
     for (int i = 0; i < R; ++i) {
@@ -383,24 +376,6 @@ void kdot_all(const uint8_t* sub, int64_t nsb, const KRow* rows, int64_t m, floa
   }
 }
 
-// Rows i0 .. i0 + m - 1 of sub-panel `sub`'s 8 outputs (out[i][r]): plus bias, to the output dtype.
-inline void kstore(const QLinearParams& p, int64_t sub, int64_t i0, int64_t m, float (*out)[kQRows]) {
-  const int64_t col0 = sub * kQRows;
-  const int valid = static_cast<int>(std::min<int64_t>(kQRows, p.n - col0));
-  const int esz = dtype_size(p.out_dtype), bsz = dtype_size(p.dtype);
-  float bias[kQRows] = {};
-  if (p.bias != nullptr)
-    for (int r = 0; r < valid; ++r) {
-      const char* bp = static_cast<const char*>(p.bias) + bsz * (col0 + r);
-      bias[r] = p.dtype == DType::kFloat32 ? *reinterpret_cast<const float*>(bp)
-                                           : bf16_to_f32(*reinterpret_cast<const uint16_t*>(bp));
-    }
-  for (int64_t i = 0; i < m; ++i) {
-    for (int r = 0; r < valid; ++r) out[i][r] += bias[r];
-    store_row(out[i], p.out_dtype, static_cast<char*>(p.out) + esz * ((i0 + i) * p.out_row_stride + col0), valid);
-  }
-}
-
 // All m rows of out for the outputs of sub-panels sub0 .. sub0 + subs - 1 of a K-quant weight, from the quantised
 // activations (qlinear_quantize's qa, da, as, hs).
 void kquant_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8_t* qa, const float* da,
@@ -425,7 +400,7 @@ void kquant_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8
         else kdot2_all<QType::kQ6_K>(sub, next, nsb, rows, m, both);
         for (int h = 0; h < 2; ++h) {
           for (int64_t i = 0; i < m; ++i) std::memcpy(out[i], both[i] + kQRows * h, sizeof(out[i]));
-          kstore(p, sub0 + s + h, i0, m, out);
+          store_sub_panel(p, sub0 + s + h, i0, m, out);
         }
         ++s;
         continue;
@@ -434,7 +409,7 @@ void kquant_panel(const QLinearParams& p, int64_t sub0, int64_t subs, const int8
       if (p.qtype == QType::kQ4_K) kdot_all<QType::kQ4_K>(sub, nsb, rows, m, out);
       else if (p.qtype == QType::kQ5_K) kdot_all<QType::kQ5_K>(sub, nsb, rows, m, out);
       else kdot_all<QType::kQ6_K>(sub, nsb, rows, m, out);
-      kstore(p, sub0 + s, i0, m, out);
+      store_sub_panel(p, sub0 + s, i0, m, out);
     }
   }
 }
